@@ -1,0 +1,76 @@
+//! The library's error type: every user-facing failure names the file, field or value at fault.
+
+use std::path::PathBuf;
+
+/// Errors raised by the artguide library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file that is missing, unreadable or malformed.
+    #[error("{}: {message}", path.display())]
+    File { path: PathBuf, message: String },
+    /// A field inside a file (config, recipe, suite) with a bad value.
+    #[error("{}: field `{field}`: {message}", path.display())]
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    /// A bad value given by the user (command-line option, API argument).
+    #[error("invalid {name}: {message}")]
+    Value { name: String, message: String },
+    /// An I/O failure on a named path.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tensor operation failed (shape mismatch, device error).
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Anything else, already phrased for the user.
+    #[error("{0}")]
+    Msg(String),
+}
+
+/// Result alias used throughout the library.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A problem with a whole file.
+    pub fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::File {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A problem with one field of a file.
+    pub fn field(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Field {
+            path: path.into(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A bad user-supplied value.
+    pub fn value(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Value {
+            name: name.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An I/O error on a path.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! artguide: Stable Diffusion generation, CLIP guidance and CLIP perceptual probes for
+//! studying and making AI art.
+
+pub mod error;
+
+pub use error::{Error, Result};
