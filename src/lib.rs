@@ -2,5 +2,8 @@
 //! studying and making AI art.
 
 pub mod error;
+pub mod models;
+pub mod noise;
+pub mod progress;
 
 pub use error::{Error, Result};

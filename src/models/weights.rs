@@ -1,0 +1,230 @@
+//! Weight loading behind candle's `VarBuilder`: safetensors (or PyTorch pickles) with errors
+//! that name the file and tensor, or seeded random weights for measuring real-size speed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::{Error, Result};
+
+enum Store {
+    Safetensors(MmapedSafetensors),
+    Pickle(candle_core::pickle::PthTensors),
+}
+
+/// Tensors from one or more weight files, with per-name overrides.
+pub struct FileWeights {
+    files: Vec<(PathBuf, Store)>,
+    index: HashMap<String, usize>,
+    overrides: HashMap<String, Tensor>,
+}
+
+impl FileWeights {
+    /// Opens weight files, validating their headers up front so a truncated or malformed
+    /// file is reported by name before any model is built.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for path in paths {
+            let is_pickle = matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("bin" | "pt" | "pth" | "ckpt")
+            );
+            let (store, names) = if is_pickle {
+                let t = candle_core::pickle::PthTensors::new(path, None).map_err(|e| {
+                    Error::file(path, format!("not a readable PyTorch checkpoint: {e}"))
+                })?;
+                let names: Vec<String> = t.tensor_infos().keys().cloned().collect();
+                (Store::Pickle(t), names)
+            } else {
+                check_safetensors_header(path)?;
+                // SAFETY: the file is mapped read-only; artguide never writes weight files
+                // while they are mapped.
+                let t = unsafe { MmapedSafetensors::new(path) }
+                    .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+                let names: Vec<String> = t.tensors().into_iter().map(|(n, _)| n).collect();
+                (Store::Safetensors(t), names)
+            };
+            for n in names {
+                index.insert(n, files.len());
+            }
+            files.push((path.clone(), store));
+        }
+        Ok(FileWeights {
+            files,
+            index,
+            overrides: HashMap::new(),
+        })
+    }
+
+    /// Replaces the tensor `name` with `value` whatever the files hold.
+    pub fn with_override(mut self, name: &str, value: Tensor) -> Self {
+        self.overrides.insert(name.to_string(), value);
+        self
+    }
+
+    /// Names of all tensors in the files.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    /// The files these weights come from.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.overrides.get(name) {
+            return t.to_device(dev);
+        }
+        let Some(&i) = self.index.get(name) else {
+            let files: Vec<String> = self
+                .files
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect();
+            candle_core::bail!("{}: missing tensor `{name}`", files.join(", "));
+        };
+        let (path, store) = &self.files[i];
+        let t = match store {
+            Store::Safetensors(s) => s.load(name, dev),
+            Store::Pickle(p) => p
+                .get(name)
+                .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("not found".into())))
+                .and_then(|t| t.to_device(dev)),
+        };
+        t.map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))
+    }
+
+    fn file_of(&self, name: &str) -> String {
+        match self.index.get(name) {
+            Some(&i) => self.files[i].0.display().to_string(),
+            None => "override".into(),
+        }
+    }
+
+    /// A `VarBuilder` over these weights, converting to `dtype` on `device`.
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+/// Refuses headers whose declared length cannot fit in the file before the file is mapped.
+fn check_safetensors_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = [0u8; 8];
+    f.read_exact(&mut head).map_err(|_| {
+        Error::file(
+            path,
+            format!("not a valid safetensors file: {len} bytes, too short for a header"),
+        )
+    })?;
+    let n = u64::from_le_bytes(head);
+    if n > len.saturating_sub(8) {
+        return Err(Error::file(
+            path,
+            format!("not a valid safetensors file: header claims {n} bytes but the file has {len} (truncated?)"),
+        ));
+    }
+    Ok(())
+}
+
+impl SimpleBackend for FileWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.load(name, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "{}: tensor `{name}` has shape {:?}, but the config implies {:?}",
+                self.file_of(name),
+                t.dims(),
+                s.dims()
+            );
+        }
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.overrides.contains_key(name) || self.index.contains_key(name)
+    }
+}
+
+/// Seeded random weights: each tensor's values depend only on the seed and the tensor's name,
+/// so a real-size architecture can be timed without downloading its weights.
+pub struct RandomWeights {
+    seed: u64,
+}
+
+impl RandomWeights {
+    /// Random weights drawn from `seed`.
+    pub fn new(seed: u64) -> Self {
+        RandomWeights { seed }
+    }
+
+    /// A `VarBuilder` over random weights.
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    fn draw(&self, s: &Shape, name: &str, init: Init) -> candle_core::Result<Tensor> {
+        let n = s.elem_count();
+        let std = match init {
+            Init::Const(c) => return Tensor::full(c as f32, s, &Device::Cpu),
+            Init::Randn { stdev, .. } => stdev,
+            // Scale by fan-in so activations stay O(1) through deep stacks.
+            _ => {
+                let fan_in: usize = s.dims().iter().skip(1).product::<usize>().max(1);
+                1.0 / (fan_in as f64).sqrt()
+            }
+        };
+        // FNV-1a: stable across Rust versions, unlike DefaultHasher.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ h);
+        let normal = rand_distr::Normal::new(0.0f32, std as f32)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+        Tensor::from_vec(v, s, &Device::Cpu)
+    }
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        // Norm layers ask for Const(1)/Const(0); everything else is a normal draw.
+        self.draw(&s, name, init)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}

@@ -1,0 +1,101 @@
+//! Progress reporting for long work: an indicatif bar, nothing (`--quiet`), or JSON lines
+//! on stdout (`--json`) for scripts.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// A bar on stderr with steps, images and ETA.
+    Bar,
+    /// Nothing.
+    Quiet,
+    /// One JSON object per line on stdout.
+    Json,
+}
+
+/// Reports progress over a known number of units (e.g. denoising steps of all images).
+pub struct Progress {
+    mode: ProgressMode,
+    bar: Option<ProgressBar>,
+    start: Instant,
+    total: u64,
+    done: AtomicU64,
+}
+
+impl Progress {
+    /// Starts reporting `total` units of work described by `what`.
+    pub fn new(mode: ProgressMode, total: u64, what: &str) -> Self {
+        let bar = (mode == ProgressMode::Bar).then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} {msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(what.to_string());
+            bar
+        });
+        Progress {
+            mode,
+            bar,
+            start: Instant::now(),
+            total,
+            done: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks one unit done; `label` says where (e.g. "image 2/4 step 7/30").
+    pub fn tick(&self, label: &str) {
+        let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        match self.mode {
+            ProgressMode::Bar => {
+                if let Some(b) = &self.bar {
+                    b.set_message(label.to_string());
+                    b.inc(1);
+                }
+            }
+            ProgressMode::Quiet => {}
+            ProgressMode::Json => {
+                self.json(&serde_json::json!({
+                    "event": "progress",
+                    "label": label,
+                    "done": done,
+                    "total": self.total,
+                    "elapsed_s": self.start.elapsed().as_secs_f64(),
+                }));
+            }
+        }
+    }
+
+    /// Prints an event: a line above the bar, a JSON object, or nothing when quiet.
+    pub fn event(&self, text: &str, json: serde_json::Value) {
+        match self.mode {
+            ProgressMode::Bar => match &self.bar {
+                Some(b) => b.println(text),
+                None => eprintln!("{text}"),
+            },
+            ProgressMode::Quiet => {}
+            ProgressMode::Json => self.json(&json),
+        }
+    }
+
+    fn json(&self, v: &serde_json::Value) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{v}");
+        let _ = out.flush();
+    }
+
+    /// Clears the bar.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
