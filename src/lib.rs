@@ -6,5 +6,6 @@ pub mod models;
 pub mod noise;
 pub mod output;
 pub mod progress;
+pub mod schedulers;
 
 pub use error::{Error, Result};
