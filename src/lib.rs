@@ -2,5 +2,6 @@
 //! studying and making AI art.
 
 pub mod error;
+pub mod models;
 
 pub use error::{Error, Result};
