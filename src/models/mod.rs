@@ -1,5 +1,8 @@
-//! Model loading: where files come from, weights, and the Stable Diffusion components.
+//! Model loading: where files come from, weights, configs read from model folders, and the
+//! networks built from them.
 
+pub mod clip;
 pub mod hub;
 pub mod sd;
+pub mod tokenizer;
 pub mod weights;
