@@ -26,8 +26,8 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A tensor operation failed (shape mismatch, device error).
-    #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Candle(candle_core::Error),
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Msg(String),
@@ -72,5 +72,25 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(strip_backtrace(e))
+    }
+}
+
+/// candle attaches a backtrace to errors when RUST_BACKTRACE is set; a user error must stay
+/// one line, so the backtrace is dropped (the message keeps the file and tensor names).
+pub fn strip_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        E::Context { inner, context } => E::Msg(format!("{context}: {}", strip_backtrace(*inner))),
+        E::WithPath { inner, path } => {
+            E::Msg(format!("{}: {}", path.display(), strip_backtrace(*inner)))
+        }
+        other => other,
     }
 }

@@ -1,7 +1,11 @@
 //! artguide: Stable Diffusion generation, CLIP guidance and CLIP perceptual probes for
 //! studying and making AI art.
 
+pub mod bench;
+pub mod cli;
+pub mod commands;
 pub mod error;
+pub mod generate;
 pub mod models;
 pub mod noise;
 pub mod output;

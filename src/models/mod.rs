@@ -4,5 +4,6 @@
 pub mod clip;
 pub mod hub;
 pub mod sd;
+pub mod stable_diffusion;
 pub mod tokenizer;
 pub mod weights;

@@ -237,26 +237,29 @@ impl UNetJson {
             let cross_attn = match down.as_str() {
                 "CrossAttnDownBlock2D" => true,
                 "DownBlock2D" => false,
-                other => return Err(Error::field(
-                    path,
-                    "down_block_types",
-                    format!(
+                other => {
+                    return Err(Error::field(
+                        path,
+                        "down_block_types",
+                        format!(
                         "`{other}` is not supported; expected CrossAttnDownBlock2D or DownBlock2D"
                     ),
-                )),
+                    ))
+                }
             };
-            let up_cross =
-                match up.as_str() {
-                    "CrossAttnUpBlock2D" => true,
-                    "UpBlock2D" => false,
-                    other => return Err(Error::field(
+            let up_cross = match up.as_str() {
+                "CrossAttnUpBlock2D" => true,
+                "UpBlock2D" => false,
+                other => {
+                    return Err(Error::field(
                         path,
                         "up_block_types",
                         format!(
                             "`{other}` is not supported; expected CrossAttnUpBlock2D or UpBlock2D"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             if cross_attn != up_cross {
                 return Err(Error::field(
                     path,

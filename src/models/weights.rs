@@ -38,7 +38,10 @@ impl FileWeights {
             );
             let (store, names) = if is_pickle {
                 let t = candle_core::pickle::PthTensors::new(path, None).map_err(|e| {
-                    Error::file(path, format!("not a readable PyTorch checkpoint: {e}"))
+                    Error::file(
+                        path,
+                        format!("not a readable PyTorch checkpoint: {}", without_path(e)),
+                    )
                 })?;
                 let names: Vec<String> = t.tensor_infos().keys().cloned().collect();
                 (Store::Pickle(t), names)
@@ -89,7 +92,10 @@ impl FileWeights {
                 .iter()
                 .map(|(p, _)| p.display().to_string())
                 .collect();
-            candle_core::bail!("{}: missing tensor `{name}`", files.join(", "));
+            return Err(candle_core::Error::Msg(format!(
+                "{}: missing tensor `{name}`",
+                files.join(", ")
+            )));
         };
         let (path, store) = &self.files[i];
         let t = match store {
@@ -99,7 +105,10 @@ impl FileWeights {
                 .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("not found".into())))
                 .and_then(|t| t.to_device(dev)),
         };
-        t.map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))
+        t.map_err(|e| {
+            let e = crate::error::strip_backtrace(e);
+            candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", path.display()))
+        })
     }
 
     fn file_of(&self, name: &str) -> String {
@@ -112,6 +121,15 @@ impl FileWeights {
     /// A `VarBuilder` over these weights, converting to `dtype` on `device`.
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+/// The message of a candle error without its backtrace or the path we already print.
+fn without_path(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithPath { inner, .. } => without_path(*inner),
+        candle_core::Error::WithBacktrace { inner, .. } => without_path(*inner),
+        other => other,
     }
 }
 
@@ -148,12 +166,12 @@ impl SimpleBackend for FileWeights {
     ) -> candle_core::Result<Tensor> {
         let t = self.load(name, dev)?;
         if t.shape() != &s {
-            candle_core::bail!(
+            return Err(candle_core::Error::Msg(format!(
                 "{}: tensor `{name}` has shape {:?}, but the config implies {:?}",
                 self.file_of(name),
                 t.dims(),
                 s.dims()
-            );
+            )));
         }
         t.to_dtype(dtype)
     }
@@ -221,7 +239,9 @@ impl SimpleBackend for RandomWeights {
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for `{name}`")
+        Err(candle_core::Error::Msg(format!(
+            "random weights need a shape for `{name}`"
+        )))
     }
 
     fn contains_tensor(&self, _: &str) -> bool {

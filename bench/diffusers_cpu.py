@@ -1,0 +1,84 @@
+"""Times diffusers on the workloads `artguide bench` times: SD 1.5 / 2.1 architecture with
+random weights, one UNet step with classifier-free guidance (batch 2) and one VAE decode per
+image size. Prints one JSON object per measurement, the same fields as `artguide bench --json`.
+
+Run through bench/cpu.sh so both tools are measured in the same run on the same machine.
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+SD15_UNET = dict(
+    attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    layers_per_block=2, in_channels=4, out_channels=4, sample_size=64,
+)
+SD21_UNET = dict(SD15_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                 use_linear_projection=True, upcast_attention=True, sample_size=96)
+VAE = dict(
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    norm_num_groups=32, in_channels=3, out_channels=3,
+)
+
+
+def timed(fn, reps):
+    fn()  # warm-up
+    runs = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t)
+    return runs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sd15", choices=["sd15", "sd21"])
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--parts", default="unet,vae")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"])
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    parts = a.parts.split(",")
+    unet = vae = None
+    if "unet" in parts:
+        unet = UNet2DConditionModel(**(SD15_UNET if a.arch == "sd15" else SD21_UNET)).eval()
+        if a.attention == "classic":
+            from diffusers.models.attention_processor import AttnProcessor
+            unet.set_attn_processor(AttnProcessor())
+    if "vae" in parts:
+        vae = AutoencoderKL(**VAE).eval()
+    ctx_dim = 768 if a.arch == "sd15" else 1024
+    for size in [int(s) for s in a.sizes.split(",")]:
+        lat = size // 8
+        with torch.no_grad():
+            if unet is not None:
+                x = torch.randn(2, 4, lat, lat)
+                ctx = torch.randn(2, 77, ctx_dim)
+                t = torch.tensor([500, 500])
+                runs = timed(lambda: unet(x, t, ctx), a.reps)
+                report("unet_step_cfg_batch2", size, runs)
+            if vae is not None:
+                z = torch.randn(1, 4, lat, lat)
+                runs = timed(lambda: vae.decode(z), a.reps)
+                report("vae_decode", size, runs)
+
+
+def report(workload, size, runs):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(tool="diffusers", workload=workload, size=size,
+                          seconds=statistics.median(runs), runs=runs,
+                          peak_rss_bytes=peak, torch_threads=torch.get_num_threads())),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+//! Speed measurements on real-size architectures with seeded random weights.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::models::stable_diffusion::RandomArch;
+use crate::noise::{NoiseGen, Stream};
+use crate::Result;
+
+/// One timed workload.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Measurement {
+    /// What was timed, e.g. "unet_step_cfg" or "vae_decode".
+    pub workload: String,
+    /// Image side in pixels.
+    pub size: usize,
+    /// Median seconds over the timed repetitions.
+    pub seconds: f64,
+    /// All timed repetitions, in seconds.
+    pub runs: Vec<f64>,
+    /// Peak resident memory of the process during this workload, in bytes (Linux only).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Peak resident set size since the last reset (Linux VmHWM).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak RSS counter so each workload reports its own peak (Linux >= 4.0).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut() -> Result<()>>(reps: usize, device: &Device, mut f: F) -> Result<Vec<f64>> {
+    f()?; // warm-up: allocations, kernel loading
+    device.synchronize()?;
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        runs.push(t.elapsed().as_secs_f64());
+    }
+    Ok(runs)
+}
+
+/// Which parts to time.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    pub arch: RandomArch,
+    pub sizes: Vec<usize>,
+    pub reps: usize,
+    pub unet: bool,
+    pub vae: bool,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Times one UNet step with classifier-free guidance (batch 2) and one VAE decode per size,
+/// calling `report` after each measurement.
+pub fn run(plan: &BenchPlan, mut report: impl FnMut(&Measurement)) -> Result<Vec<Measurement>> {
+    let model = crate::models::stable_diffusion::SdModel::random(
+        plan.arch,
+        0,
+        &crate::models::stable_diffusion::LoadOptions {
+            device: plan.device.clone(),
+            dtype: plan.dtype,
+            hub: crate::models::hub::HubOptions::from_env(),
+        },
+    )?;
+    let mut out = Vec::new();
+    let f = model.vae_spec.scale_factor;
+    let c = model.vae_spec.config.latent_channels;
+    for &size in &plan.sizes {
+        let lat = size / f;
+        let mut g = NoiseGen::new(0, Stream::InitialLatents);
+        if plan.unet {
+            reset_peak_rss();
+            let x = g
+                .randn(&[2, c, lat, lat])?
+                .to_dtype(plan.dtype)?
+                .to_device(&plan.device)?;
+            let ctx = g
+                .randn(&[2, 77, model.unet_spec.cross_attention_dim])?
+                .to_dtype(plan.dtype)?
+                .to_device(&plan.device)?;
+            let mut runs = time(plan.reps, &plan.device, || {
+                model.unet.forward(&x, 500.0, &ctx)?;
+                Ok(())
+            })?;
+            let m = Measurement {
+                workload: "unet_step_cfg_batch2".into(),
+                size,
+                seconds: median(&mut runs),
+                runs,
+                peak_rss_bytes: peak_rss_bytes(),
+            };
+            report(&m);
+            out.push(m);
+        }
+        if plan.vae {
+            reset_peak_rss();
+            let z = g.randn(&[1, c, lat, lat])?.to_device(&plan.device)?;
+            let mut runs = time(plan.reps, &plan.device, || {
+                model.decode(&z)?;
+                Ok(())
+            })?;
+            let m = Measurement {
+                workload: "vae_decode".into(),
+                size,
+                seconds: median(&mut runs),
+                runs,
+                peak_rss_bytes: peak_rss_bytes(),
+            };
+            report(&m);
+            out.push(m);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,139 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// artguide: Stable Diffusion, CLIP guidance and CLIP perceptual probes for AI-art research.
+#[derive(Debug, Parser)]
+#[command(name = "artguide", version, about, args_override_self = true)]
+pub struct Cli {
+    /// No progress output.
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    /// Progress and results as JSON lines on stdout.
+    #[arg(long, global = true, conflicts_with = "quiet")]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images with Stable Diffusion.
+    Generate(Box<GenerateArgs>),
+    /// Print the generation parameters stored in an image.
+    Inspect {
+        /// PNG written by artguide or a web UI.
+        image: PathBuf,
+    },
+    /// Time UNet steps and VAE decodes of a real-size architecture with random weights.
+    Bench(BenchArgs),
+}
+
+/// Device choice.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// Floating-point precision.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Where and how to run a model.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// cpu or cuda.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Precision of the model weights and activations (default: f32 on cpu, f16 on cuda).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+}
+
+/// `artguide generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A diffusers model folder or a Hugging Face repo id (e.g. stabilityai/sd-turbo).
+    #[arg(long, required_unless_present = "random_weights")]
+    pub model: Option<String>,
+    /// Build a published architecture with seeded random weights instead (timing only): sd15 or sd21.
+    #[arg(long, conflicts_with = "model")]
+    pub random_weights: Option<String>,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (classifier-free guidance's unconditional prompt).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (1 or less disables it, as for SD-Turbo).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// ddim, euler, euler-a or dpmpp-2m.
+    #[arg(long, default_value = "ddim")]
+    pub scheduler: String,
+    /// DDIM eta (0 is deterministic DDIM).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Seed of the first image; image i uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image width in pixels (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Number of images (default 1, or the rows of --latents).
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    /// img2img: start from this image.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// img2img: how much of the init image to repaint, in (0, 1].
+    #[arg(long, default_value_t = 0.75, requires = "init_image")]
+    pub strength: f64,
+    /// Exact initial noise: a safetensors file with tensor `latents` (N x 4 x h x w).
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, default_value = "outputs")]
+    pub out: PathBuf,
+    /// Also write NAME.safetensors with `image` (H x W x 3 in [0,1]) and `latents`.
+    #[arg(long)]
+    pub save_tensors: bool,
+    /// Largest init image accepted, in pixels, checked before decoding.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_pixels: u64,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `artguide bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Architecture with random weights: sd15 or sd21.
+    #[arg(long, default_value = "sd15")]
+    pub arch: String,
+    /// Image sizes (square, pixels) to time.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![256usize, 512])]
+    pub sizes: Vec<usize>,
+    /// Timed repetitions per measurement (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// What to time.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["unet".to_string(), "vae".to_string()])]
+    pub parts: Vec<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}

@@ -1,0 +1,278 @@
+//! What each subcommand does, between parsed arguments and the library: the command-line
+//! edge, where errors gain context for the user.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+use crate::cli::{BenchArgs, Cli, Command, DeviceArg, DtypeArg, GenerateArgs, RunArgs};
+use crate::generate::{self, GenerateOptions, Generated};
+use crate::models::hub::HubOptions;
+use crate::models::stable_diffusion::{LoadOptions, RandomArch, SdModel};
+use crate::output::{self, GenerationParams, OutputSet};
+use crate::progress::{Progress, ProgressMode};
+use crate::schedulers::SchedulerKind;
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let mode = if cli.quiet {
+        ProgressMode::Quiet
+    } else if cli.json {
+        ProgressMode::Json
+    } else {
+        ProgressMode::Bar
+    };
+    match cli.command {
+        Command::Generate(args) => run_generate(&args, mode),
+        Command::Inspect { image } => {
+            print!("{}", output::inspect(&image)?);
+            Ok(())
+        }
+        Command::Bench(args) => run_bench(&args, mode),
+    }
+}
+
+/// The device a `--device` flag names; CUDA needs a binary built with `--features cuda`.
+pub fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => {
+            if !candle_core::utils::cuda_is_available() {
+                anyhow::bail!(
+                    "--device cuda: this binary was built without CUDA support (rebuild with `cargo build --release --features cuda`)"
+                );
+            }
+            Device::new_cuda(0).context("--device cuda: cannot open CUDA device 0")
+        }
+    }
+}
+
+/// The dtype a `--dtype` flag names; defaults to f32 on CPU and f16 on CUDA.
+pub fn dtype(arg: Option<DtypeArg>, device: &Device) -> DType {
+    match arg {
+        Some(DtypeArg::F32) => DType::F32,
+        Some(DtypeArg::F16) => DType::F16,
+        Some(DtypeArg::Bf16) => DType::BF16,
+        None if device.is_cuda() => DType::F16,
+        None => DType::F32,
+    }
+}
+
+fn load_options(run: &RunArgs) -> Result<LoadOptions> {
+    let device = device(run.device)?;
+    let dtype = dtype(run.dtype, &device);
+    Ok(LoadOptions {
+        device,
+        dtype,
+        hub: HubOptions::from_env(),
+    })
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
+    let scheduler: SchedulerKind = args.scheduler.parse()?;
+    let opts = load_options(&args.run)?;
+    // Read every input before loading the model, so bad input fails fast and writes nothing.
+    let init_image = match &args.init_image {
+        Some(p) => Some(generate::load_init_image(p, args.max_pixels)?),
+        None => None,
+    };
+    let loading = Progress::new(mode, 0, "");
+    loading.event(
+        "loading model…",
+        serde_json::json!({"event": "loading", "model": args.model.as_deref().or(args.random_weights.as_deref())}),
+    );
+    let model = match (&args.model, &args.random_weights) {
+        (_, Some(arch)) => SdModel::random(arch.parse::<RandomArch>()?, 0, &opts)?,
+        (Some(m), None) => SdModel::load(m, &opts)?,
+        (None, None) => anyhow::bail!("--model is required"),
+    };
+    let (iw, ih) = match &init_image {
+        Some(t) => (Some(t.dim(3)?), Some(t.dim(2)?)),
+        None => (None, None),
+    };
+    let width = args.width.or(iw).unwrap_or_else(|| model.default_size());
+    let height = args.height.or(ih).unwrap_or_else(|| model.default_size());
+    let (c, h, w) = model.latent_shape(width, height)?;
+    let latents = match &args.latents {
+        Some(p) => Some(generate::load_latents(p, (c, h, w))?),
+        None => None,
+    };
+    let num_images = match (args.num_images, &latents) {
+        (Some(n), _) => n,
+        (None, Some(l)) => l.dim(0)?,
+        (None, None) => 1,
+    };
+    let gopts = GenerateOptions {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        scheduler,
+        eta: args.eta,
+        seed: args.seed,
+        width,
+        height,
+        num_images,
+        init_image,
+        strength: args.strength,
+        latents,
+    };
+    generate::validate(&model, &gopts)?;
+
+    // Hash model files on another core while the first image is sampled.
+    let files: Vec<(String, PathBuf)> = model.files.clone().into_iter().collect();
+    let hasher = std::thread::spawn(move || -> crate::Result<BTreeMap<String, String>> {
+        files
+            .into_iter()
+            .map(|(rel, p)| Ok((rel, output::sha256_file(&p)?)))
+            .collect()
+    });
+    let mut hashes: Option<BTreeMap<String, String>> = None;
+    let mut hasher = Some(hasher);
+
+    let steps_per_image = match &gopts.init_image {
+        Some(_) => {
+            gopts.steps - crate::schedulers::img2img_start_index(gopts.steps, gopts.strength)?
+        }
+        None => gopts.steps,
+    };
+    let progress = Progress::new(mode, (steps_per_image * num_images) as u64, "generating");
+    generate::generate(&model, &gopts, &progress, |g| {
+        if hashes.is_none() {
+            let h = hasher
+                .take()
+                .expect("hasher joined once")
+                .join()
+                .map_err(|_| crate::Error::Msg("model file hashing panicked".into()))??;
+            hashes = Some(h);
+        }
+        let paths = write_image(
+            &model,
+            args,
+            &gopts,
+            &g,
+            hashes.as_ref().expect("set above"),
+        )?;
+        let png = paths
+            .iter()
+            .find(|p| p.extension().is_some_and(|e| e == "png"));
+        let png_s = png.map(|p| p.display().to_string()).unwrap_or_default();
+        progress.event(
+            &format!("wrote {png_s}"),
+            serde_json::json!({"event": "image", "index": g.index, "seed": g.seed, "path": png_s,
+                               "files": paths, "timings": g.timings}),
+        );
+        Ok(())
+    })?;
+    progress.finish();
+    Ok(())
+}
+
+/// A short, stable fingerprint of the model for the web UI's `Model hash` field.
+fn model_hash(hashes: &BTreeMap<String, String>) -> String {
+    let unet = hashes
+        .iter()
+        .find(|(k, _)| k.starts_with("unet/") && !k.ends_with(".json"))
+        .map(|(_, v)| v.as_str());
+    match unet {
+        Some(h) => output::short_hash(h),
+        None => "random".into(),
+    }
+}
+
+fn write_image(
+    model: &SdModel,
+    args: &GenerateArgs,
+    g_opts: &GenerateOptions,
+    g: &Generated,
+    hashes: &BTreeMap<String, String>,
+) -> crate::Result<Vec<PathBuf>> {
+    let params = GenerationParams {
+        prompt: g_opts.prompt.clone(),
+        negative_prompt: g_opts.negative_prompt.clone(),
+        seed: g.seed,
+        steps: g_opts.steps as u32,
+        guidance_scale: g_opts.guidance_scale,
+        scheduler: g_opts.scheduler.to_string(),
+        sampler: g_opts.scheduler.webui_name().to_string(),
+        width: g_opts.width as u32,
+        height: g_opts.height as u32,
+        model: model.id.clone(),
+        model_hash: model_hash(hashes),
+        dtype: dtype_name(model.dtype).into(),
+        device: if model.device.is_cuda() {
+            "cuda".into()
+        } else {
+            "cpu".into()
+        },
+        strength: g_opts.init_image.as_ref().map(|_| g_opts.strength),
+        init_image: args.init_image.as_ref().map(|p| p.display().to_string()),
+        batch_index: g.index as u32,
+        extra: BTreeMap::from([("timesteps".to_string(), serde_json::json!(g.timesteps))]),
+    };
+    let (rgb, w, h) = output::tensor_to_rgb8(&g.image)?;
+    let sidecar = output::Sidecar::new(params, hashes.clone(), g.timings.clone());
+    let set = OutputSet::reserve(&args.out, &g.seed.to_string())?;
+    let tensors = args.save_tensors.then_some((&g.image, &g.latents));
+    let saved = set.save_generation(&sidecar, &rgb, w, h, tensors)?;
+    let mut paths = vec![saved.png, saved.json];
+    paths.extend(saved.tensors);
+    Ok(paths)
+}
+
+fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
+    let opts = load_options(&args.run)?;
+    let arch: RandomArch = args.arch.parse()?;
+    for p in &args.parts {
+        if p != "unet" && p != "vae" {
+            anyhow::bail!("--parts: unknown part `{p}`: expected unet or vae");
+        }
+    }
+    let plan = crate::bench::BenchPlan {
+        arch,
+        sizes: args.sizes.clone(),
+        reps: args.reps,
+        unet: args.parts.iter().any(|p| p == "unet"),
+        vae: args.parts.iter().any(|p| p == "vae"),
+        device: opts.device.clone(),
+        dtype: opts.dtype,
+    };
+    let device_name = if opts.device.is_cuda() { "cuda" } else { "cpu" };
+    if mode == ProgressMode::Bar {
+        println!(
+            "| workload | size | seconds (median of {}) | peak RSS |",
+            args.reps
+        );
+        println!("| --- | --- | --- | --- |");
+    }
+    crate::bench::run(&plan, |m| match mode {
+        ProgressMode::Json => {
+            let mut v = serde_json::to_value(m).unwrap_or_default();
+            v["tool"] = "artguide".into();
+            v["arch"] = args.arch.clone().into();
+            v["device"] = device_name.into();
+            v["dtype"] = dtype_name(plan.dtype).into();
+            println!("{v}");
+        }
+        _ => println!(
+            "| {} | {} | {:.3} | {} |",
+            m.workload,
+            m.size,
+            m.seconds,
+            m.peak_rss_bytes
+                .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or_else(|| "n/a".into())
+        ),
+    })?;
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! The sampling loop: text-to-image and img2img with classifier-free guidance, any scheduler.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::models::stable_diffusion::SdModel;
+use crate::noise::{NoiseGen, Stream};
+use crate::progress::Progress;
+use crate::schedulers::{self, SchedulerKind, SchedulerOptions};
+use crate::{Error, Result};
+
+/// Everything one generation call needs besides the model.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; at or below 1 the unconditional pass is skipped.
+    pub guidance_scale: f64,
+    pub scheduler: SchedulerKind,
+    /// DDIM eta (0 = deterministic DDIM).
+    pub eta: f64,
+    /// Seed of the first image; image i uses seed + i.
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub num_images: usize,
+    /// img2img: the init image (N x 3 x H x W in [-1, 1]) and how much of it to repaint.
+    pub init_image: Option<Tensor>,
+    pub strength: f64,
+    /// Exact initial noise (N x C x h x w), overriding the seed's noise.
+    pub latents: Option<Tensor>,
+}
+
+/// One finished image.
+pub struct Generated {
+    /// Index within the call.
+    pub index: usize,
+    /// The seed this image's noise came from.
+    pub seed: u64,
+    /// Decoded image, 3 x H x W f32 in [0, 1], on the CPU.
+    pub image: Tensor,
+    /// Final latents before VAE decode, 1 x C x h x w f32, on the CPU.
+    pub latents: Tensor,
+    /// Seconds spent per phase.
+    pub timings: BTreeMap<String, f64>,
+    /// Timesteps that were run.
+    pub timesteps: Vec<f64>,
+}
+
+/// Reads `--latents FILE.safetensors`: tensor `latents`, N x C x h x w.
+pub fn load_latents(path: &Path, expect: (usize, usize, usize)) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| Error::file(path, format!("not a readable safetensors file: {e}")))?;
+    let t = tensors
+        .get("latents")
+        .ok_or_else(|| Error::file(path, "has no tensor named `latents`"))?;
+    let dims = t.dims();
+    let (c, h, w) = expect;
+    if dims.len() != 4 || dims[1..] != [c, h, w] {
+        return Err(Error::field(
+            path,
+            "latents",
+            format!("shape {dims:?}, expected N x {c} x {h} x {w} for this model and size"),
+        ));
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// Checks options against the model before any work starts.
+pub fn validate(model: &SdModel, opts: &GenerateOptions) -> Result<(usize, usize, usize)> {
+    if opts.steps == 0 {
+        return Err(Error::value("steps", "0: expected at least 1"));
+    }
+    if opts.num_images == 0 {
+        return Err(Error::value("num-images", "0: expected at least 1"));
+    }
+    if !opts.guidance_scale.is_finite() || opts.guidance_scale < 0.0 {
+        return Err(Error::value(
+            "guidance-scale",
+            format!("{}: expected a finite number >= 0", opts.guidance_scale),
+        ));
+    }
+    let shape = model.latent_shape(opts.width, opts.height)?;
+    if let Some(l) = &opts.latents {
+        if l.dim(0)? < opts.num_images {
+            return Err(Error::value(
+                "latents",
+                format!(
+                    "holds {} rows but {} images were asked for",
+                    l.dim(0)?,
+                    opts.num_images
+                ),
+            ));
+        }
+    }
+    if let Some(img) = &opts.init_image {
+        let (_, _, h, w) = img.dims4()?;
+        if (w, h) != (opts.width, opts.height) {
+            return Err(Error::value(
+                "init-image",
+                format!("is {w}x{h}; expected {}x{}", opts.width, opts.height),
+            ));
+        }
+        schedulers::img2img_start_index(opts.steps, opts.strength)?;
+    }
+    Ok(shape)
+}
+
+/// Runs the sampling loop, handing each finished image to `on_image` as soon as it exists.
+pub fn generate(
+    model: &SdModel,
+    opts: &GenerateOptions,
+    progress: &Progress,
+    mut on_image: impl FnMut(Generated) -> Result<()>,
+) -> Result<()> {
+    let (c, h, w) = validate(model, opts)?;
+    let dev = &model.device;
+    let cfg = opts.guidance_scale > 1.0;
+
+    let t0 = Instant::now();
+    let cond = model.encode_prompt(&opts.prompt)?;
+    let context = if cfg {
+        let uncond = model.encode_prompt(&opts.negative_prompt)?;
+        // diffusers' order: unconditional first.
+        Tensor::cat(&[uncond, cond], 0)?
+    } else {
+        cond
+    };
+    let text_s = t0.elapsed().as_secs_f64();
+
+    let start = match &opts.init_image {
+        Some(_) => schedulers::img2img_start_index(opts.steps, opts.strength)?,
+        None => 0,
+    };
+
+    for index in 0..opts.num_images {
+        let seed = opts.seed.wrapping_add(index as u64);
+        let mut timings = BTreeMap::new();
+        timings.insert("text_encoder".to_string(), text_s);
+        let mut scheduler = schedulers::build(
+            opts.scheduler,
+            &model.scheduler_config,
+            opts.steps,
+            &SchedulerOptions { eta: opts.eta },
+        )?;
+        let timesteps = scheduler.timesteps().to_vec();
+
+        let noise = match &opts.latents {
+            Some(l) => l.narrow(0, index, 1)?,
+            None => NoiseGen::new(seed, Stream::InitialLatents).randn(&[1, c, h, w])?,
+        }
+        .to_device(dev)?;
+        let mut latents = match &opts.init_image {
+            Some(img) => {
+                let t = Instant::now();
+                let row = img
+                    .narrow(0, index.min(img.dim(0)? - 1), 1)?
+                    .to_device(dev)?;
+                let init = model.encode_mean(&row)?;
+                timings.insert("vae_encode".into(), t.elapsed().as_secs_f64());
+                scheduler.add_noise(&init, &noise, start)?
+            }
+            None => (noise * scheduler.init_noise_sigma())?,
+        };
+
+        let mut step_noise = NoiseGen::new(seed, Stream::Steps);
+        let t_loop = Instant::now();
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler
+                .scale_model_input(&input, i)?
+                .to_dtype(model.dtype)?;
+            let pred = model
+                .unet
+                .forward(&input, t, &context)?
+                .to_dtype(DType::F32)?;
+            let pred = if cfg {
+                let u = pred.narrow(0, 0, 1)?;
+                let c = pred.narrow(0, 1, 1)?;
+                (&u + ((c - &u)? * opts.guidance_scale)?)?
+            } else {
+                pred
+            };
+            let n = if scheduler.needs_noise() {
+                Some(step_noise.randn(latents.dims())?.to_device(dev)?)
+            } else {
+                None
+            };
+            latents = scheduler.step(&pred, i, &latents, n.as_ref())?;
+            progress.tick(&format!(
+                "image {}/{} step {}/{}",
+                index + 1,
+                opts.num_images,
+                i + 1 - start,
+                timesteps.len() - start
+            ));
+        }
+        timings.insert("denoise".into(), t_loop.elapsed().as_secs_f64());
+        check_finite(&latents, "final latents")?;
+
+        let t = Instant::now();
+        let image = model
+            .decode(&latents)?
+            .squeeze(0)?
+            .to_device(&Device::Cpu)?;
+        timings.insert("vae_decode".into(), t.elapsed().as_secs_f64());
+        on_image(Generated {
+            index,
+            seed,
+            image,
+            latents: latents.to_device(&Device::Cpu)?,
+            timings,
+            timesteps: timesteps[start..].to_vec(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Refuses NaN or infinite values, which would otherwise be written out as a black image.
+pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    let s = t
+        .to_dtype(DType::F32)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if !s.is_finite() {
+        return Err(Error::Msg(format!(
+            "{what} contain NaN or infinite values; refusing to write the image (try --dtype f32)"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads an init image file as a 1 x 3 x H x W tensor in [-1, 1].
+pub fn load_init_image(path: &Path, max_pixels: u64) -> Result<Tensor> {
+    let (t, _, _) = crate::output::load_image_rgb(path, max_pixels)?;
+    Ok(((t.unsqueeze(0)? * 2.0)? - 1.0)?)
+}

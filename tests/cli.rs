@@ -1,0 +1,241 @@
+//! The `artguide` binary end to end on the committed tiny model: reproducibility, outputs,
+//! and one clear error per kind of bad input with nothing written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_artguide"));
+    c.env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd-a")
+}
+
+fn generate(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["--quiet", "generate", "--model"])
+        .arg(model)
+        .args([
+            "--prompt",
+            "a lighthouse at dusk",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--seed",
+            "5",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Copies the tiny model so a test can damage its copy.
+fn copy_model(dst: &Path) {
+    fn copy(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            let to = dst.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy(&e.path(), &to);
+            } else {
+                std::fs::copy(e.path(), to).unwrap();
+            }
+        }
+    }
+    copy(&tiny(), dst);
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => vec![],
+    };
+    v.sort();
+    v
+}
+
+#[test]
+fn same_seed_same_bytes_and_no_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let o = generate(&tiny(), &a, &["--save-tensors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = generate(&tiny(), &b, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pa = std::fs::read(a.join("00000-5.png")).unwrap();
+    let pb = std::fs::read(b.join("00000-5.png")).unwrap();
+    assert_eq!(pa, pb, "same seed must give the same PNG bytes");
+    assert_eq!(
+        files_in(&a),
+        ["00000-5.json", "00000-5.png", "00000-5.safetensors"]
+    );
+
+    // A second run into the same folder never clobbers the first.
+    let o = generate(&tiny(), &b, &["--seed", "6"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(b.join("00000-5.png")).unwrap(), pb);
+    assert!(b.join("00001-6.png").exists());
+    assert_ne!(std::fs::read(b.join("00001-6.png")).unwrap(), pb);
+
+    // The saved tensors hold the image that the PNG shows.
+    let t =
+        candle_core::safetensors::load(a.join("00000-5.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(t["image"].dims(), &[32, 32, 3]);
+    assert_eq!(t["latents"].dims(), &[1, 4, 16, 16]);
+    let img = image::open(a.join("00000-5.png")).unwrap().to_rgb8();
+    let px = img.get_pixel(3, 7);
+    let v: Vec<f32> = t["image"]
+        .get(7)
+        .unwrap()
+        .get(3)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for c in 0..3 {
+        assert_eq!(px[c], (v[c] * 255.0).round() as u8);
+    }
+}
+
+#[test]
+fn inspect_prints_the_parameters_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = generate(
+        &tiny(),
+        tmp.path(),
+        &["--negative-prompt", "blurry, dark", "--scheduler", "euler"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = bin()
+        .arg("inspect")
+        .arg(tmp.path().join("00000-5.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.starts_with("a lighthouse at dusk\nNegative prompt: blurry, dark\n"),
+        "{text}"
+    );
+    assert!(text.contains("Steps: 2, Sampler: Euler"), "{text}");
+    assert!(text.contains("Seed: 5"), "{text}");
+    assert!(text.contains("Size: 32x32"), "{text}");
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("00000-5.json")).unwrap())
+            .unwrap();
+    assert_eq!(side["params"]["seed"], 5);
+    assert!(side
+        .to_string()
+        .contains("unet/diffusion_pytorch_model.safetensors"));
+}
+
+/// Runs a failing command and checks the one-line error and that nothing was written.
+fn assert_user_error(o: Output, out: &Path, needles: &[&str]) {
+    let err = stderr(&o);
+    assert!(!o.status.success(), "expected failure, got success");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` missing from: {err}");
+    }
+    assert!(
+        files_in(out).is_empty(),
+        "something was written: {:?}",
+        files_in(out)
+    );
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+
+    assert_user_error(
+        generate(&tmp.path().join("nope"), &out, &[]),
+        &out,
+        &["nope", "no such model folder"],
+    );
+    assert_user_error(
+        generate(&tiny(), &out, &["--scheduler", "plms"]),
+        &out,
+        &["plms", "ddim, euler, euler-a, dpmpp-2m"],
+    );
+    assert_user_error(
+        generate(&tiny(), &out, &["--width", "33"]),
+        &out,
+        &["width", "33", "scale factor 2"],
+    );
+
+    let m = tmp.path().join("model");
+    copy_model(&m);
+    std::fs::remove_file(m.join("unet/config.json")).unwrap();
+    assert_user_error(
+        generate(&m, &out, &[]),
+        &out,
+        &["unet/config.json", "missing"],
+    );
+
+    copy_model(&m);
+    let w = m.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    assert_user_error(
+        generate(&m, &out, &[]),
+        &out,
+        &["diffusion_pytorch_model.safetensors"],
+    );
+
+    std::fs::write(&w, b"this is not a safetensors file at all").unwrap();
+    assert_user_error(
+        generate(&m, &out, &[]),
+        &out,
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "not a valid safetensors",
+        ],
+    );
+
+    // A config that disagrees with the weights: the error names the file and the tensor.
+    copy_model(&m);
+    let cfg = m.join("unet/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["cross_attention_dim"] = 64.into();
+    std::fs::write(&cfg, j.to_string()).unwrap();
+    let o = generate(&m, &out, &[]);
+    assert_user_error(o, &out, &["config.json"]);
+
+    copy_model(&m);
+    let cfg = m.join("unet/config.json");
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["block_out_channels"] = serde_json::json!([64, 64]);
+    std::fs::write(&cfg, j.to_string()).unwrap();
+    assert_user_error(
+        generate(&m, &out, &[]),
+        &out,
+        &["unet/diffusion_pytorch_model.safetensors", "shape"],
+    );
+
+    let lat = tmp.path().join("lat.safetensors");
+    std::fs::write(&lat, b"garbage").unwrap();
+    assert_user_error(
+        generate(&tiny(), &out, &["--latents", lat.to_str().unwrap()]),
+        &out,
+        &["lat.safetensors"],
+    );
+}
