@@ -94,6 +94,10 @@ fn config_reads_python_nonfinite_and_nulls() {
     let c = SchedulerConfig::from_json_str(r#"{"lambda_min_clipped": -5.1}"#, Path::new("c.json"))
         .unwrap();
     assert_eq!(c.lambda_min_clipped, -5.1);
+    let c =
+        SchedulerConfig::from_json_str(r#"{"lambda_min_clipped": "-inf"}"#, Path::new("c.json"))
+            .unwrap();
+    assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
 }
 
 #[test]
