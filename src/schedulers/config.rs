@@ -405,12 +405,10 @@ impl Fields<'_> {
         if let Some(x) = v.as_f64() {
             return Ok(Some(x));
         }
-        match v.as_str() {
-            Some("Infinity") => Ok(Some(f64::INFINITY)),
-            Some("-Infinity") => Ok(Some(f64::NEG_INFINITY)),
-            Some("NaN") => Ok(Some(f64::NAN)),
-            _ => Err(self.err(key, format!("expected a number, got {v}"))),
-        }
+        v.as_str()
+            .and_then(parse_nonfinite)
+            .map(Some)
+            .ok_or_else(|| self.err(key, format!("expected a number, got {v}")))
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>> {
@@ -468,6 +466,22 @@ impl Fields<'_> {
             .map(|(_, t)| Some(*t))
             .ok_or_else(|| self.err(key, format!("unknown value `{s}`: expected one of {list}")))
     }
+}
+
+/// A non-finite float written as a string: `Infinity`/`-Infinity`/`NaN` (Python's json) or
+/// `inf`/`-inf`/`nan` (Python's `str`), in any case.
+pub fn parse_nonfinite(s: &str) -> Option<f64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (neg, body) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(&t)),
+    };
+    let x = match body {
+        "inf" | "infinity" => f64::INFINITY,
+        "nan" => f64::NAN,
+        _ => return None,
+    };
+    Some(if neg { -x } else { x })
 }
 
 /// Python's `json` module writes non-finite floats as the bare tokens `NaN`, `Infinity` and

@@ -190,8 +190,11 @@ impl Scheduler for DdimScheduler {
     }
 
     fn alpha_bar(&self, step_index: usize) -> f64 {
-        let t = self.timesteps[step_index] as usize;
-        self.alphas_cumprod[t] as f64
+        match self.timesteps.get(step_index) {
+            Some(&t) => self.alphas_cumprod[t as usize] as f64,
+            // past the last step: the level the last step goes to
+            None => self.final_alpha_cumprod as f64,
+        }
     }
 
     fn prediction_type(&self) -> PredictionType {

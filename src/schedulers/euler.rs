@@ -205,7 +205,8 @@ impl Scheduler for EulerScheduler {
     }
 
     fn alpha_bar(&self, step_index: usize) -> f64 {
-        let s = self.sigmas[step_index];
+        // past the last step: the final sigma
+        let s = self.sigmas[step_index.min(self.sigmas.len() - 1)];
         1.0 / (1.0 + s * s)
     }
 

@@ -165,7 +165,8 @@ pub trait Scheduler: Send {
     /// img2img: noise the clean latents to the level of `timesteps()[step_index]`.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
     /// alpha_bar (cumulative product of alphas) at the timestep of `step_index`; sigma-based
-    /// schedulers give 1/(1+sigma^2).
+    /// schedulers give 1/(1+sigma^2). An index past the last step gives the level the last step
+    /// ends at.
     fn alpha_bar(&self, step_index: usize) -> f64;
     /// What the model predicts.
     fn prediction_type(&self) -> PredictionType;

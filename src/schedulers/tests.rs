@@ -94,6 +94,10 @@ fn config_reads_python_nonfinite_and_nulls() {
     let c = SchedulerConfig::from_json_str(r#"{"lambda_min_clipped": -5.1}"#, Path::new("c.json"))
         .unwrap();
     assert_eq!(c.lambda_min_clipped, -5.1);
+    let c =
+        SchedulerConfig::from_json_str(r#"{"lambda_min_clipped": "-inf"}"#, Path::new("c.json"))
+            .unwrap();
+    assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
 }
 
 #[test]
@@ -268,6 +272,44 @@ fn ddim_sd15_50_steps_timesteps() {
     assert!(!s.needs_noise());
     let ac = alphas_cumprod(&sd15(), false).unwrap();
     assert_eq!(s.alpha_bar(0), ac[981] as f64);
+}
+
+#[test]
+fn missing_timestep_spacing_takes_each_class_default() {
+    // X.from_config(PNDMScheduler(sd15).config) in diffusers 0.42.1, 10 steps
+    let ts = |kind| {
+        build(kind, &sd15(), 10, &SchedulerOptions::default())
+            .unwrap()
+            .timesteps()[..4]
+            .to_vec()
+    };
+    assert_eq!(ts(SchedulerKind::Ddim), [901.0, 801.0, 701.0, 601.0]);
+    assert_eq!(ts(SchedulerKind::Euler), [999.0, 888.0, 777.0, 666.0]);
+    assert_eq!(
+        ts(SchedulerKind::EulerAncestral),
+        [999.0, 888.0, 777.0, 666.0]
+    );
+    assert_eq!(
+        ts(SchedulerKind::DpmPlusPlus2M),
+        [999.0, 899.0, 799.0, 699.0]
+    );
+}
+
+#[test]
+fn alpha_bar_past_the_end() {
+    let o = SchedulerOptions::default();
+    let s = build(SchedulerKind::Ddim, &sd15(), 10, &o).unwrap();
+    let ac = alphas_cumprod(&sd15(), false).unwrap();
+    assert_eq!(s.alpha_bar(10), ac[0] as f64); // set_alpha_to_one false
+    for kind in [
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPlusPlus2M,
+    ] {
+        let s = build(kind, &sd15(), 10, &o).unwrap();
+        assert_eq!(s.alpha_bar(10), 1.0);
+        assert_eq!(s.alpha_bar(99), 1.0);
+    }
 }
 
 #[test]
