@@ -57,6 +57,20 @@ fn compare_list(failures: &mut Vec<String>, what: &str, got: &[f64], want: &[f64
 
 /// Max-abs comparison relative to the magnitude of the expected values.
 fn compare_tensor(failures: &mut Vec<String>, what: &str, got: &Tensor, want: &[f32], tol: f64) {
+    compare_tensor_scaled(failures, what, got, want, tol, 1.0)
+}
+
+/// As `compare_tensor`, with the allowed error scaled by at least `inputs_mag`: a step whose
+/// inputs are ~2e4 (sigma of the cosine schedule's first trailing step) loses a few float32
+/// ulps of that size to cancellation, in diffusers as in any float32 implementation.
+fn compare_tensor_scaled(
+    failures: &mut Vec<String>,
+    what: &str,
+    got: &Tensor,
+    want: &[f32],
+    tol: f64,
+    inputs_mag: f64,
+) {
     let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
     if got.len() != want.len() {
         failures.push(format!(
@@ -66,7 +80,7 @@ fn compare_tensor(failures: &mut Vec<String>, what: &str, got: &Tensor, want: &[
         ));
         return;
     }
-    let mag = want.iter().fold(1f64, |m, v| m.max(v.abs() as f64));
+    let mag = want.iter().fold(inputs_mag.max(1.0), |m, v| m.max(v.abs() as f64));
     let (mut worst, mut at) = (0f64, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let d = (*g as f64 - *w as f64).abs();
@@ -193,13 +207,19 @@ fn run_case(case: &Value, path: &Path, failures: &mut Vec<String>) {
             }
         }
         let noise = if sched.needs_noise() { noise } else { None };
+        let inputs_mag = [&step["sample_in"], &step["model_output"]]
+            .iter()
+            .filter_map(|v| f32s(v))
+            .flatten()
+            .fold(0f64, |m, v| m.max(v.abs() as f64));
         match sched.step(&model_output, i, &sample, noise.as_ref()) {
-            Ok(out) => compare_tensor(
+            Ok(out) => compare_tensor_scaled(
                 failures,
                 &tag(&format!("step {i} sample_out")),
                 &out,
                 &f32s(&step["sample_out"]).expect("sample_out"),
                 1e-5,
+                inputs_mag,
             ),
             Err(e) => failures.push(format!("{}: step {i}: {e}", tag(""))),
         }
