@@ -813,8 +813,10 @@ pub struct ClipTextTransformer {
 
 impl ClipTextTransformer {
     /// Builds the tower from weights under `vb`, which must point at the tower itself:
-    /// `vb.pp("text_model")` for both `CLIPTextModel` (e.g. SD's `text_encoder/`) and
-    /// `CLIPModel` checkpoints. Names below it: `embeddings.token_embedding.weight`,
+    /// `vb.pp("text_model")` for `CLIPModel` checkpoints and for `CLIPTextModel` ones written
+    /// by transformers 4 (e.g. SD 1.5's `text_encoder/`), `vb` itself for `CLIPTextModel`
+    /// checkpoints written by transformers 5 ([`ClipTextTransformer::from_dir`] tells them
+    /// apart). Names below it: `embeddings.token_embedding.weight`,
     /// `embeddings.position_embedding.weight`, `encoder.layers.{i}.…`, `final_layer_norm`.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, norm: NormMode) -> Result<Self> {
         let emb = vb.pp("embeddings");
@@ -857,7 +859,14 @@ impl ClipTextTransformer {
         let dir = dir.as_ref();
         let cfg = ClipTextConfig::load(dir.join("config.json"))?;
         let vb = load_weights(dir, dtype, device)?;
-        Self::new(vb.pp("text_model"), &cfg, norm).map_err(|e| match e {
+        // Checkpoints written by transformers 4 put the tower under `text_model.`; those
+        // written by transformers 5 store its tensors at the root.
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        Self::new(vb, &cfg, norm).map_err(|e| match e {
             Error::Candle(e) => weights_error(dir)(e),
             other => other,
         })
@@ -1175,7 +1184,7 @@ impl ClipModel {
     /// Projected image features (`get_image_features`): (batch, projection_dim), not
     /// normalised. Differentiable in `pixels` when built with [`NormMode::Differentiable`].
     pub fn embed_image(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(self.project_image(&self.vision.forward(pixels)?)?)
+        self.project_image(&self.vision.forward(pixels)?)
     }
 
     /// `visual_projection` applied to a pooled vision output.

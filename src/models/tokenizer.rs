@@ -136,7 +136,7 @@ impl Settings {
             None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
             // transformers writes a huge number (1e30) for "no limit": use CLIP's context.
             Some(v) => match v.as_u64() {
-                Some(n) if n >= 3 && n <= 1 << 20 => n as usize,
+                Some(n) if (3..=1 << 20).contains(&n) => n as usize,
                 Some(n) if n > 1 << 20 => DEFAULT_MAX_LENGTH,
                 _ if v.as_f64().is_some_and(|f| f > (1u64 << 20) as f64) => DEFAULT_MAX_LENGTH,
                 _ => {
@@ -506,6 +506,31 @@ mod tests {
             ClipTokenizer::from_dir(&gone),
             Err(Error::File { .. })
         ));
+    }
+
+    #[test]
+    fn unlimited_model_max_length_means_77() {
+        let dir = tempfile::tempdir().unwrap();
+        toy_folder(dir.path(), None, false);
+        // What transformers writes when no limit is set (VERY_LARGE_INTEGER).
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"model_max_length": 1000000000000000019884624838656}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ClipTokenizer::from_dir(dir.path()).unwrap().max_length(),
+            77
+        );
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"model_max_length": 2}"#,
+        )
+        .unwrap();
+        match ClipTokenizer::from_dir(dir.path()).unwrap_err() {
+            Error::Field { field, .. } => assert_eq!(field, "model_max_length"),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

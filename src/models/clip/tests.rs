@@ -535,3 +535,49 @@ fn fused_mode_drops_pixel_gradients() {
     assert!(grad_norm(NormMode::Fused).is_none());
     assert!(grad_norm(NormMode::Differentiable).unwrap() > 0.0);
 }
+
+/// transformers 4 writes a CLIPTextModel's tensors under `text_model.`, transformers 5 at the
+/// root; from_dir reads both.
+#[test]
+fn text_from_dir_reads_both_checkpoint_layouts() {
+    let cfg = tiny_config(ClipActivation::QuickGelu);
+    let varmap = random_varmap(&cfg, DType::F32, 43);
+    let reference = model(&varmap, &cfg, DType::F32, NormMode::Fused);
+    let text = ids(&[&[48, 3, 7, 49, 49]]);
+    let expected = reference.text.forward(&text).unwrap();
+    let config = serde_json::json!({
+        "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 10, "vocab_size": 50,
+        "eos_token_id": 49, "bos_token_id": 48, "pad_token_id": 49, "projection_dim": 6
+    });
+    let tensors: std::collections::HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("text_model."))
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    for strip in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        write_json(dir.path(), &config.to_string());
+        let stored: std::collections::HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, v)| {
+                let k = if strip {
+                    k.trim_start_matches("text_model.").to_string()
+                } else {
+                    k.clone()
+                };
+                (k, v.to_dtype(DType::F16).unwrap())
+            })
+            .collect();
+        candle_core::safetensors::save(&stored, dir.path().join("model.safetensors")).unwrap();
+        let tower =
+            ClipTextTransformer::from_dir(dir.path(), DType::F32, &Device::Cpu, NormMode::Fused)
+                .unwrap();
+        // Stored as f16, so compare loosely; the point is that every tensor was found.
+        let err = max_abs_diff(&tower.forward(&text).unwrap(), &expected);
+        assert!(err < 1e-2, "strip={strip}: {err}");
+    }
+}
