@@ -6,4 +6,5 @@ pub mod hub;
 pub mod sd;
 pub mod stable_diffusion;
 pub mod tokenizer;
+pub mod unet;
 pub mod weights;
