@@ -4,6 +4,7 @@
 pub mod error;
 pub mod models;
 pub mod noise;
+pub mod probe;
 pub mod progress;
 
 pub use error::{Error, Result};
