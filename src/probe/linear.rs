@@ -604,7 +604,7 @@ impl Separation {
     }
 
     /// The scores as CSV columns `class,row,fold,p_a` (class = `label_a` or `label_b`;
-    /// `p_a` printed with 17 significant digits so it reads back exactly).
+    /// `p_a` printed as the shortest decimal that reads back to the same `f64`).
     pub fn scores_table(&self, label_a: &str, label_b: &str) -> (Vec<String>, Vec<Vec<String>>) {
         let headers = ["class", "row", "fold", "p_a"].map(String::from).to_vec();
         let rows = self
@@ -618,7 +618,7 @@ impl Separation {
                     },
                     s.row.to_string(),
                     s.fold.to_string(),
-                    format!("{:.17}", s.p_a),
+                    s.p_a.to_string(),
                 ]
             })
             .collect();
