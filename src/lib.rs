@@ -9,6 +9,7 @@ pub mod generate;
 pub mod models;
 pub mod noise;
 pub mod output;
+pub mod probe;
 pub mod progress;
 pub mod schedulers;
 

@@ -1,0 +1,542 @@
+//! Agreement between a score and human ratings: Spearman's rho, Kendall's tau-b and
+//! Pearson's r over rows matched by a key column, each with a bootstrap percentile interval.
+//!
+//! - Spearman: Pearson's r of average ranks (ties share the mean rank), as
+//!   `scipy.stats.spearmanr`.
+//! - Kendall: tau-b, `(P - Q) / sqrt((n0 - n1) (n0 - n2))` with ties in either variable
+//!   neither concordant nor discordant, as `scipy.stats.kendalltau` by default; O(n log n).
+//! - Pearson: as `scipy.stats.pearsonr`.
+//!
+//! A correlation of a constant variable is undefined and given as NaN (`null` in JSON).
+//!
+//! The interval resamples the matched (score, rating) pairs with replacement
+//! (`resamples` times, 1000 by default), with a ChaCha8 generator seeded by `seed`, computes
+//! the three statistics on each resample, and takes the `(1 - level) / 2` and
+//! `(1 + level) / 2` quantiles (linear interpolation, as numpy's default `percentile`) of the
+//! resamples where the statistic is defined.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::table::Table;
+use super::{average_ranks, uniform_below};
+use crate::{Error, Result};
+
+/// Options of [`agree_files`] / [`agree_tables`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgreeOptions {
+    /// The column of the scores table holding the score.
+    pub score_column: String,
+    /// The column of the ratings table holding the rating.
+    pub rating_column: String,
+    /// The column matching rows of the two tables; by default the first column of the
+    /// scores table (in its order) that the ratings table also has, other than the score
+    /// and rating columns.
+    pub key: Option<String>,
+    /// Keep only the rows of the scores table whose column `.0` equals `.1` (for instance
+    /// `("class", "a")` to keep the class-A rows of a `separate` scores file).
+    pub filter: Option<(String, String)>,
+    /// Bootstrap resamples (default 1000).
+    pub resamples: usize,
+    /// Seed of the bootstrap (default 0).
+    pub seed: u64,
+    /// Confidence level of the interval (default 0.95).
+    pub level: f64,
+}
+
+impl AgreeOptions {
+    /// Options with the default key, resamples, seed and level.
+    pub fn new(score_column: impl Into<String>, rating_column: impl Into<String>) -> Self {
+        AgreeOptions {
+            score_column: score_column.into(),
+            rating_column: rating_column.into(),
+            key: None,
+            filter: None,
+            resamples: 1000,
+            seed: 0,
+            level: 0.95,
+        }
+    }
+}
+
+/// A correlation with its bootstrap interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Correlation {
+    /// The statistic on all matched pairs.
+    pub estimate: f64,
+    /// Lower end of the bootstrap percentile interval.
+    pub ci_low: f64,
+    /// Upper end of the bootstrap percentile interval.
+    pub ci_high: f64,
+    /// Resamples on which the statistic was undefined (a constant variable) and that were
+    /// left out of the interval.
+    pub undefined_resamples: usize,
+}
+
+/// The three correlations of one pair of variables.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Correlations {
+    /// Number of pairs.
+    pub n: usize,
+    /// Spearman's rho.
+    pub spearman: Correlation,
+    /// Kendall's tau-b.
+    pub kendall: Correlation,
+    /// Pearson's r.
+    pub pearson: Correlation,
+    /// Bootstrap resamples.
+    pub resamples: usize,
+    /// Bootstrap seed.
+    pub seed: u64,
+    /// Confidence level.
+    pub level: f64,
+}
+
+/// The result of matching a scores table with a ratings table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Agreement {
+    /// The scores file.
+    pub scores_file: String,
+    /// The ratings file.
+    pub ratings_file: String,
+    /// The key column used.
+    pub key: String,
+    /// The score column.
+    pub score_column: String,
+    /// The rating column.
+    pub rating_column: String,
+    /// Rows of the scores table left out by the filter.
+    pub filtered_out: usize,
+    /// Rows of the scores table whose key is not in the ratings table.
+    pub unmatched_scores: usize,
+    /// Rows of the ratings table whose key is not in the (filtered) scores table.
+    pub unmatched_ratings: usize,
+    /// Matched rows skipped because the score, the rating or the key is missing or not a
+    /// finite number.
+    pub skipped: usize,
+    /// The keys of the first (at most 10) skipped rows, with the reason.
+    pub skipped_examples: Vec<String>,
+    /// The correlations over the `correlations.n` matched rows that were kept.
+    pub correlations: Correlations,
+}
+
+/// Reads both CSV files and runs [`agree_tables`].
+pub fn agree_files(
+    scores: impl AsRef<Path>,
+    ratings: impl AsRef<Path>,
+    opts: &AgreeOptions,
+) -> Result<Agreement> {
+    let s = Table::read(scores)?;
+    let r = Table::read(ratings)?;
+    agree_tables(&s, &r, opts)
+}
+
+/// Parses a cell as a finite number; `None` for empty, non-numeric or non-finite cells.
+fn number(cell: &str) -> Option<f64> {
+    cell.trim().parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
+/// Matches the rows of `scores` and `ratings` on the key column and correlates the score
+/// with the rating. Errors name the file and column at fault: an unknown column (listing the
+/// available ones), no shared key column, a key repeated in a table, fewer than 3 usable rows.
+pub fn agree_tables(scores: &Table, ratings: &Table, opts: &AgreeOptions) -> Result<Agreement> {
+    let score_col = scores.column_index(&opts.score_column)?;
+    let rating_col = ratings.column_index(&opts.rating_column)?;
+    let key = match &opts.key {
+        Some(k) => k.clone(),
+        None => scores
+            .headers
+            .iter()
+            .find(|h| {
+                **h != opts.score_column && **h != opts.rating_column && ratings.headers.contains(h)
+            })
+            .cloned()
+            .ok_or_else(|| {
+                Error::file(
+                    &scores.path,
+                    format!(
+                        "no column shared with {} to match rows on (give the key column \
+                         explicitly); columns here: {}; columns there: {}",
+                        ratings.path.display(),
+                        scores.headers.join(", "),
+                        ratings.headers.join(", ")
+                    ),
+                )
+            })?,
+    };
+    let skey = scores.column_index(&key)?;
+    let rkey = ratings.column_index(&key)?;
+    let filter = match &opts.filter {
+        Some((col, value)) => Some((scores.column_index(col)?, value.as_str())),
+        None => None,
+    };
+
+    // Index the ratings by key.
+    let mut rating_of: HashMap<&str, usize> = HashMap::new();
+    for (i, row) in ratings.rows.iter().enumerate() {
+        let k = row[rkey].trim();
+        if k.is_empty() {
+            continue;
+        }
+        if let Some(&j) = rating_of.get(k) {
+            return Err(Error::field(
+                &ratings.path,
+                &key,
+                format!(
+                    "key `{k}` appears on lines {} and {}; keys must be unique",
+                    ratings.lines[j], ratings.lines[i]
+                ),
+            ));
+        }
+        rating_of.insert(k, i);
+    }
+
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let (mut filtered_out, mut unmatched_scores, mut skipped) = (0, 0, 0);
+    let mut skipped_examples = Vec::new();
+    let mut xs = Vec::new();
+    let mut ys = Vec::new();
+    for (i, row) in scores.rows.iter().enumerate() {
+        if let Some((c, v)) = filter {
+            if row[c].trim() != v {
+                filtered_out += 1;
+                continue;
+            }
+        }
+        let k = row[skey].trim();
+        if k.is_empty() {
+            skipped += 1;
+            if skipped_examples.len() < 10 {
+                skipped_examples.push(format!("line {}: empty key", scores.lines[i]));
+            }
+            continue;
+        }
+        if let Some(&j) = seen.get(k) {
+            return Err(Error::field(
+                &scores.path,
+                &key,
+                format!(
+                    "key `{k}` appears on lines {} and {}; keys must be unique{}",
+                    scores.lines[j],
+                    scores.lines[i],
+                    if filter.is_none() {
+                        " (keep one class of a scores file with a filter such as class=a)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        seen.insert(k, i);
+        let Some(&j) = rating_of.get(k) else {
+            unmatched_scores += 1;
+            continue;
+        };
+        let s = number(&row[score_col]);
+        let r = number(&ratings.rows[j][rating_col]);
+        match (s, r) {
+            (Some(s), Some(r)) => {
+                xs.push(s);
+                ys.push(r);
+            }
+            _ => {
+                skipped += 1;
+                if skipped_examples.len() < 10 {
+                    let (col, cell) = if s.is_none() {
+                        (&opts.score_column, &row[score_col])
+                    } else {
+                        (&opts.rating_column, &ratings.rows[j][rating_col])
+                    };
+                    skipped_examples.push(format!("{key} `{k}`: {col} is `{cell}`"));
+                }
+            }
+        }
+    }
+    let unmatched_ratings = rating_of.keys().filter(|k| !seen.contains_key(*k)).count();
+    if xs.len() < 3 {
+        return Err(Error::value(
+            "matched rows",
+            format!(
+                "only {} rows of {} and {} have a numeric `{}` and `{}` under the same `{key}` \
+                 (at least 3 are needed; {unmatched_scores} score rows unmatched, {skipped} \
+                 skipped)",
+                xs.len(),
+                scores.path.display(),
+                ratings.path.display(),
+                opts.score_column,
+                opts.rating_column
+            ),
+        ));
+    }
+    let correlations = correlate(&xs, &ys, opts.resamples, opts.seed, opts.level)?;
+    Ok(Agreement {
+        scores_file: scores.path.display().to_string(),
+        ratings_file: ratings.path.display().to_string(),
+        key,
+        score_column: opts.score_column.clone(),
+        rating_column: opts.rating_column.clone(),
+        filtered_out,
+        unmatched_scores,
+        unmatched_ratings,
+        skipped,
+        skipped_examples,
+        correlations,
+    })
+}
+
+/// Spearman, Kendall tau-b and Pearson correlations of paired values with bootstrap
+/// percentile intervals (see the module documentation).
+pub fn correlate(
+    x: &[f64],
+    y: &[f64],
+    resamples: usize,
+    seed: u64,
+    level: f64,
+) -> Result<Correlations> {
+    if x.len() != y.len() {
+        return Err(Error::value(
+            "pairs",
+            format!("{} scores but {} ratings", x.len(), y.len()),
+        ));
+    }
+    if x.len() < 3 {
+        return Err(Error::value(
+            "pairs",
+            format!("{} (at least 3 are needed)", x.len()),
+        ));
+    }
+    if x.iter().chain(y).any(|v| !v.is_finite()) {
+        return Err(Error::value("pairs", "values must be finite numbers"));
+    }
+    if !(level > 0.0 && level < 1.0) {
+        return Err(Error::value(
+            "level",
+            format!("{level} (must be in (0, 1))"),
+        ));
+    }
+    if resamples == 0 {
+        return Err(Error::value("resamples", "0 (at least 1 is needed)"));
+    }
+    let n = x.len();
+    let stats = |x: &[f64], y: &[f64]| [spearman(x, y), kendall_tau_b(x, y), pearson(x, y)];
+    let point = stats(x, y);
+    let mut boot: [Vec<f64>; 3] = Default::default();
+    let mut undefined = [0usize; 3];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut bx = vec![0.0; n];
+    let mut by = vec![0.0; n];
+    for _ in 0..resamples {
+        for i in 0..n {
+            let j = uniform_below(&mut rng, n);
+            bx[i] = x[j];
+            by[i] = y[j];
+        }
+        for (k, v) in stats(&bx, &by).into_iter().enumerate() {
+            if v.is_nan() {
+                undefined[k] += 1;
+            } else {
+                boot[k].push(v);
+            }
+        }
+    }
+    let lo_q = (1.0 - level) / 2.0;
+    let hi_q = (1.0 + level) / 2.0;
+    let make = |k: usize| {
+        let mut v = boot[k].clone();
+        v.sort_by(f64::total_cmp);
+        Correlation {
+            estimate: point[k],
+            ci_low: quantile(&v, lo_q),
+            ci_high: quantile(&v, hi_q),
+            undefined_resamples: undefined[k],
+        }
+    };
+    Ok(Correlations {
+        n,
+        spearman: make(0),
+        kendall: make(1),
+        pearson: make(2),
+        resamples,
+        seed,
+        level,
+    })
+}
+
+/// The `q` quantile of sorted values, interpolating linearly (numpy's default); NaN if empty.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q * (sorted.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = (lo + 1).min(sorted.len() - 1);
+    let frac = pos - lo as f64;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * frac
+}
+
+/// Pearson's correlation coefficient; NaN when either variable is constant.
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let mx = x.iter().sum::<f64>() / n;
+    let my = y.iter().sum::<f64>() / n;
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (&a, &b) in x.iter().zip(y) {
+        let (da, db) = (a - mx, b - my);
+        sxy += da * db;
+        sxx += da * da;
+        syy += db * db;
+    }
+    if sxx == 0.0 || syy == 0.0 {
+        return f64::NAN;
+    }
+    (sxy / (sxx.sqrt() * syy.sqrt())).clamp(-1.0, 1.0)
+}
+
+/// Spearman's rank correlation (average ranks for ties); NaN when either variable is constant.
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    pearson(&average_ranks(x), &average_ranks(y))
+}
+
+/// Sum of t(t-1)/2 over runs of equal values in a sorted sequence.
+fn tie_pairs<T: PartialEq>(sorted: impl Iterator<Item = T>) -> u64 {
+    let mut total = 0u64;
+    let mut prev: Option<T> = None;
+    let mut run = 0u64;
+    for v in sorted {
+        if prev.as_ref() == Some(&v) {
+            run += 1;
+        } else {
+            total += run * (run.saturating_sub(1)) / 2;
+            run = 1;
+            prev = Some(v);
+        }
+    }
+    total + run * run.saturating_sub(1) / 2
+}
+
+/// Counts pairs i < j with v[i] > v[j] (strictly), sorting `v`.
+fn count_inversions(v: &mut [f64], buf: &mut [f64]) -> u64 {
+    let n = v.len();
+    if n < 2 {
+        return 0;
+    }
+    let mid = n / 2;
+    let mut inv = count_inversions(&mut v[..mid], &mut buf[..mid]);
+    inv += count_inversions(&mut v[mid..], &mut buf[mid..]);
+    let (mut i, mut j, mut k) = (0, mid, 0);
+    while i < mid && j < n {
+        if v[i] <= v[j] {
+            buf[k] = v[i];
+            i += 1;
+        } else {
+            buf[k] = v[j];
+            inv += (mid - i) as u64;
+            j += 1;
+        }
+        k += 1;
+    }
+    while i < mid {
+        buf[k] = v[i];
+        i += 1;
+        k += 1;
+    }
+    while j < n {
+        buf[k] = v[j];
+        j += 1;
+        k += 1;
+    }
+    v.copy_from_slice(&buf[..n]);
+    inv
+}
+
+/// Kendall's tau-b (ties handled as `scipy.stats.kendalltau`'s default); NaN when either
+/// variable is constant.
+pub fn kendall_tau_b(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len();
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| x[a].total_cmp(&x[b]).then(y[a].total_cmp(&y[b])));
+    let joint = tie_pairs(idx.iter().map(|&i| (x[i], y[i])));
+    let xtie = tie_pairs(idx.iter().map(|&i| x[i]));
+    let mut ys: Vec<f64> = idx.iter().map(|&i| y[i]).collect();
+    let mut buf = vec![0.0; n];
+    // Sorted by x then y: pairs tied in x are in ascending y, so only pairs with x_i < x_j
+    // and y_i > y_j count as inversions, i.e. the discordant pairs.
+    let dis = count_inversions(&mut ys, &mut buf);
+    let ytie = tie_pairs(ys.iter().copied()); // ys is now sorted
+    let tot = (n as u64) * (n as u64 - 1) / 2;
+    if xtie == tot || ytie == tot {
+        return f64::NAN;
+    }
+    let con_minus_dis = tot as f64 - xtie as f64 - ytie as f64 + joint as f64 - 2.0 * dis as f64;
+    let tau = con_minus_dis / ((tot - xtie) as f64).sqrt() / ((tot - ytie) as f64).sqrt();
+    tau.clamp(-1.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute-force tau-b for checking.
+    fn tau_b_naive(x: &[f64], y: &[f64]) -> f64 {
+        let (mut c, mut d, mut tx, mut ty) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for i in 0..x.len() {
+            for j in i + 1..x.len() {
+                let a = (x[i] - x[j]).signum() * if x[i] == x[j] { 0.0 } else { 1.0 };
+                let b = (y[i] - y[j]).signum() * if y[i] == y[j] { 0.0 } else { 1.0 };
+                if a == 0.0 && b == 0.0 {
+                } else if a == 0.0 {
+                    tx += 1.0;
+                } else if b == 0.0 {
+                    ty += 1.0;
+                } else if a == b {
+                    c += 1.0;
+                } else {
+                    d += 1.0;
+                }
+            }
+        }
+        (c - d) / ((c + d + tx) * (c + d + ty)).sqrt()
+    }
+
+    #[test]
+    fn kendall_matches_brute_force() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for trial in 0..50 {
+            let n = 3 + trial;
+            let x: Vec<f64> = (0..n).map(|_| uniform_below(&mut rng, 5) as f64).collect();
+            let y: Vec<f64> = (0..n)
+                .map(|_| uniform_below(&mut rng, 4) as f64 * 0.5)
+                .collect();
+            let (a, b) = (kendall_tau_b(&x, &y), tau_b_naive(&x, &y));
+            assert!(
+                (a - b).abs() < 1e-12 || (a.is_nan() && b.is_nan()),
+                "{a} {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn known_values() {
+        // scipy.stats: spearmanr([1,2,3,4,5],[5,6,7,8,7]) = 0.8207826816681233,
+        // kendalltau(...) = 0.7378647873726218, pearsonr([1,2,3,4,5],[2,4,5,4,5]) ~ 0.7745966692414834.
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let y = [5.0, 6.0, 7.0, 8.0, 7.0];
+        assert!((spearman(&x, &y) - 0.8207826816681233).abs() < 1e-12);
+        assert!((kendall_tau_b(&x, &y) - 0.7378647873726218).abs() < 1e-12);
+        assert!((pearson(&x, &[2.0, 4.0, 5.0, 4.0, 5.0]) - 0.7745966692414834).abs() < 1e-12);
+        assert!(pearson(&x, &[1.0; 5]).is_nan());
+        assert!(kendall_tau_b(&[1.0; 5], &x).is_nan());
+    }
+
+    #[test]
+    fn quantiles_like_numpy() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(quantile(&v, 0.5), 2.5);
+        assert_eq!(quantile(&v, 0.025), 1.075);
+        assert_eq!(quantile(&v, 1.0), 4.0);
+    }
+}

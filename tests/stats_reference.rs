@@ -1,0 +1,380 @@
+//! Reference tests of the embedding analyses (`artguide::probe`) against scikit-learn and
+//! scipy, on the committed sample in tests/fixtures/embeddings/ (made by
+//! tests/reference/make_stats_fixtures.py).
+
+use std::path::{Path, PathBuf};
+
+use artguide::probe::agree::{agree_files, correlate, AgreeOptions};
+use artguide::probe::linear::{
+    fit_rows, separate, separate_files, separate_with_folds, stratified_folds, LogisticModel,
+    LogisticOptions, SeparateOptions,
+};
+use artguide::probe::npy::{read_npy, read_npy_header, write_npy, Dtype};
+use artguide::probe::Matrix;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/embeddings")
+}
+
+fn expected() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn folds() -> Vec<usize> {
+    let text = std::fs::read_to_string(fixtures().join("folds.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["folds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn sample() -> (Matrix, Matrix) {
+    (
+        read_npy(fixtures().join("a.npy")).unwrap(),
+        read_npy(fixtures().join("b.npy")).unwrap(),
+    )
+}
+
+#[test]
+fn npy_versions_and_dtypes_agree() {
+    let (a, b) = sample();
+    assert_eq!((a.rows, a.cols), (60, 64));
+    assert_eq!((b.rows, b.cols), (60, 64));
+    assert_eq!(
+        read_npy_header(fixtures().join("a.npy")).unwrap().dtype,
+        Dtype::F16
+    );
+    let a8 = fixtures().join("a_f8_v2.npy");
+    let b4 = fixtures().join("b_f4_v3.npy");
+    assert_eq!(read_npy_header(&a8).unwrap().version, (2, 0));
+    assert_eq!(read_npy_header(&a8).unwrap().dtype, Dtype::F64);
+    assert_eq!(read_npy_header(&b4).unwrap().version, (3, 0));
+    // float16 values are exact in float32/float64.
+    assert_eq!(read_npy(&a8).unwrap(), a);
+    assert_eq!(read_npy(&b4).unwrap(), b);
+    // Unit-norm CLIP embeddings truncated to 64 dims: values are small and not all zero.
+    assert!(a.data.iter().all(|v| v.abs() < 1.0) && a.data.iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn cross_validation_matches_scikit_learn() {
+    let e = expected();
+    let (a, b) = sample();
+    let s = separate_with_folds(&a, &b, &folds(), &LogisticOptions::default()).unwrap();
+    let p = s.scores.iter().map(|r| r.p_a).collect::<Vec<_>>();
+    let lbfgs = floats(&e["p_a"]);
+    let newton = floats(&e["p_a_newton_cholesky"]);
+    let gap = |q: &[f64]| {
+        p.iter()
+            .zip(q)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        gap(&lbfgs) < 1e-4,
+        "max |p - sklearn lbfgs| = {}",
+        gap(&lbfgs)
+    );
+    assert!(
+        gap(&newton) < 1e-6,
+        "max |p - sklearn newton-cholesky| = {}",
+        gap(&newton)
+    );
+    let acc = floats(&e["fold_accuracy"]);
+    for (f, want) in s.fold_results.iter().zip(&acc) {
+        assert!(
+            (f.accuracy - want).abs() < 1e-12,
+            "fold {}: {} vs {want}",
+            f.fold,
+            f.accuracy
+        );
+    }
+    for (f, want) in s.fold_results.iter().zip(floats(&e["fold_auc"])) {
+        assert!(
+            (f.auc - want).abs() < 1e-12,
+            "fold {} auc: {} vs {want}",
+            f.fold,
+            f.auc
+        );
+    }
+    assert!((s.accuracy - e["accuracy"].as_f64().unwrap()).abs() < 1e-12);
+    assert!((s.accuracy_std - e["accuracy_std"].as_f64().unwrap()).abs() < 1e-12);
+    assert!((s.auc - e["auc"].as_f64().unwrap()).abs() < 1e-12);
+    assert_eq!((s.n_a, s.n_b, s.dims, s.folds), (60, 60, 64, 5));
+    assert_eq!(s.seed, None);
+}
+
+#[test]
+fn fit_predict_on_an_explicit_split() {
+    let e = expected();
+    let (a, b) = sample();
+    let folds = folds();
+    let x = Matrix::from_rows(
+        &(0..120)
+            .map(|i| {
+                if i < 60 {
+                    a.row(i).to_vec()
+                } else {
+                    b.row(i - 60).to_vec()
+                }
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let want = floats(&e["p_a_newton_cholesky"]);
+    for f in 0..5 {
+        let train: Vec<usize> = (0..120).filter(|&i| folds[i] != f).collect();
+        let test: Vec<usize> = (0..120).filter(|&i| folds[i] == f).collect();
+        let y: Vec<bool> = train.iter().map(|&i| i < 60).collect();
+        let opts = LogisticOptions::default();
+        let m = fit_rows(&x, &train, &y, &opts).unwrap();
+        // The same through the matrix API.
+        let m2 = LogisticModel::fit(&x.select_rows(&train), &y, &opts).unwrap();
+        assert_eq!(m.weights, m2.weights);
+        let p = m.predict_proba(&x.select_rows(&test)).unwrap();
+        for (&i, p) in test.iter().zip(p) {
+            assert!((p - want[i]).abs() < 1e-6, "row {i}: {p} vs {}", want[i]);
+        }
+        assert!(m.gradient <= opts.tol);
+    }
+}
+
+fn agree_opts(rating: &str) -> AgreeOptions {
+    let mut o = AgreeOptions::new("p_ai", rating);
+    o.filter = Some(("class".into(), "ai".into()));
+    o
+}
+
+#[test]
+fn correlations_match_scipy() {
+    let e = expected();
+    let scores = fixtures().join("scores.csv");
+    let ratings = fixtures().join("ratings.csv");
+    for col in ["authenticity", "defects"] {
+        let want = &e["correlations"][format!("p_ai~{col}")];
+        let r = agree_files(&scores, &ratings, &agree_opts(col)).unwrap();
+        assert_eq!(r.key, "row");
+        let c = &r.correlations;
+        assert_eq!(c.n as u64, want["n"].as_u64().unwrap());
+        assert_eq!(r.skipped as u64, want["skipped"].as_u64().unwrap());
+        assert_eq!(
+            r.filtered_out as u64,
+            want["filtered_out"].as_u64().unwrap()
+        );
+        assert_eq!(
+            r.unmatched_scores as u64,
+            want["unmatched_scores"].as_u64().unwrap()
+        );
+        assert_eq!(
+            r.unmatched_ratings as u64,
+            want["unmatched_ratings"].as_u64().unwrap()
+        );
+        for (name, got) in [
+            ("spearman", c.spearman.estimate),
+            ("kendall", c.kendall.estimate),
+            ("pearson", c.pearson.estimate),
+        ] {
+            let w = want[name].as_f64().unwrap();
+            assert!((got - w).abs() < 1e-9, "{col} {name}: {got} vs scipy {w}");
+        }
+    }
+    // Two heavily tied rating columns of the same file (ties in both variables).
+    let want = &e["correlations"]["authenticity~defects"];
+    let r = agree_files(
+        &ratings,
+        &ratings,
+        &AgreeOptions::new("authenticity", "defects"),
+    )
+    .unwrap();
+    assert_eq!(r.key, "row");
+    assert_eq!(r.skipped as u64, want["skipped"].as_u64().unwrap());
+    assert_eq!(r.correlations.n as u64, want["n"].as_u64().unwrap());
+    for (name, got) in [
+        ("spearman", r.correlations.spearman.estimate),
+        ("kendall", r.correlations.kendall.estimate),
+        ("pearson", r.correlations.pearson.estimate),
+    ] {
+        let w = want[name].as_f64().unwrap();
+        assert!(
+            (got - w).abs() < 1e-9,
+            "authenticity~defects {name}: {got} vs scipy {w}"
+        );
+    }
+}
+
+#[test]
+fn bootstrap_intervals_are_seeded_and_contain_the_estimate() {
+    let scores = fixtures().join("scores.csv");
+    let ratings = fixtures().join("ratings.csv");
+    let o = agree_opts("authenticity");
+    let r1 = agree_files(&scores, &ratings, &o).unwrap();
+    let r2 = agree_files(&scores, &ratings, &o).unwrap();
+    assert_eq!(r1, r2);
+    let c = r1.correlations;
+    assert_eq!((c.resamples, c.seed, c.level), (1000, 0, 0.95));
+    for k in [c.spearman, c.kendall, c.pearson] {
+        assert!(k.ci_low < k.estimate && k.estimate < k.ci_high, "{k:?}");
+        assert!(
+            k.ci_high - k.ci_low > 0.05 && k.ci_high - k.ci_low < 1.0,
+            "{k:?}"
+        );
+        assert_eq!(k.undefined_resamples, 0);
+    }
+    let mut o3 = o.clone();
+    o3.seed = 1;
+    let r3 = agree_files(&scores, &ratings, &o3).unwrap();
+    assert_eq!(r3.correlations.spearman.estimate, c.spearman.estimate);
+    assert_ne!(r3.correlations.spearman.ci_low, c.spearman.ci_low);
+    // The in-memory entry point gives the same numbers as the table one for the same pairs.
+    let x = [0.1, 0.4, 0.35, 0.8, 0.5, 0.9, 0.2];
+    let y = [1.0, 2.0, 2.0, 4.0, 3.0, 3.0, 0.0];
+    let a = correlate(&x, &y, 200, 5, 0.9).unwrap();
+    assert_eq!(a, correlate(&x, &y, 200, 5, 0.9).unwrap());
+}
+
+#[test]
+fn errors_name_files_and_columns() {
+    let scores = fixtures().join("scores.csv");
+    let ratings = fixtures().join("ratings.csv");
+    // Unknown rating column: names the ratings file and the column, lists the columns.
+    let e = agree_files(&scores, &ratings, &agree_opts("beauty"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ratings.csv") && e.contains("beauty"), "{e}");
+    assert!(
+        e.contains("`authenticity`") && e.contains("`defects`") && e.contains("`row`"),
+        "{e}"
+    );
+    // Unknown score column.
+    let e = agree_files(&scores, &ratings, &AgreeOptions::new("p_x", "defects")).unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("scores.csv") && e.contains("p_x") && e.contains("`p_ai`"),
+        "{e}"
+    );
+    // Unknown explicit key.
+    let mut o = agree_opts("defects");
+    o.key = Some("image".into());
+    let e = agree_files(&scores, &ratings, &o).unwrap_err().to_string();
+    assert!(
+        e.contains("image") && e.contains("available columns"),
+        "{e}"
+    );
+    // Without the class filter, `row` repeats in scores.csv.
+    let e = agree_files(&scores, &ratings, &AgreeOptions::new("p_ai", "defects"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("scores.csv") && e.contains("appears on lines"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    // Mismatched embedding widths.
+    let (a, _) = sample();
+    let narrow = dir.path().join("narrow.npy");
+    write_npy(&narrow, &a.leading_columns(32)).unwrap();
+    let e = separate_files(
+        fixtures().join("a.npy"),
+        &narrow,
+        &SeparateOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("narrow.npy") && e.contains("32") && e.contains("64"),
+        "{e}"
+    );
+    // A truncated .npy.
+    let bytes = std::fs::read(fixtures().join("a.npy")).unwrap();
+    let cut = dir.path().join("cut.npy");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let e = read_npy(&cut).unwrap_err().to_string();
+    assert!(e.contains("cut.npy") && e.contains("truncated"), "{e}");
+    // A header cut short.
+    std::fs::write(&cut, &bytes[..40]).unwrap();
+    let e = read_npy(&cut).unwrap_err().to_string();
+    assert!(e.contains("cut.npy") && e.contains("truncated"), "{e}");
+    // Fortran order and an unsupported dtype.
+    let patch = |from: &str, to: &str| {
+        assert_eq!(from.len(), to.len());
+        let mut b = bytes.clone();
+        let at = b[..128]
+            .windows(from.len())
+            .position(|w| w == from.as_bytes())
+            .unwrap();
+        b[at..at + to.len()].copy_from_slice(to.as_bytes());
+        b
+    };
+    let fortran = dir.path().join("fortran.npy");
+    std::fs::write(
+        &fortran,
+        patch("'fortran_order': False", "'fortran_order': True "),
+    )
+    .unwrap();
+    let e = read_npy(&fortran).unwrap_err().to_string();
+    assert!(e.contains("fortran.npy") && e.contains("Fortran"), "{e}");
+    let ints = dir.path().join("ints.npy");
+    std::fs::write(&ints, patch("'<f2'", "'<i2'")).unwrap();
+    let e = read_npy(&ints).unwrap_err().to_string();
+    assert!(e.contains("ints.npy") && e.contains("<i2"), "{e}");
+    // Not a .npy file at all.
+    let e = read_npy(&scores).unwrap_err().to_string();
+    assert!(e.contains("scores.csv") && e.contains("magic"), "{e}");
+    // A missing file.
+    let e = read_npy(dir.path().join("absent.npy"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("absent.npy"), "{e}");
+}
+
+#[test]
+fn seeded_separation_is_reproducible() {
+    let (a, b) = sample();
+    let opts = SeparateOptions {
+        folds: 5,
+        seed: 3,
+        ..Default::default()
+    };
+    let s1 = separate(&a, &b, &opts).unwrap();
+    let s2 = separate(&a, &b, &opts).unwrap();
+    assert_eq!(s1, s2);
+    assert_eq!(s1.seed, Some(3));
+    let f = stratified_folds(60, 60, 5, 3).unwrap();
+    assert!(s1.scores.iter().enumerate().all(|(i, r)| r.fold == f[i]));
+    for fr in &s1.fold_results {
+        assert_eq!(fr.n_test, 24);
+    }
+    let accs: Vec<f64> = s1.fold_results.iter().map(|f| f.accuracy).collect();
+    let mean = accs.iter().sum::<f64>() / 5.0;
+    let std = (accs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / 5.0).sqrt();
+    assert!((s1.accuracy - mean).abs() < 1e-15 && (s1.accuracy_std - std).abs() < 1e-15);
+    assert!(s1.accuracy > 0.7, "{}", s1.accuracy);
+    let other = separate(&a, &b, &SeparateOptions { seed: 4, ..opts }).unwrap();
+    assert_ne!(other.scores, s1.scores);
+    // The scores CSV round-trips through the agreement reader.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("scores.csv");
+    s1.write_scores_csv(&out, "ai", "human").unwrap();
+    let t = artguide::probe::table::Table::read(&out).unwrap();
+    assert_eq!(t.headers, ["class", "row", "fold", "p_a"]);
+    assert_eq!(t.rows.len(), 120);
+    let p: f64 = t.rows[0][3].parse().unwrap();
+    assert_eq!(p, s1.scores[0].p_a);
+    // JSON has the summary, not the per-row scores.
+    let j = serde_json::to_value(&s1).unwrap();
+    assert!(j.get("scores").is_none() && j["accuracy_std"].is_number());
+}
