@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use super::clip::{ClipTextConfig, ClipTextTransformer, NormMode};
 use super::hub::{HubOptions, ModelRepo};
 use super::sd::{self, UNetJson, UNetSpec, VaeJson, VaeSpec};
 use super::tokenizer::ClipTokenizer;
+use super::unet::UNet;
 use super::weights::{FileWeights, RandomWeights};
 use crate::schedulers::SchedulerConfig;
 use crate::{Error, Result};
@@ -96,7 +96,7 @@ enum WeightOrigin {
 pub struct SdModel {
     /// Folder path, hub id, or `random:<arch>`.
     pub id: String,
-    pub unet: UNet2DConditionModel,
+    pub unet: UNet,
     pub unet_spec: UNetSpec,
     pub vae: AutoEncoderKL,
     pub vae_spec: VaeSpec,
@@ -185,7 +185,7 @@ impl SdModel {
                 .map_err(|e| with_file(e, &text_w))?;
         let unet_vb =
             FileWeights::open(std::slice::from_ref(&unet_w))?.into_var_builder(dtype, device);
-        let unet = sd::build_unet(&unet_spec, unet_vb).map_err(|e| with_file(e, &unet_w))?;
+        let unet = UNet::new(unet_vb, &unet_spec).map_err(|e| with_file(e, &unet_w))?;
         let vae_vb =
             FileWeights::open(std::slice::from_ref(&vae_w))?.into_var_builder(dtype, device);
         let vae = sd::build_vae(&vae_spec, vae_vb).map_err(|e| with_file(e, &vae_w))?;
@@ -218,7 +218,7 @@ impl SdModel {
         let vb = |s: u64| RandomWeights::new(s).into_var_builder(dtype, device);
         let text_encoder =
             ClipTextTransformer::new(vb(seed).pp("text_model"), &text_cfg, NormMode::Fused)?;
-        let unet = sd::build_unet(&unet_spec, vb(seed.wrapping_add(1)))?;
+        let unet = UNet::new(vb(seed.wrapping_add(1)), &unet_spec)?;
         let vae = sd::build_vae(&vae_spec, vb(seed.wrapping_add(2)))?;
         Ok(SdModel {
             id: arch.name().to_string(),
