@@ -80,7 +80,9 @@ fn compare_tensor_scaled(
         ));
         return;
     }
-    let mag = want.iter().fold(inputs_mag.max(1.0), |m, v| m.max(v.abs() as f64));
+    let mag = want
+        .iter()
+        .fold(inputs_mag.max(1.0), |m, v| m.max(v.abs() as f64));
     let (mut worst, mut at) = (0f64, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let d = (*g as f64 - *w as f64).abs();

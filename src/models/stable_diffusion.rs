@@ -79,7 +79,7 @@ pub struct LoadOptions {
 
 /// Turns prompts into token ids.
 enum PromptTokenizer {
-    Clip(ClipTokenizer),
+    Clip(Box<ClipTokenizer>),
     /// Random-weight models have no vocabulary: bytes stand in for tokens (timing only).
     Bytes {
         max_len: usize,
@@ -201,7 +201,7 @@ impl SdModel {
             files,
             device: device.clone(),
             dtype,
-            tokenizer: PromptTokenizer::Clip(tokenizer),
+            tokenizer: PromptTokenizer::Clip(Box::new(tokenizer)),
             origin: WeightOrigin::Files { vae: vec![vae_w] },
         })
     }
@@ -257,7 +257,7 @@ impl SdModel {
     /// Text encoder hidden states for a prompt (1 x 77 x width), in the model dtype.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
         let ids = self.tokenize(text)?;
-        Ok(self.text_encoder.forward(&ids)?)
+        self.text_encoder.forward(&ids)
     }
 
     /// Decodes latents (N x 4 x h x w, already unscaled by the pipeline) to images in [0, 1]
