@@ -30,6 +30,68 @@ pub enum Command {
     },
     /// Time UNet steps and VAE decodes of a real-size architecture with random weights.
     Bench(BenchArgs),
+    /// How separable two sets of image embeddings are: a cross-validated logistic probe.
+    Separate(SeparateArgs),
+    /// Agreement of a score with human ratings: Spearman, Kendall, Pearson with bootstrap CIs.
+    Agree(AgreeArgs),
+}
+
+/// `artguide separate`.
+#[derive(Debug, Args)]
+pub struct SeparateArgs {
+    /// Embeddings of class A (.npy, rows x dims, f16/f32/f64).
+    #[arg(long)]
+    pub class_a: PathBuf,
+    /// Embeddings of class B (.npy, same width).
+    #[arg(long)]
+    pub class_b: PathBuf,
+    /// Cross-validation folds (stratified).
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Seed of the fold shuffle.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Inverse L2 regularisation strength, as scikit-learn's C.
+    #[arg(long, default_value_t = 1.0)]
+    pub c: f64,
+    /// Write each row's out-of-fold P(A) here (columns class,row,fold,p_a).
+    #[arg(long)]
+    pub scores: Option<PathBuf>,
+    /// Name of class A in the scores file.
+    #[arg(long, default_value = "a")]
+    pub label_a: String,
+    /// Name of class B in the scores file.
+    #[arg(long, default_value = "b")]
+    pub label_b: String,
+}
+
+/// `artguide agree`.
+#[derive(Debug, Args)]
+pub struct AgreeArgs {
+    /// CSV with a key column and the score column.
+    #[arg(long)]
+    pub scores: PathBuf,
+    /// CSV with a key column and the rating column.
+    #[arg(long)]
+    pub ratings: PathBuf,
+    /// Column of the scores file to correlate.
+    #[arg(long)]
+    pub score_column: String,
+    /// Column of the ratings file to correlate.
+    #[arg(long)]
+    pub rating_column: String,
+    /// Column matching the two files (default: the first column they share).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Keep only score rows where COLUMN equals VALUE, e.g. `class=a`.
+    #[arg(long = "where", value_name = "COLUMN=VALUE")]
+    pub filter: Option<String>,
+    /// Bootstrap resamples.
+    #[arg(long, default_value_t = 1000)]
+    pub resamples: usize,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// Device choice.

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
-use crate::cli::{BenchArgs, Cli, Command, DeviceArg, DtypeArg, GenerateArgs, RunArgs};
+use crate::cli::{
+    AgreeArgs, BenchArgs, Cli, Command, DeviceArg, DtypeArg, GenerateArgs, RunArgs, SeparateArgs,
+};
 use crate::generate::{self, GenerateOptions, Generated};
 use crate::models::hub::HubOptions;
 use crate::models::stable_diffusion::{LoadOptions, RandomArch, SdModel};
@@ -31,7 +33,80 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => run_bench(&args, mode),
+        Command::Separate(args) => run_separate(&args, mode),
+        Command::Agree(args) => run_agree(&args, mode),
     }
+}
+
+fn run_separate(args: &SeparateArgs, mode: ProgressMode) -> Result<()> {
+    let mut opts = crate::probe::linear::SeparateOptions {
+        folds: args.folds,
+        seed: args.seed,
+        ..Default::default()
+    };
+    opts.logistic.c = args.c;
+    let sep = crate::probe::linear::separate_files(&args.class_a, &args.class_b, &opts)?;
+    if let Some(path) = &args.scores {
+        sep.write_scores_csv(path, &args.label_a, &args.label_b)?;
+    }
+    if mode == ProgressMode::Json {
+        println!("{}", serde_json::to_string(&sep)?);
+    } else {
+        println!(
+            "{} ({}) vs {} ({}), {} dims, {}-fold CV, seed {}",
+            args.class_a.display(),
+            sep.n_a,
+            args.class_b.display(),
+            sep.n_b,
+            sep.dims,
+            sep.folds,
+            args.seed
+        );
+        println!(
+            "accuracy {:.4} ± {:.4} (std over folds)",
+            sep.accuracy, sep.accuracy_std
+        );
+        println!("AUC {:.4} (pooled out-of-fold)", sep.auc);
+    }
+    Ok(())
+}
+
+fn run_agree(args: &AgreeArgs, mode: ProgressMode) -> Result<()> {
+    let mut opts = crate::probe::agree::AgreeOptions::new(&args.score_column, &args.rating_column);
+    opts.key = args.key.clone();
+    opts.resamples = args.resamples;
+    opts.seed = args.seed;
+    if let Some(f) = &args.filter {
+        let (col, val) = f
+            .split_once('=')
+            .with_context(|| format!("--where `{f}`: expected COLUMN=VALUE"))?;
+        opts.filter = Some((col.to_string(), val.to_string()));
+    }
+    let a = crate::probe::agree::agree_files(&args.scores, &args.ratings, &opts)?;
+    if mode == ProgressMode::Json {
+        println!("{}", serde_json::to_string(&a)?);
+    } else {
+        let c = &a.correlations;
+        println!(
+            "{} vs {} on key `{}`: n = {} ({} skipped)",
+            args.score_column, args.rating_column, a.key, c.n, a.skipped
+        );
+        for (name, r) in [
+            ("Spearman", &c.spearman),
+            ("Kendall tau-b", &c.kendall),
+            ("Pearson", &c.pearson),
+        ] {
+            println!(
+                "{name:<14} {:+.4}  [{:+.4}, {:+.4}] ({:.0}% bootstrap, {} resamples)",
+                r.estimate,
+                r.ci_low,
+                r.ci_high,
+                c.level * 100.0,
+                c.resamples
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The device a `--device` flag names; CUDA needs a binary built with `--features cuda`.

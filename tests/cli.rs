@@ -239,3 +239,76 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
         &["lat.safetensors"],
     );
 }
+
+fn emb(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/embeddings")
+        .join(name)
+}
+
+#[test]
+fn separate_then_agree_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scores = tmp.path().join("scores.csv");
+    let o = bin()
+        .args(["--json", "separate", "--class-a"])
+        .arg(emb("a.npy"))
+        .arg("--class-b")
+        .arg(emb("b.npy"))
+        .args(["--label-a", "ai", "--label-b", "human", "--scores"])
+        .arg(&scores)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5 && acc <= 1.0, "{acc}");
+    assert_eq!(v["n_a"], 60);
+    let text = std::fs::read_to_string(&scores).unwrap();
+    assert!(text.starts_with("class,row,fold,p_a\n"), "{text}");
+    assert_eq!(text.lines().count(), 121);
+
+    let o = bin()
+        .args(["--json", "agree", "--scores"])
+        .arg(&scores)
+        .arg("--ratings")
+        .arg(emb("ratings.csv"))
+        .args([
+            "--where",
+            "class=ai",
+            "--score-column",
+            "p_a",
+            "--rating-column",
+            "authenticity",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = v["correlations"]["spearman"]["estimate"].as_f64().unwrap();
+    assert!((-1.0..=1.0).contains(&s));
+    assert_eq!(v["key"], "row");
+
+    let o = bin()
+        .args(["agree", "--scores"])
+        .arg(&scores)
+        .arg("--ratings")
+        .arg(emb("ratings.csv"))
+        .args([
+            "--where",
+            "class=ai",
+            "--score-column",
+            "p_a",
+            "--rating-column",
+            "beauty",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("beauty") && err.contains("ratings.csv") && err.contains("authenticity"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
