@@ -312,3 +312,94 @@ fn separate_then_agree_pipeline() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// A hub repo id resolves from the standard cache layout with HF_HUB_OFFLINE=1, and
+/// `--latents` reproduces diffusers' run from the same initial noise.
+#[test]
+fn hub_cache_and_latents_reproduce_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let commit = "4f1c2b7e9a0d3c5b6a7e8f90123456789abcdef0";
+    let repo = tmp.path().join("hub/models--tiny--sd-a");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    copy_model(&repo.join("snapshots").join(commit));
+
+    // The reference latents, in the file format `--latents` takes.
+    let refs = candle_core::safetensors::load(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/reference/tiny-sd-a.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let lat = tmp.path().join("noise.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), refs["latents_init"].clone())]),
+        &lat,
+    )
+    .unwrap();
+
+    let out = tmp.path().join("out");
+    let o = bin()
+        .env("HF_HUB_CACHE", tmp.path().join("hub"))
+        .args([
+            "--quiet",
+            "generate",
+            "--model",
+            "tiny/sd-a",
+            "--prompt",
+            "a painting of a lighthouse at dusk",
+        ])
+        .args([
+            "--negative-prompt",
+            "blurry, low quality",
+            "--steps",
+            "4",
+            "--guidance-scale",
+            "7.5",
+        ])
+        .args([
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--save-tensors",
+            "--latents",
+        ])
+        .arg(&lat)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t =
+        candle_core::safetensors::load(out.join("00000-0.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let d = (&t["image"] - &refs["ddim_cfg_image"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-3, "image differs from diffusers by {d}");
+    let side = std::fs::read_to_string(out.join("00000-0.json")).unwrap();
+    assert!(side.contains("\"model\": \"tiny/sd-a\""), "{side}");
+
+    // Not cached and offline: the error names the repo and the file.
+    let o = bin()
+        .env("HF_HUB_CACHE", tmp.path().join("hub"))
+        .args(["generate", "--model", "tiny/not-cached", "--prompt", "x"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("tiny/not-cached")
+            && err.contains("model_index.json")
+            && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+}
