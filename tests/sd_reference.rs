@@ -100,6 +100,7 @@ fn check_components(name: &str) {
         .forward(&r["unet_in"], t, &r["unet_ctx"])
         .unwrap();
     let d = max_abs(&out, &r["unet_out"]);
+    eprintln!("{name}: unet max abs diff {d:.2e}");
     assert!(d < 2e-5, "{name}: unet max abs diff {d}");
 
     let dec = model.vae.decode(&r["vae_dec_in"]).unwrap();
@@ -117,11 +118,12 @@ fn check_run(name: &str, key: &str, scheduler: SchedulerKind, gs: f64) {
         &hwc(&g.image),
         &r[&format!("{key}_image")].squeeze(0).unwrap(),
     );
+    eprintln!("{name} {key}: image max abs diff {di:.2e}, latents {dl:.2e}");
     assert!(
-        di < 1e-3,
+        di < 1e-4,
         "{name} {key}: image max abs diff {di} (latents {dl})"
     );
-    assert!(dl < 1e-3, "{name} {key}: latents max abs diff {dl}");
+    assert!(dl < 5e-4, "{name} {key}: latents max abs diff {dl}");
 }
 
 #[test]
@@ -164,6 +166,7 @@ fn img2img_matches_diffusers() {
         opts.latents = Some(r["img2img_noise"].clone());
         let g = run(&model, &opts);
         let di = max_abs(&hwc(&g.image), &r["img2img_image"].squeeze(0).unwrap());
-        assert!(di < 1e-3, "{name} img2img: image max abs diff {di}");
+        eprintln!("{name} img2img: image max abs diff {di:.2e}");
+        assert!(di < 1e-4, "{name} img2img: image max abs diff {di}");
     }
 }
