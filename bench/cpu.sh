@@ -11,7 +11,7 @@ SIZES=${2:-256,512}
 REPS=${3:-3}
 PYTHON=${PYTHON:-$( [ -x /work/venv-ref/bin/python ] && echo /work/venv-ref/bin/python || echo python3)}
 cargo build --release --quiet
-BIN=target/release/artguide
+BIN=${CARGO_TARGET_DIR:-target}/release/artguide
 LOG=$(mktemp)
 for part in unet vae; do
   for size in ${SIZES//,/ }; do
