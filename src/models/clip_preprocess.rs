@@ -34,7 +34,7 @@ pub struct ClipPreprocessor {
 /// The mean and std of OpenAI CLIP (`OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// See [`OPENAI_CLIP_MEAN`].
-pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 fn positive_size(v: &Value, path: &Path, field: &str) -> Result<usize> {
     match v.as_u64() {
@@ -415,8 +415,7 @@ fn axis_taps(in_size: usize, out_size: usize) -> AxisTaps {
         xsizes.push(xsize);
     }
     let mut precision = 0u32;
-    while precision < 22 && ((0.5 + wt_max * (1u64 << (precision + 1)) as f64) as i64) < (1 << 15)
-    {
+    while precision < 22 && ((0.5 + wt_max * (1u64 << (precision + 1)) as f64) as i64) < (1 << 15) {
         precision += 1;
     }
     let m = (1u64 << precision) as f64;
@@ -424,7 +423,11 @@ fn axis_taps(in_size: usize, out_size: usize) -> AxisTaps {
         .iter()
         .map(|&w| {
             let s = w * m;
-            (if s < 0.0 { (s - 0.5) as i64 } else { (s + 0.5) as i64 }) as i16 as i32
+            (if s < 0.0 {
+                (s - 0.5) as i64
+            } else {
+                (s + 0.5) as i64
+            }) as i16 as i32
         })
         .collect();
     AxisTaps {
@@ -498,7 +501,11 @@ pub fn resize_u8_chw(
     out_h: usize,
     out_w: usize,
 ) -> Vec<u8> {
-    assert_eq!(src.len(), channels * in_h * in_w, "resize_u8_chw: bad input length");
+    assert_eq!(
+        src.len(),
+        channels * in_h * in_w,
+        "resize_u8_chw: bad input length"
+    );
     assert!(
         in_h > 0 && in_w > 0 && out_h > 0 && out_w > 0,
         "resize_u8_chw: empty size"
@@ -562,7 +569,10 @@ mod tests {
             for k in 0..o {
                 let s: i32 = t.weights[k * t.kmax..k * t.kmax + t.xsize[k]].iter().sum();
                 let one = 1i32 << t.precision;
-                assert!((s - one).abs() <= t.xsize[k] as i32, "{i}->{o} output {k}: {s}");
+                assert!(
+                    (s - one).abs() <= t.xsize[k] as i32,
+                    "{i}->{o} output {k}: {s}"
+                );
             }
         }
     }
@@ -587,7 +597,10 @@ mod tests {
         let p = Path::new("pp.json");
         let v: Value = serde_json::json!({"size": {"shortest_edge": 0}});
         let e = ClipPreprocessor::from_json(&v, p).unwrap_err().to_string();
-        assert!(e.contains("pp.json") && e.contains("size.shortest_edge"), "{e}");
+        assert!(
+            e.contains("pp.json") && e.contains("size.shortest_edge"),
+            "{e}"
+        );
         let v: Value = serde_json::json!({"size": {"shortest_edge": 30}, "image_std": [1, 2]});
         let e = ClipPreprocessor::from_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("image_std"), "{e}");
@@ -611,7 +624,13 @@ mod tests {
         let rgb: Vec<u8> = (0..8u8).flat_map(|i| [i, i, i]).collect();
         let t = p.preprocess_rgb(&rgb, 4, 2).unwrap();
         assert_eq!(t.dims(), &[3, 2, 2]);
-        let v = t.get(0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let v = t
+            .get(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (a, b) in v.iter().zip([1.0f32, 2.0, 5.0, 6.0]) {
             assert!((a - b).abs() < 1e-5, "{v:?}");
         }

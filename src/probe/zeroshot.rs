@@ -67,10 +67,7 @@ impl Classifier {
         if l != labels.len() || l == 0 || t == 0 || p == 0 {
             return Err(Error::value(
                 "text embeddings",
-                format!(
-                    "shape ({l}, {t}, {p}) does not fit {} labels",
-                    labels.len()
-                ),
+                format!("shape ({l}, {t}, {p}) does not fit {} labels", labels.len()),
             ));
         }
         let weights = normalize(&normalize(&e)?.mean(1)?)?;
@@ -216,6 +213,8 @@ mod tests {
         assert!((p[1][0] - 0.5).abs() < 1e-6);
         let h = entropy(&Tensor::new(&[[0.5f32, 0.5], [1.0, 0.0]], &d).unwrap()).unwrap();
         assert!((h[0] - std::f32::consts::LN_2).abs() < 1e-6 && h[1] == 0.0);
-        assert!(c.probs(&Tensor::zeros((1, 3), DType::F32, &d).unwrap(), 0.0).is_err());
+        assert!(c
+            .probs(&Tensor::zeros((1, 3), DType::F32, &d).unwrap(), 0.0)
+            .is_err());
     }
 }
