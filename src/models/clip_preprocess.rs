@@ -473,16 +473,22 @@ fn pass_rows(src: &[u8], planes: usize, in_len: usize, cols: usize, out_len: usi
         0
     };
     let mut out = vec![0u8; planes * out_len * cols];
+    let mut acc = vec![0i64; cols];
     for p in 0..planes {
         let plane = &src[p * in_len * cols..(p + 1) * in_len * cols];
         for i in 0..out_len {
             let w = &t.weights[i * t.kmax..i * t.kmax + t.xsize[i]];
-            for c in 0..cols {
-                let mut acc = bias;
-                for (j, &wi) in w.iter().enumerate() {
-                    acc += plane[(t.xmin[i] + j) * cols + c] as i64 * wi as i64;
+            // Row by row (integer sums: the order does not change the result).
+            acc.fill(bias);
+            for (j, &wi) in w.iter().enumerate() {
+                let row = &plane[(t.xmin[i] + j) * cols..(t.xmin[i] + j + 1) * cols];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v as i64 * wi as i64;
                 }
-                out[(p * out_len + i) * cols + c] = (acc >> t.precision).clamp(0, 255) as u8;
+            }
+            let dst = &mut out[(p * out_len + i) * cols..(p * out_len + i + 1) * cols];
+            for (o, &a) in dst.iter_mut().zip(&acc) {
+                *o = (a >> t.precision).clamp(0, 255) as u8;
             }
         }
     }
