@@ -2,6 +2,7 @@
 //! networks built from them.
 
 pub mod clip;
+pub mod clip_preprocess;
 pub mod hub;
 pub mod sd;
 pub mod stable_diffusion;

@@ -8,11 +8,13 @@
 //! - [`table`]: a small CSV reader and writer.
 //! - [`linear`]: L2-regularised logistic regression, cross-validated class A vs class B.
 //! - [`agree`]: Spearman, Kendall tau-b and Pearson correlations with bootstrap intervals.
+//! - [`zeroshot`]: CLIP zero-shot classification from prompt-ensembled text embeddings.
 
 pub mod agree;
 pub mod linear;
 pub mod npy;
 pub mod table;
+pub mod zeroshot;
 
 /// A dense row-major matrix of `f32`: `rows` embeddings of `cols` dimensions each.
 #[derive(Debug, Clone, PartialEq)]
