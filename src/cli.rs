@@ -34,6 +34,45 @@ pub enum Command {
     Separate(SeparateArgs),
     /// Agreement of a score with human ratings: Spearman, Kendall, Pearson with bootstrap CIs.
     Agree(AgreeArgs),
+    /// CLIP image embeddings of image files to .npy (L2-normalised, rows x dims, f32).
+    Embed(EmbedArgs),
+}
+
+/// What to do with an unreadable image.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OnErrorArg {
+    /// Stop with an error naming the file.
+    Fail,
+    /// Warn, leave it out and go on.
+    Skip,
+}
+
+/// `artguide embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// A transformers CLIPModel folder or hub id (e.g. openai/clip-vit-large-patch14-336).
+    #[arg(long)]
+    pub clip: String,
+    /// Output .npy file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// CSV listing which image each row is (default: the output path with .csv).
+    #[arg(long)]
+    pub list: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// What to do with an unreadable image.
+    #[arg(long, value_enum, default_value = "fail")]
+    pub on_error: OnErrorArg,
+    /// Largest image accepted, in pixels, checked before decoding.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_pixels: u64,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Image files or folders.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
 }
 
 /// `artguide separate`.

@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
 use crate::cli::{
-    AgreeArgs, BenchArgs, Cli, Command, DeviceArg, DtypeArg, GenerateArgs, RunArgs, SeparateArgs,
+    AgreeArgs, BenchArgs, Cli, Command, DeviceArg, DtypeArg, EmbedArgs, GenerateArgs, OnErrorArg,
+    RunArgs, SeparateArgs,
 };
 use crate::generate::{self, GenerateOptions, Generated};
 use crate::models::hub::HubOptions;
@@ -35,7 +36,45 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => run_bench(&args, mode),
         Command::Separate(args) => run_separate(&args, mode),
         Command::Agree(args) => run_agree(&args, mode),
+        Command::Embed(args) => run_embed(&args, mode),
     }
+}
+
+fn run_embed(args: &EmbedArgs, mode: ProgressMode) -> Result<()> {
+    use crate::probe::embed::{self, ClipEncoder, OnError};
+    let opts = load_options(&args.run)?;
+    let paths = embed::collect_images(&args.images)?;
+    let enc = ClipEncoder::load(&args.clip, &opts.hub, opts.dtype, &opts.device)?;
+    let progress = Progress::new(mode, paths.len() as u64, "embedding");
+    let on_error = match args.on_error {
+        OnErrorArg::Fail => OnError::Fail,
+        OnErrorArg::Skip => OnError::Skip,
+    };
+    let (m, kept) = embed::embed_images(
+        &enc,
+        &paths,
+        args.batch,
+        args.max_pixels,
+        on_error,
+        &progress,
+    )?;
+    progress.finish();
+    let list = args
+        .list
+        .clone()
+        .unwrap_or_else(|| args.out.with_extension("csv"));
+    let rows: Vec<Vec<String>> = kept
+        .iter()
+        .enumerate()
+        .map(|(i, p)| vec![i.to_string(), p.display().to_string()])
+        .collect();
+    crate::probe::npy::write_npy(&args.out, &m)?;
+    crate::probe::table::write_csv(&list, &["row", "path"], &rows)?;
+    progress.event(
+        &format!("wrote {} ({} x {}) and {}", args.out.display(), m.rows, m.cols, list.display()),
+        serde_json::json!({"event": "done", "npy": args.out, "list": list, "rows": m.rows, "dims": m.cols, "clip": enc.id}),
+    );
+    Ok(())
 }
 
 fn run_separate(args: &SeparateArgs, mode: ProgressMode) -> Result<()> {

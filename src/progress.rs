@@ -86,6 +86,15 @@ impl Progress {
         }
     }
 
+    /// A warning: shown even with `--quiet` (on stderr), as a JSON object with `--json`.
+    pub fn warn(&self, text: &str, json: serde_json::Value) {
+        match (self.mode, &self.bar) {
+            (ProgressMode::Json, _) => self.json(&json),
+            (ProgressMode::Bar, Some(b)) => b.println(format!("warning: {text}")),
+            _ => eprintln!("warning: {text}"),
+        }
+    }
+
     fn json(&self, v: &serde_json::Value) {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{v}");

@@ -403,3 +403,80 @@ fn hub_cache_and_latents_reproduce_diffusers() {
         "{err}"
     );
 }
+
+fn clip_fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/clip")
+        .join(rel)
+}
+
+/// `embed` gives transformers' CLIP image features (L2-normalised), one row per image in
+/// folder order, and handles an unreadable image as the user chose.
+#[test]
+fn embed_matches_transformers_and_handles_bad_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let npy = tmp.path().join("e.npy");
+    let o = bin()
+        .args(["--quiet", "embed", "--clip"])
+        .arg(clip_fixture("tiny-clip-a"))
+        .arg("--out")
+        .arg(&npy)
+        .arg(clip_fixture("images"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = artguide::probe::npy::read_npy(&npy).unwrap();
+    assert_eq!((m.rows, m.cols), (5, 24));
+    let refs = candle_core::safetensors::load(
+        clip_fixture("reference-tiny-clip-a.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for i in [0usize, 1, 2, 4] {
+        // PNGs decode identically; the JPEG (row 3) may differ by a unit after decoding.
+        let want: Vec<f32> = refs[&format!("image_embeds_{i}")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
+        for (g, w) in m.row(i).iter().zip(&want) {
+            assert!((g - w / norm).abs() < 1e-4, "row {i}: {g} vs {}", w / norm);
+        }
+    }
+    let list = std::fs::read_to_string(tmp.path().join("e.csv")).unwrap();
+    assert!(
+        list.lines()
+            .nth(4)
+            .unwrap()
+            .ends_with("img3_50x29_rgb_q90.jpg"),
+        "{list}"
+    );
+
+    // A truncated image: named and fatal by default, skipped on request.
+    let dir = tmp.path().join("imgs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(clip_fixture("images/img0_37x23_rgb.png"), dir.join("a.png")).unwrap();
+    let bytes = std::fs::read(clip_fixture("images/img4_71x52_rgb.png")).unwrap();
+    std::fs::write(dir.join("b.png"), &bytes[..bytes.len() / 3]).unwrap();
+    let out2 = tmp.path().join("f.npy");
+    let run = |extra: &[&str]| {
+        bin()
+            .args(["--quiet", "embed", "--clip"])
+            .arg(clip_fixture("tiny-clip-a"))
+            .arg("--out")
+            .arg(&out2)
+            .args(extra)
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("b.png") && !err.contains("panicked"), "{err}");
+    assert!(!out2.exists());
+    let o = run(&["--on-error", "skip"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(artguide::probe::npy::read_npy(&out2).unwrap().rows, 1);
+}

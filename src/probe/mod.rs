@@ -11,8 +11,10 @@
 //! - [`zeroshot`]: CLIP zero-shot classification from prompt-ensembled text embeddings.
 
 pub mod agree;
+pub mod embed;
 pub mod linear;
 pub mod npy;
+pub mod suite;
 pub mod table;
 pub mod zeroshot;
 

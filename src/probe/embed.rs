@@ -1,0 +1,147 @@
+//! CLIP image embeddings of image files, for the embedding-only analyses (`separate`,
+//! `agree`) on a user's own images.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::Matrix;
+use crate::models::clip::{normalize, ClipModel, NormMode};
+use crate::models::clip_preprocess::ClipPreprocessor;
+use crate::models::hub::{HubOptions, ModelRepo};
+use crate::progress::Progress;
+use crate::{Error, Result};
+
+/// Image file extensions picked up when a folder is given.
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+/// A CLIP model with its preprocessing, from a local folder or a hub id.
+pub struct ClipEncoder {
+    pub model: ClipModel,
+    pub preprocessor: ClipPreprocessor,
+    pub id: String,
+    pub device: Device,
+}
+
+impl ClipEncoder {
+    /// Loads a transformers CLIPModel folder (config.json, model.safetensors,
+    /// preprocessor_config.json, tokenizer files) or the same files of a hub repo.
+    pub fn load(spec: &str, hub: &HubOptions, dtype: DType, device: &Device) -> Result<Self> {
+        let repo = ModelRepo::open(spec, hub)?;
+        let config = repo.get("config.json")?;
+        repo.get("model.safetensors")?;
+        let pre = repo.get("preprocessor_config.json")?;
+        for optional in [
+            "tokenizer.json",
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
+            repo.find(optional)?;
+        }
+        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(ClipEncoder {
+            model: ClipModel::from_dir(&dir, dtype, device, NormMode::Fused)?,
+            preprocessor: ClipPreprocessor::from_file(&pre)?,
+            id: repo.id(),
+            device: device.clone(),
+        })
+    }
+
+    /// L2-normalised image embeddings (N x projection_dim, f32 on the CPU) of preprocessed
+    /// pixel tensors (each 3 x S x S).
+    pub fn embed_pixels(&self, pixels: &[Tensor]) -> Result<Tensor> {
+        let batch = Tensor::stack(pixels, 0)?.to_device(&self.device)?;
+        let dtype = self.model.logit_scale().dtype();
+        let e = self.model.embed_image(&batch.to_dtype(dtype)?)?;
+        Ok(normalize(&e.to_dtype(DType::F32)?)?.to_device(&Device::Cpu)?)
+    }
+}
+
+/// Expands files and folders (non-recursive, sorted by name) into image paths.
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| Error::io(p, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.is_file()
+                        && f.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                            IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                        })
+                })
+                .collect();
+            v.sort();
+            out.extend(v);
+        } else if p.is_file() {
+            out.push(p.clone());
+        } else {
+            return Err(Error::file(p, "no such image file or folder"));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::value(
+            "images",
+            "no image files found (png, jpg, jpeg, webp)",
+        ));
+    }
+    Ok(out)
+}
+
+/// What to do with an image that cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Stop with the error.
+    Fail,
+    /// Warn and leave the image out.
+    Skip,
+}
+
+/// Embeds images in batches. Returns the embeddings of the images that were read and their
+/// paths, in input order; unreadable images fail or are skipped with a warning.
+pub fn embed_images(
+    enc: &ClipEncoder,
+    paths: &[PathBuf],
+    batch: usize,
+    max_pixels: u64,
+    on_error: OnError,
+    progress: &Progress,
+) -> Result<(Matrix, Vec<PathBuf>)> {
+    let mut rows: Vec<f32> = Vec::new();
+    let mut kept = Vec::new();
+    let mut cols = 0;
+    for chunk in paths.chunks(batch.max(1)) {
+        let mut pixels = Vec::new();
+        let mut chunk_kept = Vec::new();
+        for p in chunk {
+            match enc.preprocessor.load(p, max_pixels) {
+                Ok(t) => {
+                    pixels.push(t);
+                    chunk_kept.push(p.clone());
+                }
+                Err(e) if on_error == OnError::Skip => {
+                    progress.warn(
+                        &format!("skipped {e}"),
+                        serde_json::json!({"event": "skipped", "path": p, "error": e.to_string()}),
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+            progress.tick(&p.display().to_string());
+        }
+        if pixels.is_empty() {
+            continue;
+        }
+        let e = enc.embed_pixels(&pixels)?;
+        cols = e.dim(1)?;
+        rows.extend(e.flatten_all()?.to_vec1::<f32>()?);
+        kept.extend(chunk_kept);
+    }
+    if kept.is_empty() {
+        return Err(Error::value("images", "none of the images could be read"));
+    }
+    Ok((Matrix::new(kept.len(), cols, rows)?, kept))
+}
