@@ -36,6 +36,45 @@ pub enum Command {
     Agree(AgreeArgs),
     /// CLIP image embeddings of image files to .npy (L2-normalised, rows x dims, f32).
     Embed(EmbedArgs),
+    /// Ask CLIP a suite of zero-shot questions (style, period, defects, ...) about images.
+    Probe(ProbeArgs),
+}
+
+/// `artguide probe`.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// A transformers CLIPModel folder or hub id.
+    #[arg(long)]
+    pub clip: String,
+    /// Probe suite YAML (e.g. probes/art.yaml).
+    #[arg(long)]
+    pub suite: PathBuf,
+    /// Write results JSON here (default: print it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write one CSV row per image, probe and label.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Embedding cache folder (default: $XDG_CACHE_HOME/artguide/clip-embeddings).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Do not read or write the embedding cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// What to do with an unreadable image.
+    #[arg(long, value_enum, default_value = "fail")]
+    pub on_error: OnErrorArg,
+    /// Largest image accepted, in pixels, checked before decoding.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_pixels: u64,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Image files or folders.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
 }
 
 /// What to do with an unreadable image.

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 
 use crate::cli::{
     AgreeArgs, BenchArgs, Cli, Command, DeviceArg, DtypeArg, EmbedArgs, GenerateArgs, OnErrorArg,
-    RunArgs, SeparateArgs,
+    ProbeArgs, RunArgs, SeparateArgs,
 };
 use crate::generate::{self, GenerateOptions, Generated};
 use crate::models::hub::HubOptions;
@@ -37,7 +37,59 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Separate(args) => run_separate(&args, mode),
         Command::Agree(args) => run_agree(&args, mode),
         Command::Embed(args) => run_embed(&args, mode),
+        Command::Probe(args) => run_probe(&args, mode),
     }
+}
+
+fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
+    use crate::probe::embed::{self, ClipEncoder, OnError};
+    use crate::probe::runner::{self, EmbeddingCache};
+    let suite = crate::probe::suite::Suite::load(&args.suite)?;
+    let paths = embed::collect_images(&args.images)?;
+    let opts = load_options(&args.run)?;
+    let enc = ClipEncoder::load(&args.clip, &opts.hub, opts.dtype, &opts.device)?;
+    let cache = (!args.no_cache).then(|| {
+        let root = args
+            .cache
+            .clone()
+            .unwrap_or_else(EmbeddingCache::default_root);
+        EmbeddingCache::new(&root, &enc.fingerprint)
+    });
+    let on_error = match args.on_error {
+        OnErrorArg::Fail => OnError::Fail,
+        OnErrorArg::Skip => OnError::Skip,
+    };
+    let progress = Progress::new(mode, paths.len() as u64, "probing");
+    let results = runner::probe_images(
+        &enc,
+        &suite,
+        &paths,
+        args.batch,
+        args.max_pixels,
+        on_error,
+        cache.as_ref(),
+        &progress,
+    )?;
+    progress.finish();
+    let json = serde_json::to_string_pretty(&results)?;
+    if let Some(csv) = &args.csv {
+        crate::probe::table::write_csv(
+            csv,
+            &["image", "probe", "label", "probability", "top"],
+            &results.csv_rows(),
+        )?;
+    }
+    match &args.out {
+        Some(p) => {
+            output::write_atomic(p, json.as_bytes(), true)?;
+            progress.event(
+                &format!("probed {} images ({} from cache) -> {}", results.images.len(), results.cached, p.display()),
+                serde_json::json!({"event": "done", "out": p, "images": results.images.len(), "cached": results.cached}),
+            );
+        }
+        None => println!("{json}"),
+    }
+    Ok(())
 }
 
 fn run_embed(args: &EmbedArgs, mode: ProgressMode) -> Result<()> {

@@ -9,6 +9,7 @@ use super::Matrix;
 use crate::models::clip::{normalize, ClipModel, NormMode};
 use crate::models::clip_preprocess::ClipPreprocessor;
 use crate::models::hub::{HubOptions, ModelRepo};
+use crate::models::tokenizer::ClipTokenizer;
 use crate::progress::Progress;
 use crate::{Error, Result};
 
@@ -18,9 +19,29 @@ pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 /// A CLIP model with its preprocessing, from a local folder or a hub id.
 pub struct ClipEncoder {
     pub model: ClipModel,
+    pub tokenizer: ClipTokenizer,
     pub preprocessor: ClipPreprocessor,
     pub id: String,
     pub device: Device,
+    /// Identifies the weights and preprocessing, so cached embeddings are never reused across
+    /// models: sha256 of the configs, the weight file's length and its safetensors header.
+    pub fingerprint: String,
+}
+
+fn fingerprint(config: &Path, pre: &Path, weights: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut h = Sha256::new();
+    for p in [config, pre] {
+        h.update(std::fs::read(p).map_err(|e| Error::io(p, e))?);
+    }
+    let mut f = std::fs::File::open(weights).map_err(|e| Error::io(weights, e))?;
+    let len = f.metadata().map_err(|e| Error::io(weights, e))?.len();
+    h.update(len.to_le_bytes());
+    let mut head = vec![0u8; len.min(1 << 20) as usize];
+    f.read_exact(&mut head).map_err(|e| Error::io(weights, e))?;
+    h.update(&head);
+    Ok(format!("{:x}", h.finalize()))
 }
 
 impl ClipEncoder {
@@ -41,8 +62,11 @@ impl ClipEncoder {
             repo.find(optional)?;
         }
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        let fingerprint = fingerprint(&config, &pre, &dir.join("model.safetensors"))?;
         Ok(ClipEncoder {
             model: ClipModel::from_dir(&dir, dtype, device, NormMode::Fused)?,
+            tokenizer: ClipTokenizer::from_dir(&dir)?,
+            fingerprint,
             preprocessor: ClipPreprocessor::from_file(&pre)?,
             id: repo.id(),
             device: device.clone(),

@@ -14,6 +14,7 @@ pub mod agree;
 pub mod embed;
 pub mod linear;
 pub mod npy;
+pub mod runner;
 pub mod suite;
 pub mod table;
 pub mod zeroshot;

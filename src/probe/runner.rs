@@ -1,0 +1,244 @@
+//! Zero-shot probing of image files with a suite: embeddings (cached by file content), one
+//! classifier per probe, and the answers as JSON and CSV.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+
+use super::embed::{ClipEncoder, OnError};
+use super::suite::Suite;
+use super::zeroshot::{entropy, Classifier};
+use crate::models::clip::normalize;
+use crate::progress::Progress;
+use crate::{Error, Result};
+
+/// Image embeddings stored by image content hash, per model fingerprint.
+pub struct EmbeddingCache {
+    dir: PathBuf,
+}
+
+impl EmbeddingCache {
+    /// The cache for one model under `root` (e.g. ~/.cache/artguide/clip-embeddings).
+    pub fn new(root: &Path, fingerprint: &str) -> Self {
+        EmbeddingCache {
+            dir: root.join(&fingerprint[..16.min(fingerprint.len())]),
+        }
+    }
+
+    /// The default root: $XDG_CACHE_HOME/artguide/clip-embeddings or ~/.cache/....
+    pub fn default_root() -> PathBuf {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from(".cache"));
+        base.join("artguide/clip-embeddings")
+    }
+
+    fn path(&self, sha: &str) -> PathBuf {
+        self.dir.join(format!("{sha}.f32"))
+    }
+
+    /// A cached embedding, if present and of the expected width.
+    pub fn get(&self, sha: &str, dims: usize) -> Option<Vec<f32>> {
+        let bytes = std::fs::read(self.path(sha)).ok()?;
+        (bytes.len() == dims * 4).then(|| {
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
+
+    /// Stores an embedding (atomically; a failure to cache is not an error for the caller).
+    pub fn put(&self, sha: &str, v: &[f32]) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        crate::output::write_atomic(&self.path(sha), &bytes, true)
+    }
+}
+
+/// One probe's answer for one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeAnswer {
+    pub probe: String,
+    /// Labels in suite order, with their probabilities.
+    pub labels: Vec<String>,
+    pub probs: Vec<f32>,
+    pub top: String,
+    /// Entropy of the label distribution, in nats.
+    pub entropy: f32,
+}
+
+/// All answers for one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageAnswers {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub probes: Vec<ProbeAnswer>,
+}
+
+/// The result of probing a set of images.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeResults {
+    pub tool: String,
+    pub version: String,
+    pub clip: String,
+    pub suite: PathBuf,
+    pub images: Vec<ImageAnswers>,
+    /// How many embeddings came from the cache.
+    pub cached: usize,
+}
+
+/// One classifier per probe of the suite.
+pub fn classifiers(enc: &ClipEncoder, suite: &Suite) -> Result<Vec<Classifier>> {
+    suite
+        .probes
+        .iter()
+        .map(|p| {
+            // Labels may have different numbers of prompts: ensemble each label on its own.
+            let mut rows = Vec::new();
+            for prompts in p.prompts() {
+                let ids = enc.tokenizer.encode_tensor(&prompts, &enc.device)?;
+                let e = enc.model.embed_text(&ids)?.to_dtype(DType::F32)?;
+                rows.push(normalize(&normalize(&e)?.mean_keepdim(0)?)?);
+            }
+            let labels = p.labels.iter().map(|l| l.name().to_string()).collect();
+            Classifier::from_embeddings(labels, &Tensor::cat(&rows, 0)?)
+        })
+        .collect()
+}
+
+/// Probes `paths` with every probe of `suite`.
+#[allow(clippy::too_many_arguments)]
+pub fn probe_images(
+    enc: &ClipEncoder,
+    suite: &Suite,
+    paths: &[PathBuf],
+    batch: usize,
+    max_pixels: u64,
+    on_error: OnError,
+    cache: Option<&EmbeddingCache>,
+    progress: &Progress,
+) -> Result<ProbeResults> {
+    let classifiers = classifiers(enc, suite)?;
+    let dims = enc.model.config().projection_dim;
+    let logit_scale = enc
+        .model
+        .logit_scale()
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?[0];
+    let mut embeds: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
+    let mut shas = Vec::with_capacity(paths.len());
+    let mut cached = 0;
+    // Cache lookups first, then embed the misses in batches.
+    let mut misses = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        let sha = crate::output::sha256_file(p)?;
+        let hit = cache.and_then(|c| c.get(&sha, dims));
+        if hit.is_some() {
+            cached += 1;
+            progress.tick(&p.display().to_string());
+        } else {
+            misses.push(i);
+        }
+        embeds.push(hit);
+        shas.push(sha);
+    }
+    for chunk in misses.chunks(batch.max(1)) {
+        let mut pixels = Vec::new();
+        let mut ok = Vec::new();
+        for &i in chunk {
+            match enc.preprocessor.load(&paths[i], max_pixels) {
+                Ok(t) => {
+                    pixels.push(t);
+                    ok.push(i);
+                }
+                Err(e) if on_error == OnError::Skip => progress.warn(
+                    &format!("skipped {e}"),
+                    serde_json::json!({"event": "skipped", "path": paths[i], "error": e.to_string()}),
+                ),
+                Err(e) => return Err(e),
+            }
+            progress.tick(&paths[i].display().to_string());
+        }
+        if pixels.is_empty() {
+            continue;
+        }
+        let e = enc.embed_pixels(&pixels)?;
+        for (row, &i) in ok.iter().enumerate() {
+            let v = e.get(row)?.to_vec1::<f32>()?;
+            if let Some(c) = cache {
+                if let Err(err) = c.put(&shas[i], &v) {
+                    progress.warn(
+                        &format!("cannot cache an embedding: {err}"),
+                        serde_json::json!({"event": "cache-error", "error": err.to_string()}),
+                    );
+                }
+            }
+            embeds[i] = Some(v);
+        }
+    }
+    let mut images = Vec::new();
+    for (i, e) in embeds.into_iter().enumerate() {
+        let Some(e) = e else { continue };
+        let t = Tensor::from_vec(e, (1, dims), &candle_core::Device::Cpu)?;
+        let mut probes = Vec::new();
+        for (spec, c) in suite.probes.iter().zip(&classifiers) {
+            let p = c.probs(&t.to_device(c.weights().device())?, logit_scale)?;
+            let h = entropy(&p)?[0];
+            let probs: Vec<f32> = p.flatten_all()?.to_vec1()?;
+            let top = probs
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(k, _)| c.labels()[k].clone())
+                .unwrap_or_default();
+            probes.push(ProbeAnswer {
+                probe: spec.name.clone(),
+                labels: c.labels().to_vec(),
+                probs,
+                top,
+                entropy: h,
+            });
+        }
+        images.push(ImageAnswers {
+            path: paths[i].clone(),
+            sha256: shas[i].clone(),
+            probes,
+        });
+    }
+    if images.is_empty() {
+        return Err(Error::value("images", "none of the images could be read"));
+    }
+    Ok(ProbeResults {
+        tool: "artguide".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        clip: enc.id.clone(),
+        suite: suite.path.clone(),
+        images,
+        cached,
+    })
+}
+
+impl ProbeResults {
+    /// One row per image, probe and label: image,probe,label,probability,top.
+    pub fn csv_rows(&self) -> Vec<Vec<String>> {
+        let mut rows = Vec::new();
+        for img in &self.images {
+            for a in &img.probes {
+                for (l, p) in a.labels.iter().zip(&a.probs) {
+                    rows.push(vec![
+                        img.path.display().to_string(),
+                        a.probe.clone(),
+                        l.clone(),
+                        format!("{p}"),
+                        (l == &a.top).to_string(),
+                    ]);
+                }
+            }
+        }
+        rows
+    }
+}
