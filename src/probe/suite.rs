@@ -219,3 +219,22 @@ mod tests {
         assert!(e.contains("probes") && e.contains("empty"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    #[test]
+    fn shipped_art_suite_is_valid_and_covers_the_study() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/art.yaml");
+        let s = Suite::load(&path).unwrap();
+        let names: Vec<&str> = s.probes.iter().map(|p| p.name.as_str()).collect();
+        for n in [
+            "content", "scene", "style", "period", "hands", "faces", "text", "origin",
+        ] {
+            assert!(names.contains(&n), "missing probe {n}");
+        }
+        let style = &s.probes[names.iter().position(|n| *n == "style").unwrap()];
+        assert!(style.labels.len() >= 20);
+    }
+}
