@@ -492,7 +492,11 @@ fn probe_matches_transformers_zero_shot_and_caches() {
         "probes:\n  - name: single\n    templates: [\"a painting in the style of {}\"]\n    labels: [Impressionism, Cubism, Baroque]\n  - name: ensemble\n    templates: [\"a painting in the style of {}\", \"an artwork of the {} movement\"]\n    labels: [Impressionism, Cubism, Baroque]\n",
     )
     .unwrap();
-    let (out, csv, cache) = (tmp.path().join("r.json"), tmp.path().join("r.csv"), tmp.path().join("cache"));
+    let (out, csv, cache) = (
+        tmp.path().join("r.json"),
+        tmp.path().join("r.csv"),
+        tmp.path().join("cache"),
+    );
     let run = || {
         bin()
             .args(["--quiet", "probe", "--clip"])
@@ -511,9 +515,14 @@ fn probe_matches_transformers_zero_shot_and_caches() {
     };
     let o = run();
     assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(r["cached"], 0);
-    let refs = candle_core::safetensors::load(clip_fixture("reference-tiny-clip-b.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let refs = candle_core::safetensors::load(
+        clip_fixture("reference-tiny-clip-b.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     for (probe, key) in [(0usize, "probs_single"), (1, "probs_ensemble")] {
         for i in [0usize, 1, 2, 4] {
             let want: Vec<f32> = refs[key].get(i).unwrap().to_vec1().unwrap();
@@ -524,10 +533,15 @@ fn probe_matches_transformers_zero_shot_and_caches() {
                 .map(|v| v.as_f64().unwrap())
                 .collect();
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - *w as f64).abs() < 1e-5, "{key} image {i}: {got:?} vs {want:?}");
+                assert!(
+                    (g - *w as f64).abs() < 1e-5,
+                    "{key} image {i}: {got:?} vs {want:?}"
+                );
             }
             let h: f64 = -got.iter().map(|p| p * p.ln()).sum::<f64>();
-            assert!((r["images"][i]["probes"][probe]["entropy"].as_f64().unwrap() - h).abs() < 1e-5);
+            assert!(
+                (r["images"][i]["probes"][probe]["entropy"].as_f64().unwrap() - h).abs() < 1e-5
+            );
         }
     }
     let rows = std::fs::read_to_string(&csv).unwrap();
@@ -535,13 +549,21 @@ fn probe_matches_transformers_zero_shot_and_caches() {
 
     let o = run();
     assert!(o.status.success(), "{}", stderr(&o));
-    let r2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(r2["cached"], 5);
     assert_eq!(r2["images"], r["images"]);
 
     // A malformed suite is named with its field, before any model is loaded.
-    std::fs::write(&suite, "probes:\n  - name: s\n    templates: [\"no placeholder\"]\n    labels: [a, b]\n").unwrap();
+    std::fs::write(
+        &suite,
+        "probes:\n  - name: s\n    templates: [\"no placeholder\"]\n    labels: [a, b]\n",
+    )
+    .unwrap();
     let o = run();
     let err = stderr(&o);
-    assert!(!o.status.success() && err.contains("suite.yaml") && err.contains("templates[0]"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("suite.yaml") && err.contains("templates[0]"),
+        "{err}"
+    );
 }
