@@ -55,6 +55,13 @@ pub struct ProbeArgs {
     /// Also write one CSV row per image, probe and label.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// True labels (CSV with columns image, probe, label): report accuracy, top-k, per-class
+    /// recall and the confusion matrix per probe.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// k of the top-k accuracy.
+    #[arg(long, default_value_t = 3)]
+    pub top_k: usize,
     /// Embedding cache folder (default: $XDG_CACHE_HOME/artguide/clip-embeddings).
     #[arg(long)]
     pub cache: Option<PathBuf>,

@@ -60,7 +60,7 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
         OnErrorArg::Skip => OnError::Skip,
     };
     let progress = Progress::new(mode, paths.len() as u64, "probing");
-    let results = runner::probe_images(
+    let mut results = runner::probe_images(
         &enc,
         &suite,
         &paths,
@@ -71,6 +71,26 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
         &progress,
     )?;
     progress.finish();
+    if let Some(labels) = &args.labels {
+        let ev = crate::probe::evaluate::evaluate(&results, labels, args.top_k)?;
+        for p in &ev.probes {
+            progress.event(
+                &format!(
+                    "{}: n {}, accuracy {:.3}, top-{} {:.3}",
+                    p.probe, p.n, p.accuracy, p.k, p.top_k_accuracy
+                ),
+                serde_json::json!({"event": "score", "probe": p.probe, "n": p.n,
+                                   "accuracy": p.accuracy, "top_k_accuracy": p.top_k_accuracy}),
+            );
+        }
+        if ev.unmatched_rows > 0 {
+            progress.warn(
+                &format!("{} label rows matched no probed image", ev.unmatched_rows),
+                serde_json::json!({"event": "unmatched", "rows": ev.unmatched_rows}),
+            );
+        }
+        results.evaluation = Some(ev);
+    }
     let json = serde_json::to_string_pretty(&results)?;
     if let Some(csv) = &args.csv {
         crate::probe::table::write_csv(

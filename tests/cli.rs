@@ -567,3 +567,87 @@ fn probe_matches_transformers_zero_shot_and_caches() {
         "{err}"
     );
 }
+
+/// `probe --labels` scores answers: accuracy, top-k and the confusion matrix agree with an
+/// independent count over transformers' probabilities; a label the probe lacks is named.
+#[test]
+fn probe_labels_report_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let suite = tmp.path().join("suite.yaml");
+    std::fs::write(&suite, "probes:\n  - name: style\n    templates: [\"a painting in the style of {}\"]\n    labels: [Impressionism, Cubism, Baroque]\n").unwrap();
+    let labels = ["Impressionism", "Cubism", "Baroque"];
+    let files = [
+        "img0_37x23_rgb.png",
+        "img1_19x41_l.png",
+        "img2_33x33_rgba.png",
+        "img4_71x52_rgb.png",
+    ];
+    let truth = [0usize, 1, 2, 0];
+    let mut csv = String::from("image,probe,label\n");
+    for (f, t) in files.iter().zip(truth) {
+        csv.push_str(&format!("{f},style,{}\n", labels[t]));
+    }
+    let lab = tmp.path().join("labels.csv");
+    std::fs::write(&lab, &csv).unwrap();
+    let images = tmp.path().join("imgs");
+    std::fs::create_dir(&images).unwrap();
+    for f in files {
+        std::fs::copy(clip_fixture(&format!("images/{f}")), images.join(f)).unwrap();
+    }
+    let out = tmp.path().join("r.json");
+    let run = |labels_file: &Path| {
+        bin()
+            .args(["--quiet", "probe", "--no-cache", "--top-k", "2", "--clip"])
+            .arg(clip_fixture("tiny-clip-a"))
+            .arg("--suite")
+            .arg(&suite)
+            .arg("--labels")
+            .arg(labels_file)
+            .arg("--out")
+            .arg(&out)
+            .arg(&images)
+            .output()
+            .unwrap()
+    };
+    let o = run(&lab);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let ev = &r["evaluation"]["probes"][0];
+
+    // Independent count from the reference probabilities (image indices 0, 1, 2, 4).
+    let refs = candle_core::safetensors::load(
+        clip_fixture("reference-tiny-clip-a.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let (mut correct, mut top2) = (0, 0);
+    let mut confusion = vec![vec![0u64; 3]; 3];
+    for (&i, t) in [0usize, 1, 2, 4].iter().zip(truth) {
+        let p: Vec<f32> = refs["probs_single"].get(i).unwrap().to_vec1().unwrap();
+        let mut order: Vec<usize> = (0..3).collect();
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        confusion[t][order[0]] += 1;
+        correct += (order[0] == t) as usize;
+        top2 += order[..2].contains(&t) as usize;
+    }
+    assert_eq!(ev["n"], 4);
+    assert!((ev["accuracy"].as_f64().unwrap() - correct as f64 / 4.0).abs() < 1e-12);
+    assert!((ev["top_k_accuracy"].as_f64().unwrap() - top2 as f64 / 4.0).abs() < 1e-12);
+    assert_eq!(ev["confusion"], serde_json::json!(confusion));
+
+    std::fs::write(
+        &lab,
+        "image,probe,label\nimg0_37x23_rgb.png,style,Fauvism\n",
+    )
+    .unwrap();
+    let o = run(&lab);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success()
+            && err.contains("labels.csv")
+            && err.contains("Fauvism")
+            && err.contains("line 2"),
+        "{err}"
+    );
+}

@@ -12,6 +12,7 @@
 
 pub mod agree;
 pub mod embed;
+pub mod evaluate;
 pub mod linear;
 pub mod npy;
 pub mod runner;

@@ -88,6 +88,9 @@ pub struct ProbeResults {
     pub images: Vec<ImageAnswers>,
     /// How many embeddings came from the cache.
     pub cached: usize,
+    /// Scores against true labels (`probe --labels`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<super::evaluate::Evaluation>,
 }
 
 /// One classifier per probe of the suite.
@@ -219,6 +222,7 @@ pub fn probe_images(
         suite: suite.path.clone(),
         images,
         cached,
+        evaluation: None,
     })
 }
 
