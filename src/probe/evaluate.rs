@@ -26,6 +26,9 @@ pub struct ProbeScore {
     pub confusion: Vec<Vec<usize>>,
 }
 
+/// Per probe while counting: labels, confusion counts, images, top-k hits.
+type Tally = (Vec<String>, Vec<Vec<usize>>, usize, usize);
+
 /// Scores of every probe that has true labels, plus label rows that matched no image.
 #[derive(Debug, Clone, Serialize)]
 pub struct Evaluation {
@@ -44,8 +47,7 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
         table.column_index("probe")?,
         table.column_index("label")?,
     );
-    let mut scores: BTreeMap<String, (Vec<String>, Vec<Vec<usize>>, usize, usize)> =
-        BTreeMap::new();
+    let mut scores: BTreeMap<String, Tally> = BTreeMap::new();
     let mut unmatched = 0;
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
