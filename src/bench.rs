@@ -15,7 +15,7 @@ pub struct Measurement {
     pub workload: String,
     /// Image side in pixels.
     pub size: usize,
-    /// Median seconds over the timed repetitions.
+    /// Median seconds over the timed repetitions (images per second for CLIP throughput).
     pub seconds: f64,
     /// All timed repetitions, in seconds.
     pub runs: Vec<f64>,
@@ -127,4 +127,58 @@ pub fn run(plan: &BenchPlan, mut report: impl FnMut(&Measurement)) -> Result<Vec
         }
     }
     Ok(out)
+}
+
+/// Published CLIP architectures for throughput measurements with random weights.
+pub fn clip_config_json(arch: &str) -> Result<&'static str> {
+    match arch {
+        "vit-b32" => Ok(
+            r#"{"projection_dim":512,"text_config":{"hidden_size":512,"intermediate_size":2048,"num_attention_heads":8,"num_hidden_layers":12},"vision_config":{"hidden_size":768,"intermediate_size":3072,"num_attention_heads":12,"num_hidden_layers":12,"image_size":224,"patch_size":32}}"#,
+        ),
+        "vit-l14" => Ok(
+            r#"{"projection_dim":768,"text_config":{"hidden_size":768,"intermediate_size":3072,"num_attention_heads":12,"num_hidden_layers":12},"vision_config":{"hidden_size":1024,"intermediate_size":4096,"num_attention_heads":16,"num_hidden_layers":24,"image_size":224,"patch_size":14}}"#,
+        ),
+        other => Err(crate::Error::value(
+            "clip-arch",
+            format!("unknown `{other}`: expected vit-b32 or vit-l14"),
+        )),
+    }
+}
+
+/// Images per second of CLIP image embedding (preprocessed pixels in, projected embeddings
+/// out) for a published architecture with random weights, at `batch` images per forward.
+pub fn clip_throughput(
+    arch: &str,
+    batch: usize,
+    reps: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Measurement> {
+    use crate::models::clip::{ClipConfig, ClipModel, NormMode};
+    let path = std::path::Path::new(arch);
+    let cfg = ClipConfig::from_json(
+        &serde_json::from_str(clip_config_json(arch)?)
+            .map_err(|e| crate::Error::Msg(e.to_string()))?,
+        path,
+    )?;
+    let vb = crate::models::weights::RandomWeights::new(0).into_var_builder(dtype, device);
+    let model = ClipModel::new(vb, &cfg, NormMode::Fused)?;
+    let s = cfg.vision.image_size;
+    reset_peak_rss();
+    let x = NoiseGen::new(0, Stream::InitialLatents)
+        .randn(&[batch, 3, s, s])?
+        .to_dtype(dtype)?
+        .to_device(device)?;
+    let mut runs = time(reps, device, || {
+        model.embed_image(&x)?;
+        Ok(())
+    })?;
+    let sec = median(&mut runs);
+    Ok(Measurement {
+        workload: format!("clip_{arch}_images_per_s_batch{batch}"),
+        size: s,
+        seconds: batch as f64 / sec,
+        runs,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
 }

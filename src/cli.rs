@@ -278,9 +278,15 @@ pub struct BenchArgs {
     /// Timed repetitions per measurement (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// What to time.
+    /// What to time: unet, vae, clip.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["unet".to_string(), "vae".to_string()])]
     pub parts: Vec<String>,
+    /// CLIP architectures for `--parts clip`: vit-b32, vit-l14.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["vit-b32".to_string(), "vit-l14".to_string()])]
+    pub clip_arch: Vec<String>,
+    /// Images per CLIP forward for `--parts clip`.
+    #[arg(long, default_value_t = 64)]
+    pub clip_batch: usize,
     #[command(flatten)]
     pub run: RunArgs,
 }

@@ -420,8 +420,8 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
     let opts = load_options(&args.run)?;
     let arch: RandomArch = args.arch.parse()?;
     for p in &args.parts {
-        if p != "unet" && p != "vae" {
-            anyhow::bail!("--parts: unknown part `{p}`: expected unet or vae");
+        if !["unet", "vae", "clip"].contains(&p.as_str()) {
+            anyhow::bail!("--parts: unknown part `{p}`: expected unet, vae or clip");
         }
     }
     let plan = crate::bench::BenchPlan {
@@ -436,12 +436,12 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
     let device_name = if opts.device.is_cuda() { "cuda" } else { "cpu" };
     if mode == ProgressMode::Bar {
         println!(
-            "| workload | size | seconds (median of {}) | peak RSS |",
+            "| workload | size | seconds, or images/s for clip (median of {}) | peak RSS |",
             args.reps
         );
         println!("| --- | --- | --- | --- |");
     }
-    crate::bench::run(&plan, |m| match mode {
+    let report = |m: &crate::bench::Measurement| match mode {
         ProgressMode::Json => {
             let mut v = serde_json::to_value(m).unwrap_or_default();
             v["tool"] = "artguide".into();
@@ -459,6 +459,21 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
                 .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
                 .unwrap_or_else(|| "n/a".into())
         ),
-    })?;
+    };
+    if plan.unet || plan.vae {
+        crate::bench::run(&plan, report)?;
+    }
+    if args.parts.iter().any(|p| p == "clip") {
+        for arch in &args.clip_arch {
+            let m = crate::bench::clip_throughput(
+                arch,
+                args.clip_batch,
+                args.reps,
+                &plan.device,
+                plan.dtype,
+            )?;
+            report(&m);
+        }
+    }
     Ok(())
 }
