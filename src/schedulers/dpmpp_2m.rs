@@ -7,6 +7,7 @@ use super::config::{
     AlgorithmType, BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, SolverType,
     TimestepSpacing,
 };
+use super::euler::alpha_bar_of_sigmas;
 use super::ops::{self, cast, lin2, scale, up};
 use super::schedule::{
     alphas_cumprod, karras_sigmas, np_arange, np_interp_unit_grid, np_linspace, np_round,
@@ -316,9 +317,7 @@ impl Scheduler for DpmPlusPlus2MScheduler {
     }
 
     fn alpha_bar(&self, step_index: usize) -> f64 {
-        // past the last step: the final sigma
-        let s = self.sigmas[step_index.min(self.sigmas.len() - 1)];
-        1.0 / (1.0 + s * s)
+        alpha_bar_of_sigmas(&self.sigmas, step_index)
     }
 
     fn prediction_type(&self) -> PredictionType {

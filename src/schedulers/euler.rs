@@ -93,6 +93,32 @@ pub(super) fn sigma_x0(
     }
 }
 
+/// Euler-type img2img noising: `original + sigma * noise`, in the original's dtype.
+pub(super) fn add_noise_at_sigma(original: &Tensor, noise: &Tensor, sigma: f64) -> Result<Tensor> {
+    ops::check_same_shape("noise", noise, original)?;
+    let out = lin2(&up(original)?, 1.0, &up(noise)?, sigma)?;
+    cast(out, original.dtype())
+}
+
+/// [`sigma_x0`] with the shape check and dtype round trip of the trait's `predict_x0`.
+pub(super) fn predict_x0_at_sigma(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sigma: f64,
+    sample: &Tensor,
+) -> Result<Tensor> {
+    ops::check_same_shape("model output", model_output, sample)?;
+    let x0 = sigma_x0(prediction_type, &up(model_output)?, sigma, &up(sample)?)?;
+    cast(x0, model_output.dtype())
+}
+
+/// alpha_bar = 1 / (1 + sigma^2) at `step_index` of a sigma list; past the last step, the
+/// final sigma.
+pub(super) fn alpha_bar_of_sigmas(sigmas: &[f64], step_index: usize) -> f64 {
+    let s = sigmas[step_index.min(sigmas.len() - 1)];
+    1.0 / (1.0 + s * s)
+}
+
 impl EulerScheduler {
     pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         if config.use_exponential_sigmas {
@@ -198,16 +224,11 @@ impl Scheduler for EulerScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        let sigma = self.sigma(step_index)?;
-        ops::check_same_shape("noise", noise, original)?;
-        let out = lin2(&up(original)?, 1.0, &up(noise)?, sigma)?;
-        cast(out, original.dtype())
+        add_noise_at_sigma(original, noise, self.sigma(step_index)?)
     }
 
     fn alpha_bar(&self, step_index: usize) -> f64 {
-        // past the last step: the final sigma
-        let s = self.sigmas[step_index.min(self.sigmas.len() - 1)];
-        1.0 / (1.0 + s * s)
+        alpha_bar_of_sigmas(&self.sigmas, step_index)
     }
 
     fn prediction_type(&self) -> PredictionType {
@@ -220,14 +241,11 @@ impl Scheduler for EulerScheduler {
         step_index: usize,
         sample: &Tensor,
     ) -> Result<Tensor> {
-        let sigma = self.sigma(step_index)?;
-        ops::check_same_shape("model output", model_output, sample)?;
-        let x0 = sigma_x0(
+        predict_x0_at_sigma(
             self.prediction_type,
-            &up(model_output)?,
-            sigma,
-            &up(sample)?,
-        )?;
-        cast(x0, model_output.dtype())
+            model_output,
+            self.sigma(step_index)?,
+            sample,
+        )
     }
 }

@@ -3,8 +3,11 @@
 use candle_core::Tensor;
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::euler::{float_timesteps, init_noise_sigma, interp_sigmas, scale_by_sigma, sigma_x0};
-use super::ops::{self, cast, lin2, scale, up};
+use super::euler::{
+    add_noise_at_sigma, alpha_bar_of_sigmas, float_timesteps, init_noise_sigma, interp_sigmas,
+    predict_x0_at_sigma, scale_by_sigma, sigma_x0,
+};
+use super::ops::{self, cast, scale, up};
 use super::schedule::{alphas_cumprod, train_sigmas};
 use super::{check_index, unsupported, Scheduler, SchedulerKind};
 use crate::Result;
@@ -101,16 +104,11 @@ impl Scheduler for EulerAncestralScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        let sigma = self.sigma(step_index)?;
-        ops::check_same_shape("noise", noise, original)?;
-        let out = lin2(&up(original)?, 1.0, &up(noise)?, sigma)?;
-        cast(out, original.dtype())
+        add_noise_at_sigma(original, noise, self.sigma(step_index)?)
     }
 
     fn alpha_bar(&self, step_index: usize) -> f64 {
-        // past the last step: the final sigma
-        let s = self.sigmas[step_index.min(self.sigmas.len() - 1)];
-        1.0 / (1.0 + s * s)
+        alpha_bar_of_sigmas(&self.sigmas, step_index)
     }
 
     fn prediction_type(&self) -> PredictionType {
@@ -123,14 +121,11 @@ impl Scheduler for EulerAncestralScheduler {
         step_index: usize,
         sample: &Tensor,
     ) -> Result<Tensor> {
-        let sigma = self.sigma(step_index)?;
-        ops::check_same_shape("model output", model_output, sample)?;
-        let x0 = sigma_x0(
+        predict_x0_at_sigma(
             self.prediction_type,
-            &up(model_output)?,
-            sigma,
-            &up(sample)?,
-        )?;
-        cast(x0, model_output.dtype())
+            model_output,
+            self.sigma(step_index)?,
+            sample,
+        )
     }
 }
