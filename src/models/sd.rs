@@ -409,7 +409,8 @@ impl VaeJson {
     }
 }
 
-/// Builds the UNet.
+/// Builds candle-transformers' UNet. Generation uses our own (`models::unet`); this one is
+/// kept so tests can show where candle's differs from diffusers.
 pub fn build_unet(spec: &UNetSpec, vb: VarBuilder) -> Result<UNet2DConditionModel> {
     Ok(UNet2DConditionModel::new(
         vb,

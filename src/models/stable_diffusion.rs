@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use super::clip::{ClipTextConfig, ClipTextTransformer, NormMode};
@@ -108,6 +109,7 @@ pub struct SdModel {
     pub dtype: DType,
     tokenizer: PromptTokenizer,
     origin: WeightOrigin,
+    mean_encoder: std::sync::OnceLock<AutoEncoderKL>,
 }
 
 /// Weight files of a component: safetensors first, then the fp16 variant, then a pickle.
@@ -203,6 +205,7 @@ impl SdModel {
             dtype,
             tokenizer: PromptTokenizer::Clip(Box::new(tokenizer)),
             origin: WeightOrigin::Files { vae: vec![vae_w] },
+            mean_encoder: std::sync::OnceLock::new(),
         })
     }
 
@@ -235,6 +238,7 @@ impl SdModel {
                 max_len: text_cfg.max_position_embeddings,
             },
             origin: WeightOrigin::Random,
+            mean_encoder: std::sync::OnceLock::new(),
         })
     }
 
@@ -272,32 +276,37 @@ impl SdModel {
     /// Encodes images in [-1, 1] (N x 3 x H x W) to scaled latents, using the latent mean so
     /// img2img is deterministic.
     pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor> {
+        let dist = self.mean_encoder()?.encode(&images.to_dtype(self.dtype)?)?;
+        // std is exactly zero, so this "sample" is the mean.
+        let mean = dist.sample()?.to_dtype(DType::F32)?;
+        Ok(((mean - self.vae_spec.shift_factor)? * self.vae_spec.scaling_factor)?)
+    }
+
+    /// The VAE whose `encode` returns the mean (see `sd::mean_encoder_overrides`), built on
+    /// first use and kept for the following images.
+    fn mean_encoder(&self) -> Result<&AutoEncoderKL> {
+        if let Some(e) = self.mean_encoder.get() {
+            return Ok(e);
+        }
         let WeightOrigin::Files { vae } = &self.origin else {
             return Err(Error::value(
                 "init-image",
                 "img2img needs real VAE weights; random-weight models only time text-to-image",
             ));
         };
+        let mut w = FileWeights::open(vae)?;
         let quant_conv = if self.vae_spec.config.use_quant_conv {
-            let vb = FileWeights::open(vae)?.into_var_builder(DType::F32, &Device::Cpu);
-            let lc2 = 2 * self.vae_spec.config.latent_channels;
-            Some((
-                vb.get((lc2, lc2, 1, 1), "quant_conv.weight")?,
-                vb.get(lc2, "quant_conv.bias")?,
-            ))
+            let get = |name| SimpleBackend::get_unchecked(&w, name, DType::F32, &Device::Cpu);
+            Some((get("quant_conv.weight")?, get("quant_conv.bias")?))
         } else {
             None
         };
         let (spec, overrides) = sd::mean_encoder_overrides(&self.vae_spec, quant_conv)?;
-        let mut w = FileWeights::open(vae)?;
         for (name, t) in overrides {
             w = w.with_override(&name, t);
         }
         let encoder = sd::build_vae(&spec, w.into_var_builder(self.dtype, &self.device))?;
-        let dist = encoder.encode(&images.to_dtype(self.dtype)?)?;
-        // std is exactly zero, so this "sample" is the mean.
-        let mean = dist.sample()?.to_dtype(DType::F32)?;
-        Ok(((mean - self.vae_spec.shift_factor)? * self.vae_spec.scaling_factor)?)
+        Ok(self.mean_encoder.get_or_init(|| encoder))
     }
 
     /// Latent shape for an image of `width` x `height`, checking divisibility.
