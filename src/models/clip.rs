@@ -781,9 +781,8 @@ fn load_weights(dir: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<
             "expected model.safetensors in this folder (a transformers CLIP checkpoint)",
         ));
     }
-    let data = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
-    VarBuilder::from_buffered_safetensors(data, dtype, device)
-        .map_err(|e| Error::file(&weights, format!("not a readable safetensors file: {e}")))
+    // Memory-mapped, with the header checked up front and errors naming file and tensor.
+    Ok(crate::models::weights::FileWeights::open(&[weights])?.into_var_builder(dtype, device))
 }
 
 /// Wraps a weight-loading failure with the file it came from.
