@@ -6,6 +6,7 @@ pub mod clip_preprocess;
 pub mod hub;
 pub mod sd;
 pub mod stable_diffusion;
+pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod weights;
