@@ -263,7 +263,76 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub max_pixels: u64,
     #[command(flatten)]
+    pub guidance: GuidanceArgs,
+    #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// CLIP and style guidance options of `artguide generate`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "CLIP and style guidance")]
+pub struct GuidanceArgs {
+    /// Guide CLIP: a transformers CLIPModel folder or hub id (e.g. openai/clip-vit-base-patch32).
+    #[arg(long)]
+    pub clip: Option<String>,
+    /// Text target of CLIP guidance, `TEXT` or `TEXT:WEIGHT` (negative weights push away);
+    /// repeat for several.
+    #[arg(long = "clip-prompt")]
+    pub clip_prompts: Vec<String>,
+    /// Image target of CLIP guidance (cosine distance to its CLIP embedding).
+    #[arg(long)]
+    pub clip_image: Option<PathBuf>,
+    /// Weight of --clip-image relative to the text targets.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip_image_weight: f64,
+    /// Scale of the CLIP text/image loss (0 samples exactly as unguided).
+    #[arg(long, default_value_t = crate::guidance::DEFAULT_SCALE)]
+    pub clip_guidance_scale: f64,
+    /// Random cutouts per guided step (0: one centred view of the whole image).
+    #[arg(long, default_value_t = crate::guidance::DEFAULT_CUTOUTS)]
+    pub cutouts: usize,
+    /// Guide every k-th step.
+    #[arg(long, default_value_t = 1)]
+    pub guide_every: usize,
+    /// Start of the guided range, as a fraction of the steps.
+    #[arg(long, default_value_t = 0.0)]
+    pub guide_start: f64,
+    /// End of the guided range, as a fraction of the steps.
+    #[arg(long, default_value_t = 1.0)]
+    pub guide_end: f64,
+    /// Clamp each element of the guidance gradient to [-F, F].
+    #[arg(long)]
+    pub guide_clamp: Option<f64>,
+    /// Total-variation penalty weight on the decoded image.
+    #[arg(long, default_value_t = 0.0)]
+    pub tv_weight: f64,
+    /// Penalty weight on decoded pixels outside [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    pub range_weight: f64,
+    /// Style image: Gram-matrix loss on CLIP vision layers plus embedding cosine distance.
+    #[arg(long)]
+    pub style_image: Option<PathBuf>,
+    /// Weight of the Gram-matrix style loss.
+    #[arg(long, default_value_t = 1.0, requires = "style_image")]
+    pub style_weight: f64,
+    /// Weight of the style image's embedding cosine distance.
+    #[arg(long, default_value_t = 1.0, requires = "style_image")]
+    pub style_embed_weight: f64,
+    /// Vision layers (0-based) of the Gram loss (default: 1/4, 1/2, 3/4 of the depth).
+    #[arg(long, value_delimiter = ',', requires = "style_image")]
+    pub style_layers: Option<Vec<usize>>,
+    /// Weight of the content term keeping the init image's CLIP features (img2img).
+    #[arg(long, default_value_t = 0.0, requires = "style_image")]
+    pub content_weight: f64,
+    /// Decoder the guidance gradient goes through: vae, taesd or linear.
+    #[arg(long, default_value = "vae")]
+    pub guidance_decoder: String,
+    /// TAESD folder or hub id for --guidance-decoder taesd.
+    #[arg(long, default_value = crate::guidance::DEFAULT_TAESD)]
+    pub taesd: String,
+    /// Skip (with a warning) a guided step whose gradient is NaN/inf instead of stopping.
+    #[arg(long)]
+    pub skip_nonfinite_guidance: bool,
 }
 
 /// `artguide bench`.

@@ -8,10 +8,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
 use crate::cli::{
-    AgreeArgs, BenchArgs, Cli, Command, DeviceArg, DtypeArg, EmbedArgs, GenerateArgs, OnErrorArg,
-    ProbeArgs, RunArgs, SeparateArgs,
+    AgreeArgs, BenchArgs, Cli, Command, DeviceArg, DtypeArg, EmbedArgs, GenerateArgs, GuidanceArgs,
+    OnErrorArg, ProbeArgs, RunArgs, SeparateArgs,
 };
 use crate::generate::{self, GenerateOptions, Generated};
+use crate::guidance::{GuidanceConfig, Guide, OnNonFinite, StyleConfig, TextTarget};
 use crate::models::hub::HubOptions;
 use crate::models::stable_diffusion::{LoadOptions, RandomArch, SdModel};
 use crate::output::{self, GenerationParams, OutputSet};
@@ -272,6 +273,7 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         Some(p) => Some(generate::load_init_image(p, args.max_pixels)?),
         None => None,
     };
+    let guidance = guidance_config(&args.guidance)?;
     let loading = Progress::new(mode, 0, "");
     loading.event(
         "loading model…",
@@ -312,8 +314,27 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         init_image,
         strength: args.strength,
         latents,
+        guide: None,
     };
     generate::validate(&model, &gopts)?;
+    let mut gopts = gopts;
+    if let Some(cfg) = guidance.filter(GuidanceConfig::is_active) {
+        loading.event(
+            "loading guide…",
+            serde_json::json!({"event": "loading", "clip": cfg.clip, "decoder": cfg.decoder.name()}),
+        );
+        let guide = Guide::load(cfg, &model, &opts.hub, args.max_pixels)?;
+        if let crate::guidance::GuidanceDecoder::Linear(l) = &guide.decoder {
+            loading.event(
+                &format!(
+                    "linear guidance decoder fitted to the VAE: R^2 {:.3} {:.3} {:.3}",
+                    l.r_squared[0], l.r_squared[1], l.r_squared[2]
+                ),
+                serde_json::json!({"event": "linear_decoder", "r_squared": l.r_squared}),
+            );
+        }
+        gopts.guide = Some(std::sync::Arc::new(guide));
+    }
 
     // Hash model files on another core while the first image is sampled.
     let files: Vec<(String, PathBuf)> = model.files.clone().into_iter().collect();
@@ -364,6 +385,60 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
     Ok(())
 }
 
+/// The guidance settings the options ask for; None when no guidance option was given.
+fn guidance_config(a: &GuidanceArgs) -> Result<Option<GuidanceConfig>> {
+    let any = a.clip.is_some()
+        || !a.clip_prompts.is_empty()
+        || a.clip_image.is_some()
+        || a.style_image.is_some()
+        || a.tv_weight != 0.0
+        || a.range_weight != 0.0;
+    if !any {
+        return Ok(None);
+    }
+    let prompts = a
+        .clip_prompts
+        .iter()
+        .map(|p| p.parse::<TextTarget>())
+        .collect::<crate::Result<Vec<_>>>()?;
+    for p in a.clip_image.iter().chain(&a.style_image) {
+        if !p.is_file() {
+            anyhow::bail!("{}: no such image file", p.display());
+        }
+    }
+    let cfg = GuidanceConfig {
+        clip: a.clip.clone(),
+        prompts,
+        image: a.clip_image.clone(),
+        image_weight: a.clip_image_weight,
+        scale: a.clip_guidance_scale,
+        cutouts: a.cutouts,
+        every: a.guide_every,
+        start: a.guide_start,
+        end: a.guide_end,
+        clamp: a.guide_clamp,
+        tv_weight: a.tv_weight,
+        range_weight: a.range_weight,
+        style: a.style_image.as_ref().map(|image| StyleConfig {
+            image: image.clone(),
+            weight: a.style_weight,
+            embed_weight: a.style_embed_weight,
+            layers: a.style_layers.clone(),
+            content_weight: a.content_weight,
+            content_layers: None,
+        }),
+        decoder: a.guidance_decoder.parse()?,
+        taesd: a.taesd.clone(),
+        on_nonfinite: if a.skip_nonfinite_guidance {
+            OnNonFinite::Skip
+        } else {
+            OnNonFinite::Error
+        },
+    };
+    cfg.validate()?;
+    Ok(Some(cfg))
+}
+
 /// A short, stable fingerprint of the model for the web UI's `Model hash` field.
 fn model_hash(hashes: &BTreeMap<String, String>) -> String {
     let unet = hashes
@@ -406,6 +481,22 @@ fn write_image(
         batch_index: g.index as u32,
         extra: BTreeMap::from([("timesteps".to_string(), serde_json::json!(g.timesteps))]),
     };
+    let mut params = params;
+    if let Some(guide) = &g_opts.guide {
+        let mut v = serde_json::to_value(&guide.config).unwrap_or_default();
+        v["losses"] = serde_json::json!(g.guidance_losses);
+        v["skipped_steps"] = g.guidance_skipped.into();
+        params.extra.insert("guidance".into(), v);
+        params.extra.insert(
+            "Guidance".into(),
+            serde_json::json!(format!(
+                "{} {} x{}",
+                guide.clip_id().unwrap_or("none"),
+                guide.config.decoder,
+                guide.config.scale
+            )),
+        );
+    }
     let (rgb, w, h) = output::tensor_to_rgb8(&g.image)?;
     let sidecar = output::Sidecar::new(params, hashes.clone(), g.timings.clone());
     let set = OutputSet::reserve(&args.out, &g.seed.to_string())?;

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::guidance::{shift_prediction, Guide};
 use crate::models::stable_diffusion::SdModel;
 use crate::noise::{NoiseGen, Stream};
 use crate::progress::Progress;
@@ -33,6 +34,8 @@ pub struct GenerateOptions {
     pub strength: f64,
     /// Exact initial noise (N x C x h x w), overriding the seed's noise.
     pub latents: Option<Tensor>,
+    /// CLIP / style guidance; None (or an inactive config) samples unguided.
+    pub guide: Option<std::sync::Arc<Guide>>,
 }
 
 /// One finished image.
@@ -49,6 +52,11 @@ pub struct Generated {
     pub timings: BTreeMap<String, f64>,
     /// Timesteps that were run.
     pub timesteps: Vec<f64>,
+    /// Guided steps: (step within the run, weighted guidance loss), in order; a step whose
+    /// gradient was not finite and was skipped is recorded with its loss too.
+    pub guidance_losses: Vec<(usize, f64)>,
+    /// Guided steps skipped because their gradient was NaN or infinite.
+    pub guidance_skipped: usize,
 }
 
 /// Reads `--latents FILE.safetensors`: tensor `latents`, N x C x h x w.
@@ -168,6 +176,22 @@ pub fn generate(
         };
 
         let mut step_noise = NoiseGen::new(seed, Stream::Steps);
+        let guide = opts.guide.as_deref().filter(|g| g.config.is_active());
+        let guided = guide
+            .map(|g| g.config.guided_steps(timesteps.len() - start))
+            .unwrap_or_default();
+        let mut guide_rng = NoiseGen::new(seed, Stream::Guidance);
+        let content = match (&opts.init_image, guide) {
+            (Some(img), Some(_)) => Some(
+                img.narrow(0, index.min(img.dim(0)? - 1), 1)?
+                    .to_device(dev)?
+                    .affine(0.5, 0.5)?,
+            ),
+            _ => None,
+        };
+        let mut guidance_losses = Vec::new();
+        let mut guidance_skipped = 0;
+        let mut guidance_s = 0.0;
         let t_loop = Instant::now();
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let input = if cfg {
@@ -189,6 +213,37 @@ pub fn generate(
             } else {
                 pred
             };
+            let pred = match guide {
+                Some(g) if guided[i - start] => {
+                    let tg = Instant::now();
+                    let x0 = scheduler.predict_x0(&pred, i, &latents)?;
+                    let sg = g.gradient(model, &x0, &mut guide_rng, content.as_ref(), i - start)?;
+                    guidance_losses.push((i - start, sg.total));
+                    let out = match &sg.grad {
+                        Some(grad) => shift_prediction(
+                            &pred,
+                            grad,
+                            scheduler.prediction_type(),
+                            scheduler.alpha_bar(i),
+                        )?,
+                        None => {
+                            guidance_skipped += 1;
+                            progress.warn(
+                                &format!(
+                                    "image {}: guidance gradient at step {} is NaN or infinite; step left unguided",
+                                    index + 1,
+                                    i + 1 - start
+                                ),
+                                serde_json::json!({"event": "guidance_skipped", "index": index, "step": i - start}),
+                            );
+                            pred
+                        }
+                    };
+                    guidance_s += tg.elapsed().as_secs_f64();
+                    out
+                }
+                _ => pred,
+            };
             let n = if scheduler.needs_noise() {
                 Some(step_noise.randn(latents.dims())?.to_device(dev)?)
             } else {
@@ -204,6 +259,9 @@ pub fn generate(
             ));
         }
         timings.insert("denoise".into(), t_loop.elapsed().as_secs_f64());
+        if guide.is_some() {
+            timings.insert("guidance".into(), guidance_s);
+        }
         check_finite(&latents, "final latents")?;
 
         let t = Instant::now();
@@ -219,6 +277,8 @@ pub fn generate(
             latents: latents.to_device(&Device::Cpu)?,
             timings,
             timesteps: timesteps[start..].to_vec(),
+            guidance_losses,
+            guidance_skipped,
         })?;
     }
     Ok(())

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod generate;
+pub mod guidance;
 pub mod models;
 pub mod noise;
 pub mod output;

@@ -63,6 +63,7 @@ fn options(meta: &serde_json::Value, scheduler: SchedulerKind, gs: f64) -> Gener
         init_image: None,
         strength: 1.0,
         latents: None,
+        guide: None,
     }
 }
 

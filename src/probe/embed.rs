@@ -48,6 +48,18 @@ impl ClipEncoder {
     /// Loads a transformers CLIPModel folder (config.json, model.safetensors,
     /// preprocessor_config.json, tokenizer files) or the same files of a hub repo.
     pub fn load(spec: &str, hub: &HubOptions, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_norm(spec, hub, dtype, device, NormMode::Fused)
+    }
+
+    /// [`ClipEncoder::load`] with a chosen [`NormMode`]: `Differentiable` for guidance, whose
+    /// gradients must flow back to the pixels.
+    pub fn load_with_norm(
+        spec: &str,
+        hub: &HubOptions,
+        dtype: DType,
+        device: &Device,
+        norm: NormMode,
+    ) -> Result<Self> {
         let repo = ModelRepo::open(spec, hub)?;
         let config = repo.get("config.json")?;
         repo.get("model.safetensors")?;
@@ -64,7 +76,7 @@ impl ClipEncoder {
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
         let fingerprint = fingerprint(&config, &pre, &dir.join("model.safetensors"))?;
         Ok(ClipEncoder {
-            model: ClipModel::from_dir(&dir, dtype, device, NormMode::Fused)?,
+            model: ClipModel::from_dir(&dir, dtype, device, norm)?,
             tokenizer: ClipTokenizer::from_dir(&dir)?,
             fingerprint,
             preprocessor: ClipPreprocessor::from_file(&pre)?,
