@@ -21,6 +21,9 @@ pub struct Measurement {
     pub runs: Vec<f64>,
     /// Peak resident memory of the process during this workload, in bytes (Linux only).
     pub peak_rss_bytes: Option<u64>,
+    /// Guided step time over the unguided step time, for guidance workloads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_unguided: Option<f64>,
 }
 
 /// Peak resident set size since the last reset (Linux VmHWM).
@@ -104,6 +107,7 @@ pub fn run(plan: &BenchPlan, mut report: impl FnMut(&Measurement)) -> Result<Vec
                 seconds: median(&mut runs),
                 runs,
                 peak_rss_bytes: peak_rss_bytes(),
+                ratio_to_unguided: None,
             };
             report(&m);
             out.push(m);
@@ -121,6 +125,7 @@ pub fn run(plan: &BenchPlan, mut report: impl FnMut(&Measurement)) -> Result<Vec
                 seconds: median(&mut runs),
                 runs,
                 peak_rss_bytes: peak_rss_bytes(),
+                ratio_to_unguided: None,
             };
             report(&m);
             out.push(m);
@@ -180,5 +185,150 @@ pub fn clip_throughput(
         seconds: batch as f64 / sec,
         runs,
         peak_rss_bytes: peak_rss_bytes(),
+        ratio_to_unguided: None,
     })
+}
+
+/// What `bench --parts guidance` times.
+#[derive(Debug, Clone)]
+pub struct GuidanceBenchPlan {
+    pub arch: RandomArch,
+    pub sizes: Vec<usize>,
+    pub reps: usize,
+    /// Guide CLIP architecture (`vit-b32` or `vit-l14`), random weights.
+    pub clip_arch: String,
+    pub cutouts: usize,
+    pub decoders: Vec<crate::guidance::DecoderKind>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Times a sampling step without guidance (the UNet with classifier-free guidance, batch 2)
+/// and with CLIP guidance through each decoder (the same UNet call plus the guidance
+/// gradient: decode, cutouts, CLIP forward and backward), all with random weights.
+pub fn guidance(
+    plan: &GuidanceBenchPlan,
+    mut report: impl FnMut(&Measurement),
+) -> Result<Vec<Measurement>> {
+    use crate::guidance::{
+        DecoderKind, GuidanceConfig, GuidanceDecoder, Guide, GuideClip, LinearDecoder, TextTarget,
+    };
+    use crate::models::clip::{ClipConfig, ClipModel, NormMode};
+    use crate::models::stable_diffusion::{LoadOptions, SdModel};
+    use crate::models::taesd::{TaesdConfig, TaesdDecoder, SD_TAESD_CONFIG};
+    use crate::models::weights::RandomWeights;
+
+    let model = SdModel::random(
+        plan.arch,
+        0,
+        &LoadOptions {
+            device: plan.device.clone(),
+            dtype: plan.dtype,
+            hub: crate::models::hub::HubOptions::from_env(),
+        },
+    )?;
+    let clip_cfg = ClipConfig::from_json(
+        &serde_json::from_str(clip_config_json(&plan.clip_arch)?)
+            .map_err(|e| crate::Error::Msg(e.to_string()))?,
+        std::path::Path::new(&plan.clip_arch),
+    )?;
+    let random = |seed| RandomWeights::new(seed).into_var_builder(plan.dtype, &plan.device);
+    let config = GuidanceConfig {
+        clip: Some(format!("random:{}", plan.clip_arch)),
+        prompts: vec![TextTarget {
+            text: "target".into(),
+            weight: 1.0,
+        }],
+        cutouts: plan.cutouts,
+        // Random weights can overflow to NaN; the whole gradient is computed before the check,
+        // so skipping keeps the timing honest.
+        on_nonfinite: crate::guidance::OnNonFinite::Skip,
+        ..Default::default()
+    };
+    let f = model.vae_spec.scale_factor;
+    let c = model.vae_spec.config.latent_channels;
+    let mut out = Vec::new();
+    for &size in &plan.sizes {
+        let lat = size / f;
+        let mut g = NoiseGen::new(0, Stream::InitialLatents);
+        let x = g
+            .randn(&[2, c, lat, lat])?
+            .to_dtype(plan.dtype)?
+            .to_device(&plan.device)?;
+        let ctx = g
+            .randn(&[2, 77, model.unet_spec.cross_attention_dim])?
+            .to_dtype(plan.dtype)?
+            .to_device(&plan.device)?;
+        let x0 = g.randn(&[1, c, lat, lat])?.to_device(&plan.device)?;
+        reset_peak_rss();
+        let mut runs = time(plan.reps, &plan.device, || {
+            model.unet.forward(&x, 500.0, &ctx)?;
+            Ok(())
+        })?;
+        let unguided = median(&mut runs);
+        let m = Measurement {
+            workload: "step_unguided".into(),
+            size,
+            seconds: unguided,
+            runs,
+            peak_rss_bytes: peak_rss_bytes(),
+            ratio_to_unguided: None,
+        };
+        report(&m);
+        out.push(m);
+        for &kind in &plan.decoders {
+            let decoder = match kind {
+                DecoderKind::Vae => GuidanceDecoder::Vae,
+                DecoderKind::Taesd => {
+                    let cfg =
+                        TaesdConfig::from_json_str(SD_TAESD_CONFIG, std::path::Path::new("taesd"))?;
+                    GuidanceDecoder::Taesd(Box::new(TaesdDecoder::new(random(7), &cfg)?))
+                }
+                DecoderKind::Linear => GuidanceDecoder::Linear(LinearDecoder::fit(&model)?),
+            };
+            let clip = GuideClip {
+                model: ClipModel::new(random(3), &clip_cfg, NormMode::Differentiable)?,
+                mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+                std: [0.268_629_55, 0.261_302_6, 0.275_777_1],
+                id: format!("random:{}", plan.clip_arch),
+            };
+            let text = crate::models::clip::normalize(
+                &g.randn(&[1, clip_cfg.projection_dim])?
+                    .to_device(&plan.device)?,
+            )?;
+            let guide = Guide::new(
+                GuidanceConfig {
+                    decoder: kind,
+                    ..config.clone()
+                },
+                &model,
+                Some(clip),
+                Some(text),
+                decoder,
+                0,
+            )?;
+            let mut rng = NoiseGen::new(0, Stream::Guidance);
+            reset_peak_rss();
+            let mut runs = time(plan.reps, &plan.device, || {
+                model.unet.forward(&x, 500.0, &ctx)?;
+                guide.gradient(&model, &x0, &mut rng, None, 0)?;
+                Ok(())
+            })?;
+            let sec = median(&mut runs);
+            let m = Measurement {
+                workload: format!(
+                    "step_guided_{kind}_{}_cutouts{}",
+                    plan.clip_arch, plan.cutouts
+                ),
+                size,
+                seconds: sec,
+                runs,
+                peak_rss_bytes: peak_rss_bytes(),
+                ratio_to_unguided: Some(sec / unguided),
+            };
+            report(&m);
+            out.push(m);
+        }
+    }
+    Ok(out)
 }

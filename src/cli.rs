@@ -46,6 +46,10 @@ pub struct ProbeArgs {
     /// A transformers CLIPModel folder or hub id.
     #[arg(long)]
     pub clip: String,
+    /// A second, held-out CLIP: probe the same images with it too and report per probe how
+    /// often its top label agrees with --clip's.
+    #[arg(long)]
+    pub probe_clip: Option<String>,
     /// Probe suite YAML (e.g. probes/art.yaml).
     #[arg(long)]
     pub suite: PathBuf,
@@ -264,6 +268,13 @@ pub struct GenerateArgs {
     pub max_pixels: u64,
     #[command(flatten)]
     pub guidance: GuidanceArgs,
+    /// Probe each generated image with this (held-out) CLIP and --probe-suite; the answers go
+    /// into the sidecar, next to the guide CLIP's own answers when guidance is on.
+    #[arg(long, requires = "probe_suite")]
+    pub probe_clip: Option<String>,
+    /// Probe suite YAML for --probe-clip (e.g. probes/art.yaml).
+    #[arg(long, requires = "probe_clip")]
+    pub probe_suite: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -347,7 +358,7 @@ pub struct BenchArgs {
     /// Timed repetitions per measurement (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// What to time: unet, vae, clip.
+    /// What to time: unet, vae, clip, guidance.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["unet".to_string(), "vae".to_string()])]
     pub parts: Vec<String>,
     /// CLIP architectures for `--parts clip`: vit-b32, vit-l14.
@@ -356,6 +367,15 @@ pub struct BenchArgs {
     /// Images per CLIP forward for `--parts clip`.
     #[arg(long, default_value_t = 64)]
     pub clip_batch: usize,
+    /// Guidance decoders for `--parts guidance`: vae, taesd, linear.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["vae".to_string(), "taesd".to_string(), "linear".to_string()])]
+    pub guidance_decoders: Vec<String>,
+    /// Guide CLIP architecture for `--parts guidance`: vit-b32 or vit-l14.
+    #[arg(long, default_value = "vit-b32")]
+    pub guide_clip: String,
+    /// Cutouts per guided step for `--parts guidance`.
+    #[arg(long, default_value_t = 4)]
+    pub cutouts: usize,
     #[command(flatten)]
     pub run: RunArgs,
 }

@@ -48,29 +48,52 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     let suite = crate::probe::suite::Suite::load(&args.suite)?;
     let paths = embed::collect_images(&args.images)?;
     let opts = load_options(&args.run)?;
-    let enc = ClipEncoder::load(&args.clip, &opts.hub, opts.dtype, &opts.device)?;
-    let cache = (!args.no_cache).then(|| {
-        let root = args
-            .cache
-            .clone()
-            .unwrap_or_else(EmbeddingCache::default_root);
-        EmbeddingCache::new(&root, &enc.fingerprint)
-    });
+    let cache_root = args
+        .cache
+        .clone()
+        .unwrap_or_else(EmbeddingCache::default_root);
     let on_error = match args.on_error {
         OnErrorArg::Fail => OnError::Fail,
         OnErrorArg::Skip => OnError::Skip,
     };
-    let progress = Progress::new(mode, paths.len() as u64, "probing");
-    let mut results = runner::probe_images(
-        &enc,
-        &suite,
-        &paths,
-        args.batch,
-        args.max_pixels,
-        on_error,
-        cache.as_ref(),
-        &progress,
-    )?;
+    let models: Vec<&String> = std::iter::once(&args.clip)
+        .chain(args.probe_clip.as_ref())
+        .collect();
+    let progress = Progress::new(mode, (paths.len() * models.len()) as u64, "probing");
+    let mut all = Vec::new();
+    for spec in models {
+        let enc = ClipEncoder::load(spec, &opts.hub, opts.dtype, &opts.device)?;
+        let cache = (!args.no_cache).then(|| EmbeddingCache::new(&cache_root, &enc.fingerprint));
+        all.push(runner::probe_images(
+            &enc,
+            &suite,
+            &paths,
+            args.batch,
+            args.max_pixels,
+            on_error,
+            cache.as_ref(),
+            &progress,
+        )?);
+    }
+    let mut all = all.into_iter();
+    let mut results = all.next().expect("--clip is always probed");
+    if let Some(held_out) = all.next() {
+        results = results.with_held_out(held_out);
+        for a in results.agreement.iter().flatten() {
+            progress.event(
+                &format!(
+                    "{}: held-out CLIP agrees on the top label for {:.1}% of {} images (mean |dp| {:.3})",
+                    a.probe,
+                    a.top_agreement * 100.0,
+                    a.images,
+                    a.mean_abs_prob_diff
+                ),
+                serde_json::json!({"event": "agreement", "probe": a.probe, "images": a.images,
+                                   "top_agreement": a.top_agreement,
+                                   "mean_abs_prob_diff": a.mean_abs_prob_diff}),
+            );
+        }
+    }
     progress.finish();
     if let Some(labels) = &args.labels {
         let ev = crate::probe::evaluate::evaluate(&results, labels, args.top_k)?;
@@ -94,11 +117,8 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     }
     let json = serde_json::to_string_pretty(&results)?;
     if let Some(csv) = &args.csv {
-        crate::probe::table::write_csv(
-            csv,
-            &["image", "probe", "label", "probability", "top"],
-            &results.csv_rows(),
-        )?;
+        let (header, rows) = results.csv_table();
+        crate::probe::table::write_csv(csv, &header, &rows)?;
     }
     match &args.out {
         Some(p) => {
@@ -274,6 +294,10 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         None => None,
     };
     let guidance = guidance_config(&args.guidance)?;
+    let suite = match &args.probe_suite {
+        Some(p) => Some(crate::probe::suite::Suite::load(p)?),
+        None => None,
+    };
     let loading = Progress::new(mode, 0, "");
     loading.event(
         "loading model…",
@@ -335,6 +359,21 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         }
         gopts.guide = Some(std::sync::Arc::new(guide));
     }
+    // Held-out probing: the probe CLIP, and the guide CLIP itself so the sidecar shows
+    // whether guidance fooled only the model it was steered by.
+    let mut probers = Vec::new();
+    if let (Some(spec), Some(suite)) = (&args.probe_clip, &suite) {
+        let guide_clip = gopts
+            .guide
+            .as_ref()
+            .and_then(|g| g.config.clip.clone())
+            .filter(|c| c != spec);
+        for spec in std::iter::once(spec.clone()).chain(guide_clip) {
+            let enc =
+                crate::probe::embed::ClipEncoder::load(&spec, &opts.hub, opts.dtype, &opts.device)?;
+            probers.push(crate::probe::runner::Prober::new(enc, suite.clone())?);
+        }
+    }
 
     // Hash model files on another core while the first image is sampled.
     let files: Vec<(String, PathBuf)> = model.files.clone().into_iter().collect();
@@ -369,6 +408,7 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
             &gopts,
             &g,
             hashes.as_ref().expect("set above"),
+            &probers,
         )?;
         let png = paths
             .iter()
@@ -457,6 +497,7 @@ fn write_image(
     g_opts: &GenerateOptions,
     g: &Generated,
     hashes: &BTreeMap<String, String>,
+    probers: &[crate::probe::runner::Prober],
 ) -> crate::Result<Vec<PathBuf>> {
     let params = GenerationParams {
         prompt: g_opts.prompt.clone(),
@@ -498,6 +539,17 @@ fn write_image(
         );
     }
     let (rgb, w, h) = output::tensor_to_rgb8(&g.image)?;
+    if !probers.is_empty() {
+        let mut answers = serde_json::Map::new();
+        for p in probers {
+            let a = p.answer_rgb(&rgb, w as usize, h as usize)?;
+            answers.insert(
+                p.encoder.id.clone(),
+                serde_json::to_value(a).unwrap_or_default(),
+            );
+        }
+        params.extra.insert("probes".into(), answers.into());
+    }
     let sidecar = output::Sidecar::new(params, hashes.clone(), g.timings.clone());
     let set = OutputSet::reserve(&args.out, &g.seed.to_string())?;
     let tensors = args.save_tensors.then_some((&g.image, &g.latents));
@@ -511,8 +563,8 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
     let opts = load_options(&args.run)?;
     let arch: RandomArch = args.arch.parse()?;
     for p in &args.parts {
-        if !["unet", "vae", "clip"].contains(&p.as_str()) {
-            anyhow::bail!("--parts: unknown part `{p}`: expected unet, vae or clip");
+        if !["unet", "vae", "clip", "guidance"].contains(&p.as_str()) {
+            anyhow::bail!("--parts: unknown part `{p}`: expected unet, vae, clip or guidance");
         }
     }
     let plan = crate::bench::BenchPlan {
@@ -527,10 +579,10 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
     let device_name = if opts.device.is_cuda() { "cuda" } else { "cpu" };
     if mode == ProgressMode::Bar {
         println!(
-            "| workload | size | seconds, or images/s for clip (median of {}) | peak RSS |",
+            "| workload | size | seconds, or images/s for clip (median of {}) | peak RSS | guided / unguided |",
             args.reps
         );
-        println!("| --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- | --- |");
     }
     let report = |m: &crate::bench::Measurement| match mode {
         ProgressMode::Json => {
@@ -542,17 +594,37 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
             println!("{v}");
         }
         _ => println!(
-            "| {} | {} | {:.3} | {} |",
+            "| {} | {} | {:.3} | {} | {} |",
             m.workload,
             m.size,
             m.seconds,
             m.peak_rss_bytes
                 .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-                .unwrap_or_else(|| "n/a".into())
+                .unwrap_or_else(|| "n/a".into()),
+            m.ratio_to_unguided
+                .map(|r| format!("{r:.2}x"))
+                .unwrap_or_default()
         ),
     };
     if plan.unet || plan.vae {
         crate::bench::run(&plan, report)?;
+    }
+    if args.parts.iter().any(|p| p == "guidance") {
+        let gplan = crate::bench::GuidanceBenchPlan {
+            arch: plan.arch,
+            sizes: plan.sizes.clone(),
+            reps: plan.reps,
+            clip_arch: args.guide_clip.clone(),
+            cutouts: args.cutouts,
+            decoders: args
+                .guidance_decoders
+                .iter()
+                .map(|d| d.parse())
+                .collect::<crate::Result<Vec<_>>>()?,
+            device: plan.device.clone(),
+            dtype: plan.dtype,
+        };
+        crate::bench::guidance(&gplan, report)?;
     }
     if args.parts.iter().any(|p| p == "clip") {
         for arch in &args.clip_arch {

@@ -651,3 +651,256 @@ fn probe_labels_report_scores() {
         "{err}"
     );
 }
+
+/// `generate` with CLIP guidance from the command line: the image differs from the unguided
+/// one, the sidecar and PNG parameters record the guidance, scale 0 reproduces the unguided
+/// bytes, and bad guidance options are one clear line with nothing written.
+#[test]
+fn generate_with_clip_guidance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = clip_fixture("tiny-clip-a");
+    let clip = clip.to_str().unwrap();
+    let taesd = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-taesd");
+    let style = clip_fixture("images/img4_71x52_rgb.png");
+    let png = |dir: &Path| std::fs::read(dir.join("00000-5.png")).unwrap();
+    let pixels = |dir: &Path| {
+        image::load_from_memory(&png(dir))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    };
+
+    let plain = tmp.path().join("plain");
+    let o = generate(&tiny(), &plain, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let guided = tmp.path().join("guided");
+    let o = generate(
+        &tiny(),
+        &guided,
+        &[
+            "--clip",
+            clip,
+            "--clip-prompt",
+            "a storm at sea",
+            "--clip-prompt",
+            "blurry:-0.5",
+            "--clip-guidance-scale",
+            "500",
+            "--cutouts",
+            "2",
+            "--style-image",
+            style.to_str().unwrap(),
+            "--style-weight",
+            "10",
+            "--guidance-decoder",
+            "taesd",
+            "--taesd",
+            taesd.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(pixels(&plain), pixels(&guided));
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(guided.join("00000-5.json")).unwrap()).unwrap();
+    let g = &side["params"]["extra"]["guidance"];
+    assert_eq!(g["decoder"], "taesd", "{side}");
+    assert_eq!(g["prompts"][1]["weight"], -0.5, "{side}");
+    assert_eq!(g["losses"].as_array().unwrap().len(), 2, "{side}");
+    let inspect = bin()
+        .arg("inspect")
+        .arg(guided.join("00000-5.png"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("Guidance"));
+
+    let zero = tmp.path().join("zero");
+    let o = generate(
+        &tiny(),
+        &zero,
+        &[
+            "--clip",
+            clip,
+            "--clip-prompt",
+            "a storm at sea",
+            "--clip-guidance-scale",
+            "0",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(pixels(&plain), pixels(&zero));
+
+    let out = tmp.path().join("bad");
+    assert_user_error(
+        generate(&tiny(), &out, &["--clip-prompt", "x"]),
+        &out,
+        &["--clip"],
+    );
+    assert_user_error(
+        generate(
+            &tiny(),
+            &out,
+            &[
+                "--clip",
+                clip,
+                "--clip-prompt",
+                "x",
+                "--guidance-decoder",
+                "jpeg",
+            ],
+        ),
+        &out,
+        &["guidance-decoder", "jpeg", "vae, taesd, linear"],
+    );
+    assert_user_error(
+        generate(
+            &tiny(),
+            &out,
+            &["--clip", clip, "--style-image", "missing.png"],
+        ),
+        &out,
+        &["missing.png"],
+    );
+    assert_user_error(
+        generate(
+            &tiny(),
+            &out,
+            &["--clip", clip, "--clip-prompt", "x", "--guide-every", "0"],
+        ),
+        &out,
+        &["guide-every"],
+    );
+    // A TAESD whose upsampling differs from the model's VAE is refused by name.
+    let big = tmp.path().join("taesd8x");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(taesd.join("config.json")).unwrap()).unwrap();
+    cfg["upsampling_scaling_factor"] = 8.into();
+    std::fs::write(big.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        taesd.join("diffusion_pytorch_model.safetensors"),
+        big.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    assert_user_error(
+        generate(
+            &tiny(),
+            &out,
+            &[
+                "--clip",
+                clip,
+                "--clip-prompt",
+                "x",
+                "--guidance-decoder",
+                "taesd",
+                "--taesd",
+                big.to_str().unwrap(),
+            ],
+        ),
+        &out,
+        &["TAESD", "8x", "2x"],
+    );
+}
+
+/// `--probe-clip`: `probe` answers with a second, held-out CLIP too, with the per-probe
+/// agreement recomputed here from the two sets of answers; `generate` probes its images with
+/// the held-out CLIP and with the guide CLIP and keeps both in the sidecar.
+#[test]
+fn probe_clip_holds_out_a_second_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let suite = tmp.path().join("suite.yaml");
+    std::fs::write(
+        &suite,
+        "probes:\n  - name: style\n    templates: [\"a painting in the style of {}\"]\n    labels: [Impressionism, Cubism, Baroque]\n  - name: hands\n    templates: [\"a painting with {}\"]\n    labels: [distorted hands, well-drawn hands]\n",
+    )
+    .unwrap();
+    let (out, csv) = (tmp.path().join("r.json"), tmp.path().join("r.csv"));
+    let o = bin()
+        .args(["--quiet", "probe", "--no-cache", "--clip"])
+        .arg(clip_fixture("tiny-clip-a"))
+        .arg("--probe-clip")
+        .arg(clip_fixture("tiny-clip-b"))
+        .arg("--suite")
+        .arg(&suite)
+        .arg("--out")
+        .arg(&out)
+        .arg("--csv")
+        .arg(&csv)
+        .arg(clip_fixture("images"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let h = &r["held_out"];
+    assert!(h["clip"].as_str().unwrap().ends_with("tiny-clip-b"), "{h}");
+    assert!(r["clip"].as_str().unwrap().ends_with("tiny-clip-a"));
+    let agreement = r["agreement"].as_array().unwrap();
+    assert_eq!(agreement.len(), 2);
+    for (k, a) in agreement.iter().enumerate() {
+        let (mut same, mut diff, mut cells) = (0, 0.0, 0);
+        for i in 0..5 {
+            let pa = &r["images"][i]["probes"][k];
+            let pb = &h["images"][i]["probes"][k];
+            same += usize::from(pa["top"] == pb["top"]);
+            for (x, y) in pa["probs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(pb["probs"].as_array().unwrap())
+            {
+                diff += (x.as_f64().unwrap() - y.as_f64().unwrap()).abs();
+                cells += 1;
+            }
+        }
+        assert_eq!(a["images"], 5);
+        assert!(
+            (a["top_agreement"].as_f64().unwrap() - same as f64 / 5.0).abs() < 1e-12,
+            "{a}"
+        );
+        assert!(
+            (a["mean_abs_prob_diff"].as_f64().unwrap() - diff / cells as f64).abs() < 1e-6,
+            "{a}"
+        );
+    }
+    // The two tiny CLIPs are different random models: their probabilities must differ.
+    assert!(agreement[0]["mean_abs_prob_diff"].as_f64().unwrap() > 1e-4);
+    let rows = std::fs::read_to_string(&csv).unwrap();
+    assert!(rows.lines().next().unwrap().ends_with(",clip"), "{rows}");
+    assert_eq!(rows.lines().count(), 1 + 2 * 5 * (3 + 2), "{rows}");
+
+    let gen = tmp.path().join("gen");
+    let o = generate(
+        &tiny(),
+        &gen,
+        &[
+            "--clip",
+            clip_fixture("tiny-clip-a").to_str().unwrap(),
+            "--clip-prompt",
+            "Cubism",
+            "--clip-guidance-scale",
+            "300",
+            "--cutouts",
+            "1",
+            "--probe-clip",
+            clip_fixture("tiny-clip-b").to_str().unwrap(),
+            "--probe-suite",
+            suite.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(gen.join("00000-5.json")).unwrap()).unwrap();
+    let probes = side["params"]["extra"]["probes"].as_object().unwrap();
+    assert_eq!(probes.len(), 2, "{side}");
+    for (model, answers) in probes {
+        assert_eq!(answers.as_array().unwrap().len(), 2, "{model}");
+        let p: f64 = answers[0]["probs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((p - 1.0).abs() < 1e-5, "{model}: {p}");
+    }
+}

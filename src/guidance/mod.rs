@@ -28,9 +28,10 @@ use serde::{Deserialize, Serialize};
 
 pub use decoders::{DecoderKind, GuidanceDecoder, LinearDecoder};
 
-use crate::models::clip::{normalize, NormMode};
+use crate::models::clip::{normalize, ClipModel, NormMode};
 use crate::models::hub::HubOptions;
 use crate::models::stable_diffusion::SdModel;
+use crate::models::tokenizer::ClipTokenizer;
 use crate::noise::NoiseGen;
 use crate::probe::embed::ClipEncoder;
 use crate::schedulers::PredictionType;
@@ -319,7 +320,7 @@ pub struct StepGradient {
 /// A loaded guide: CLIP model, targets and decoder.
 pub struct Guide {
     pub config: GuidanceConfig,
-    clip: Option<ClipEncoder>,
+    clip: Option<GuideClip>,
     targets: ClipTargets,
     style: Option<StyleTargets>,
     pub decoder: GuidanceDecoder,
@@ -345,6 +346,48 @@ fn default_style_layers(depth: usize) -> Vec<usize> {
     v
 }
 
+/// The guide CLIP: a vision/text model built in [`NormMode::Differentiable`] and the pixel
+/// normalisation of its preprocessor.
+pub struct GuideClip {
+    pub model: ClipModel,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub id: String,
+}
+
+impl GuideClip {
+    /// Loads a CLIPModel folder or hub id for guidance; returns it with its tokenizer.
+    pub fn load(
+        spec: &str,
+        hub: &HubOptions,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<(Self, ClipTokenizer)> {
+        let enc = ClipEncoder::load_with_norm(spec, hub, dtype, device, NormMode::Differentiable)?;
+        Ok((
+            GuideClip {
+                model: enc.model,
+                mean: enc.preprocessor.mean,
+                std: enc.preprocessor.std,
+                id: enc.id,
+            },
+            enc.tokenizer,
+        ))
+    }
+
+    /// Normalised text embeddings (k, d) of `texts`.
+    pub fn embed_texts(
+        &self,
+        tokenizer: &ClipTokenizer,
+        texts: &[&str],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let device = self.model.logit_scale().device();
+        let ids = tokenizer.encode_tensor(texts, device)?;
+        Ok(normalize(&self.model.embed_text(&ids)?.to_dtype(dtype)?)?.detach())
+    }
+}
+
 impl Guide {
     /// Loads the guide CLIP (differentiable), embeds the targets and prepares the decoder.
     pub fn load(
@@ -354,47 +397,100 @@ impl Guide {
         max_pixels: u64,
     ) -> Result<Self> {
         config.validate()?;
-        let clip = match &config.clip {
+        let dtype = work_dtype(model.dtype);
+        let (clip, text) = match &config.clip {
             Some(spec) if config.has_clip_terms() || config.has_style_terms() => {
-                Some(ClipEncoder::load_with_norm(
-                    spec,
+                let (clip, tokenizer) = GuideClip::load(spec, hub, model.dtype, &model.device)?;
+                let texts: Vec<&str> = config
+                    .prompts
+                    .iter()
+                    .filter(|t| t.weight != 0.0)
+                    .map(|t| t.text.as_str())
+                    .collect();
+                let text = if config.scale != 0.0 && !texts.is_empty() {
+                    Some(clip.embed_texts(&tokenizer, &texts, dtype)?)
+                } else {
+                    None
+                };
+                (Some(clip), text)
+            }
+            _ => (None, None),
+        };
+        let decoder = match config.decoder {
+            DecoderKind::Vae => GuidanceDecoder::Vae,
+            DecoderKind::Linear => GuidanceDecoder::Linear(LinearDecoder::fit(model)?),
+            DecoderKind::Taesd => {
+                GuidanceDecoder::Taesd(Box::new(crate::models::taesd::TaesdDecoder::load(
+                    &config.taesd,
                     hub,
                     model.dtype,
                     &model.device,
-                    NormMode::Differentiable,
-                )?)
+                )?))
             }
-            _ => None,
         };
+        Self::new(config, model, clip, text, decoder, max_pixels)
+    }
+
+    /// A guide from loaded parts. `text`: normalised embeddings (k, d) of the non-zero-weight
+    /// `config.prompts`, in order. Image and style targets are read from their files here.
+    pub fn new(
+        config: GuidanceConfig,
+        model: &SdModel,
+        clip: Option<GuideClip>,
+        text: Option<Tensor>,
+        decoder: GuidanceDecoder,
+        max_pixels: u64,
+    ) -> Result<Self> {
+        config.validate()?;
+        let dtype = work_dtype(model.dtype);
+        if let GuidanceDecoder::Taesd(t) = &decoder {
+            if t.scale_factor() != model.vae_spec.scale_factor {
+                return Err(Error::value(
+                    "guidance-decoder",
+                    format!(
+                        "TAESD `{}` upsamples {}x but {}'s VAE upsamples {}x",
+                        config.taesd,
+                        t.scale_factor(),
+                        model.id,
+                        model.vae_spec.scale_factor
+                    ),
+                ));
+            }
+        }
         let mut targets = ClipTargets {
             text: None,
             image: None,
         };
         let mut style = None;
-        if let Some(enc) = &clip {
-            let prompts: Vec<&TextTarget> =
-                config.prompts.iter().filter(|t| t.weight != 0.0).collect();
-            if config.scale != 0.0 && !prompts.is_empty() {
-                let texts: Vec<&str> = prompts.iter().map(|t| t.text.as_str()).collect();
-                let ids = enc.tokenizer.encode_tensor(&texts, &enc.device)?;
-                let e = normalize(
-                    &enc.model
-                        .embed_text(&ids)?
-                        .to_dtype(work_dtype(model.dtype))?,
-                )?;
-                let w: Vec<f32> = prompts.iter().map(|t| t.weight as f32).collect();
-                let w = Tensor::from_vec(w, prompts.len(), &enc.device)?
-                    .to_dtype(work_dtype(model.dtype))?;
-                targets.text = Some((e.detach(), w));
+        if let Some(clip) = &clip {
+            let device = clip.model.logit_scale().device().clone();
+            if let Some(e) = text {
+                let w: Vec<f32> = config
+                    .prompts
+                    .iter()
+                    .filter(|t| t.weight != 0.0)
+                    .map(|t| t.weight as f32)
+                    .collect();
+                if w.len() != e.dim(0)? {
+                    return Err(Error::value(
+                        "clip-prompt",
+                        format!(
+                            "{} text embeddings for {} weighted prompts",
+                            e.dim(0)?,
+                            w.len()
+                        ),
+                    ));
+                }
+                let w = Tensor::from_vec(w, e.dim(0)?, &device)?.to_dtype(dtype)?;
+                targets.text = Some((e.to_dtype(dtype)?.detach(), w));
             }
             if let (Some(p), true) = (&config.image, config.image_weight != 0.0) {
-                let img = load_target_image(p, max_pixels, &enc.device, work_dtype(model.dtype))?;
-                let (pooled, _) =
-                    embed_views(enc, &centre_views(enc, &img)?, &[], work_dtype(model.dtype))?;
+                let img = load_target_image(p, max_pixels, &device, dtype)?;
+                let (pooled, _) = embed_views(clip, &centre_views(clip, &img)?, &[], dtype)?;
                 targets.image = Some(normalize(&pooled)?.detach());
             }
             if let Some(s) = config.style.as_ref().filter(|_| config.has_style_terms()) {
-                let depth = enc.model.config().vision.num_hidden_layers;
+                let depth = clip.model.config().vision.num_hidden_layers;
                 let layers = s
                     .layers
                     .clone()
@@ -417,14 +513,9 @@ impl Guide {
                         ));
                     }
                 }
-                let img =
-                    load_target_image(&s.image, max_pixels, &enc.device, work_dtype(model.dtype))?;
-                let (pooled, hidden) = embed_views(
-                    enc,
-                    &centre_views(enc, &img)?,
-                    &layers,
-                    work_dtype(model.dtype),
-                )?;
+                let img = load_target_image(&s.image, max_pixels, &device, dtype)?;
+                let (pooled, hidden) =
+                    embed_views(clip, &centre_views(clip, &img)?, &layers, dtype)?;
                 let grams = hidden
                     .iter()
                     .map(|h| Ok(losses::gram(h)?.detach()))
@@ -436,39 +527,19 @@ impl Guide {
                     content_layers,
                 });
             }
+        } else if config.has_clip_terms() || config.has_style_terms() {
+            return Err(Error::value(
+                "clip",
+                "CLIP and style terms need a guide CLIP",
+            ));
         }
-        let decoder = match config.decoder {
-            DecoderKind::Vae => GuidanceDecoder::Vae,
-            DecoderKind::Linear => GuidanceDecoder::Linear(LinearDecoder::fit(model)?),
-            DecoderKind::Taesd => {
-                let t = crate::models::taesd::TaesdDecoder::load(
-                    &config.taesd,
-                    hub,
-                    model.dtype,
-                    &model.device,
-                )?;
-                if t.scale_factor() != model.vae_spec.scale_factor {
-                    return Err(Error::value(
-                        "guidance-decoder",
-                        format!(
-                            "TAESD `{}` upsamples {}x but {}'s VAE upsamples {}x",
-                            config.taesd,
-                            t.scale_factor(),
-                            model.id,
-                            model.vae_spec.scale_factor
-                        ),
-                    ));
-                }
-                GuidanceDecoder::Taesd(Box::new(t))
-            }
-        };
         Ok(Guide {
             config,
             clip,
             targets,
             style,
             decoder,
-            dtype: work_dtype(model.dtype),
+            dtype,
         })
     }
 
@@ -498,26 +569,22 @@ impl Guide {
             terms.push((value * weight)?);
             Ok(())
         };
-        if let Some(enc) = &self.clip {
+        if let Some(clip) = &self.clip {
             let (_, _, h, w) = image.dims4()?;
-            let size = enc.model.config().vision.image_size;
+            let size = clip.model.config().vision.image_size;
             let boxes = if cfg.cutouts == 0 {
                 vec![views::centre_box(h, w)]
             } else {
                 views::random_boxes(h, w, size, cfg.cutouts, rng)
             };
             let vm = views::ViewMatrices::new(&boxes, h, w, size, self.dtype, image.device())?;
-            let pixels = views::clip_normalise(
-                &vm.apply(&image)?,
-                &enc.preprocessor.mean,
-                &enc.preprocessor.std,
-            )?;
+            let pixels = views::clip_normalise(&vm.apply(&image)?, &clip.mean, &clip.std)?;
             let mut layers: Vec<usize> = Vec::new();
             if let Some(s) = &self.style {
                 layers.extend(&s.layers);
                 layers.extend(&s.content_layers);
             }
-            let (pooled, hidden) = embed_views(enc, &pixels, &layers, self.dtype)?;
+            let (pooled, hidden) = embed_views(clip, &pixels, &layers, self.dtype)?;
             if let Some((text, weights)) = &self.targets.text {
                 let d = losses::spherical_distance(&pooled, text)?;
                 add("clip_text", losses::weighted_mean(&d, weights)?, cfg.scale)?;
@@ -554,10 +621,10 @@ impl Guide {
                     })?;
                     let cpix = views::clip_normalise(
                         &vm.apply(&content.to_dtype(self.dtype)?)?,
-                        &enc.preprocessor.mean,
-                        &enc.preprocessor.std,
+                        &clip.mean,
+                        &clip.std,
                     )?;
-                    let cfeat = enc
+                    let cfeat = clip
                         .model
                         .vision
                         .hidden_states(&cpix.to_dtype(model.dtype)?, &st.content_layers)?;
@@ -665,9 +732,9 @@ fn load_target_image(
 }
 
 /// The centred square view of an image at the CLIP size, normalised.
-fn centre_views(enc: &ClipEncoder, image: &Tensor) -> Result<Tensor> {
+fn centre_views(clip: &GuideClip, image: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = image.dims4()?;
-    let size = enc.model.config().vision.image_size;
+    let size = clip.model.config().vision.image_size;
     let vm = views::ViewMatrices::new(
         &[views::centre_box(h, w)],
         h,
@@ -676,26 +743,22 @@ fn centre_views(enc: &ClipEncoder, image: &Tensor) -> Result<Tensor> {
         image.dtype(),
         image.device(),
     )?;
-    views::clip_normalise(
-        &vm.apply(image)?,
-        &enc.preprocessor.mean,
-        &enc.preprocessor.std,
-    )
+    views::clip_normalise(&vm.apply(image)?, &clip.mean, &clip.std)
 }
 
 /// Projected image embeddings (n, d) and the requested hidden layers, in f32.
 fn embed_views(
-    enc: &ClipEncoder,
+    clip: &GuideClip,
     pixels: &Tensor,
     layers: &[usize],
     out: DType,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let dtype = enc.model.logit_scale().dtype();
-    let (pooled, hidden) = enc
+    let dtype = clip.model.logit_scale().dtype();
+    let (pooled, hidden) = clip
         .model
         .vision
         .forward_with_hidden(&pixels.to_dtype(dtype)?, layers)?;
-    let e = enc.model.project_image(&pooled)?.to_dtype(out)?;
+    let e = clip.model.project_image(&pooled)?.to_dtype(out)?;
     let hidden = hidden
         .into_iter()
         .map(|h| Ok(h.to_dtype(out)?))

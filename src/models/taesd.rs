@@ -385,13 +385,16 @@ fn with_file(e: Error, path: &Path) -> Error {
     }
 }
 
+/// madebyollin/taesd's published `config.json` (SD 1.x/2.x latents, 8x decoder), for timing
+/// the real architecture with random weights.
+pub const SD_TAESD_CONFIG: &str = r#"{"_class_name":"AutoencoderTiny","act_fn":"relu","decoder_block_out_channels":[64,64,64,64],"encoder_block_out_channels":[64,64,64,64],"force_upcast":false,"in_channels":3,"latent_channels":4,"latent_magnitude":3,"latent_shift":0.5,"num_decoder_blocks":[3,3,3,1],"num_encoder_blocks":[1,3,3,3],"out_channels":3,"scaling_factor":1.0,"upsampling_scaling_factor":2}"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Var;
 
-    // Shaped like madebyollin/taesd's config.json (SD 1.x/2.x latents, 8x decoder).
-    const TAESD: &str = r#"{"_class_name":"AutoencoderTiny","act_fn":"relu","decoder_block_out_channels":[64,64,64,64],"encoder_block_out_channels":[64,64,64,64],"force_upcast":false,"in_channels":3,"latent_channels":4,"latent_magnitude":3,"latent_shift":0.5,"num_decoder_blocks":[3,3,3,1],"num_encoder_blocks":[1,3,3,3],"out_channels":3,"scaling_factor":1.0,"upsampling_scaling_factor":2}"#;
+    const TAESD: &str = SD_TAESD_CONFIG;
 
     fn parse(text: &str) -> Result<TaesdConfig> {
         TaesdConfig::from_json_str(text, Path::new("taesd/config.json"))

@@ -91,6 +91,135 @@ pub struct ProbeResults {
     /// Scores against true labels (`probe --labels`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<super::evaluate::Evaluation>,
+    /// The same images probed by a held-out CLIP (`--probe-clip`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_out: Option<Box<ProbeResults>>,
+    /// Per probe, how the held-out CLIP's answers agree with this CLIP's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<Vec<ProbeAgreement>>,
+}
+
+/// How two CLIP models' answers to one probe agree over the images both could read.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProbeAgreement {
+    pub probe: String,
+    /// Images answered by both models.
+    pub images: usize,
+    /// Fraction of images where both give the same top label.
+    pub top_agreement: f64,
+    /// Mean over images and labels of |p_a - p_b|.
+    pub mean_abs_prob_diff: f64,
+}
+
+/// Agreement of `b`'s answers with `a`'s, per probe of `a`, over images matched by path.
+pub fn agreement(a: &ProbeResults, b: &ProbeResults) -> Vec<ProbeAgreement> {
+    let by_path: std::collections::HashMap<&Path, &ImageAnswers> =
+        b.images.iter().map(|i| (i.path.as_path(), i)).collect();
+    let names: Vec<&str> = a
+        .images
+        .first()
+        .map(|i| i.probes.iter().map(|p| p.probe.as_str()).collect())
+        .unwrap_or_default();
+    names
+        .into_iter()
+        .map(|name| {
+            let (mut n, mut same, mut diff, mut cells) = (0usize, 0usize, 0f64, 0usize);
+            for img in &a.images {
+                let Some(other) = by_path.get(img.path.as_path()) else {
+                    continue;
+                };
+                let (Some(pa), Some(pb)) = (
+                    img.probes.iter().find(|p| p.probe == name),
+                    other.probes.iter().find(|p| p.probe == name),
+                ) else {
+                    continue;
+                };
+                n += 1;
+                same += usize::from(pa.top == pb.top);
+                for (x, y) in pa.probs.iter().zip(&pb.probs) {
+                    diff += (x - y).abs() as f64;
+                    cells += 1;
+                }
+            }
+            ProbeAgreement {
+                probe: name.to_string(),
+                images: n,
+                top_agreement: if n > 0 { same as f64 / n as f64 } else { 0.0 },
+                mean_abs_prob_diff: if cells > 0 { diff / cells as f64 } else { 0.0 },
+            }
+        })
+        .collect()
+}
+
+/// A CLIP model with the classifiers of a suite, answering for single images in memory
+/// (e.g. images just generated).
+pub struct Prober {
+    pub encoder: ClipEncoder,
+    suite: Suite,
+    classifiers: Vec<Classifier>,
+    logit_scale: f32,
+}
+
+impl Prober {
+    /// Builds the suite's classifiers for `encoder`.
+    pub fn new(encoder: ClipEncoder, suite: Suite) -> Result<Self> {
+        let classifiers = classifiers(&encoder, &suite)?;
+        let logit_scale = logit_scale(&encoder)?;
+        Ok(Prober {
+            encoder,
+            suite,
+            classifiers,
+            logit_scale,
+        })
+    }
+
+    /// The suite's answers for an 8-bit RGB image, preprocessed as an image file would be.
+    pub fn answer_rgb(&self, rgb: &[u8], width: usize, height: usize) -> Result<Vec<ProbeAnswer>> {
+        let pix = self
+            .encoder
+            .preprocessor
+            .preprocess_rgb(rgb, width, height)?;
+        let e = self.encoder.embed_pixels(&[pix])?;
+        answers(&e, &self.suite, &self.classifiers, self.logit_scale)
+    }
+}
+
+fn logit_scale(enc: &ClipEncoder) -> Result<f32> {
+    Ok(enc
+        .model
+        .logit_scale()
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?[0])
+}
+
+/// Every probe's answer for one normalised embedding (1, d).
+fn answers(
+    e: &Tensor,
+    suite: &Suite,
+    classifiers: &[Classifier],
+    logit_scale: f32,
+) -> Result<Vec<ProbeAnswer>> {
+    let mut probes = Vec::new();
+    for (spec, c) in suite.probes.iter().zip(classifiers) {
+        let p = c.probs(&e.to_device(c.weights().device())?, logit_scale)?;
+        let h = entropy(&p)?[0];
+        let probs: Vec<f32> = p.flatten_all()?.to_vec1()?;
+        let top = probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(k, _)| c.labels()[k].clone())
+            .unwrap_or_default();
+        probes.push(ProbeAnswer {
+            probe: spec.name.clone(),
+            labels: c.labels().to_vec(),
+            probs,
+            top,
+            entropy: h,
+        });
+    }
+    Ok(probes)
 }
 
 /// One classifier per probe of the suite.
@@ -126,12 +255,7 @@ pub fn probe_images(
 ) -> Result<ProbeResults> {
     let classifiers = classifiers(enc, suite)?;
     let dims = enc.model.config().projection_dim;
-    let logit_scale = enc
-        .model
-        .logit_scale()
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?[0];
+    let logit_scale = logit_scale(enc)?;
     let mut embeds: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
     let mut shas = Vec::with_capacity(paths.len());
     let mut cached = 0;
@@ -187,25 +311,7 @@ pub fn probe_images(
     for (i, e) in embeds.into_iter().enumerate() {
         let Some(e) = e else { continue };
         let t = Tensor::from_vec(e, (1, dims), &candle_core::Device::Cpu)?;
-        let mut probes = Vec::new();
-        for (spec, c) in suite.probes.iter().zip(&classifiers) {
-            let p = c.probs(&t.to_device(c.weights().device())?, logit_scale)?;
-            let h = entropy(&p)?[0];
-            let probs: Vec<f32> = p.flatten_all()?.to_vec1()?;
-            let top = probs
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(k, _)| c.labels()[k].clone())
-                .unwrap_or_default();
-            probes.push(ProbeAnswer {
-                probe: spec.name.clone(),
-                labels: c.labels().to_vec(),
-                probs,
-                top,
-                entropy: h,
-            });
-        }
+        let probes = answers(&t, suite, &classifiers, logit_scale)?;
         images.push(ImageAnswers {
             path: paths[i].clone(),
             sha256: shas[i].clone(),
@@ -223,10 +329,39 @@ pub fn probe_images(
         images,
         cached,
         evaluation: None,
+        held_out: None,
+        agreement: None,
     })
 }
 
 impl ProbeResults {
+    /// Attaches a held-out CLIP's results for the same images, with the agreement per probe.
+    pub fn with_held_out(mut self, other: ProbeResults) -> Self {
+        self.agreement = Some(agreement(&self, &other));
+        self.held_out = Some(Box::new(other));
+        self
+    }
+
+    /// CSV rows; with held-out results, each row also names its CLIP (last column) and the
+    /// held-out rows follow.
+    pub fn csv_table(&self) -> (Vec<&'static str>, Vec<Vec<String>>) {
+        let mut header = vec!["image", "probe", "label", "probability", "top"];
+        match &self.held_out {
+            None => (header, self.csv_rows()),
+            Some(h) => {
+                header.push("clip");
+                let mut rows = Vec::new();
+                for r in [self, h.as_ref()] {
+                    for mut row in r.csv_rows() {
+                        row.push(r.clip.clone());
+                        rows.push(row);
+                    }
+                }
+                (header, rows)
+            }
+        }
+    }
+
     /// One row per image, probe and label: image,probe,label,probability,top.
     pub fn csv_rows(&self) -> Vec<Vec<String>> {
         let mut rows = Vec::new();
