@@ -381,6 +381,10 @@ fn cheap_decoders_also_move_the_image() {
             .unwrap();
         cosine(&probe_embedding(&enc, &img), &text)
     };
+    eprintln!(
+        "linear: cosine of the VAE image {base:.4} -> {:.4}",
+        cosine(&probe_embedding(&enc, &g.image), &text)
+    );
     let (b, s) = (view(&unguided.latents), view(&g.latents));
     eprintln!("linear: cosine of the linear rendering {b:.4} -> {s:.4}");
     assert!(s > b + 0.02, "linear: {b} -> {s}");
