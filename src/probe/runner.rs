@@ -59,7 +59,7 @@ impl EmbeddingCache {
 }
 
 /// One probe's answer for one image.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ProbeAnswer {
     pub probe: String,
     /// Labels in suite order, with their probabilities.
