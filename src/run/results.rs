@@ -14,16 +14,15 @@ use crate::{Error, Result};
 /// File name of the results inside a run folder.
 pub const RESULTS_FILE: &str = "results.json";
 
-/// A target of an experiment: which probe and label the guidance aims at.
+/// A target of an experiment: the intended label of one or more probes (e.g. style
+/// Impressionism; or style Baroque and period 17th for a probe set).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
-    /// The probe of the suite that measures it, e.g. `style`.
-    pub probe: String,
-    /// The label of that probe, e.g. `Impressionism`.
-    pub label: String,
     /// The text used for `{target}` in prompts and guidance prompts.
     pub text: String,
+    /// Probe name -> intended label of that probe.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One generated image.
