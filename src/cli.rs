@@ -38,6 +38,50 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Ask CLIP a suite of zero-shot questions (style, period, defects, ...) about images.
     Probe(ProbeArgs),
+    /// Run a recipe: generate, probe and record every image of its experiments (resumable).
+    Run(RecipeArgs),
+    /// Join the folders of a sharded run into one run.
+    Merge(MergeArgs),
+}
+
+/// `artguide run`.
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// The recipe YAML (see recipes/README.md).
+    pub recipe: PathBuf,
+    /// Run folder (default: outputs/<recipe name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Run only shard I of N (plan items with index % N == I), e.g. `--shard 0/4`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Print the plan (images, steps, estimated time) and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Reuse an output folder that holds another recipe's run.
+    #[arg(long)]
+    pub force: bool,
+    /// Largest style / init image accepted, in pixels, checked before decoding.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_pixels: u64,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `artguide merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The recipe the shards ran.
+    pub recipe: PathBuf,
+    /// The merged run folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Shard run folders.
+    #[arg(required = true)]
+    pub shards: Vec<PathBuf>,
+    /// Reuse an output folder that holds another recipe's run.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `artguide probe`.

@@ -15,7 +15,7 @@ use crate::generate::{self, GenerateOptions, Generated};
 use crate::guidance::{GuidanceConfig, Guide, OnNonFinite, StyleConfig, TextTarget};
 use crate::models::hub::HubOptions;
 use crate::models::stable_diffusion::{LoadOptions, RandomArch, SdModel};
-use crate::output::{self, GenerationParams, OutputSet};
+use crate::output::{self, OutputSet};
 use crate::progress::{Progress, ProgressMode};
 use crate::schedulers::SchedulerKind;
 
@@ -39,7 +39,125 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Agree(args) => run_agree(&args, mode),
         Command::Embed(args) => run_embed(&args, mode),
         Command::Probe(args) => run_probe(&args, mode),
+        Command::Run(args) => run_recipe(&args, mode),
+        Command::Merge(args) => run_merge(&args, mode),
     }
+}
+
+/// Parses `--shard I/N`.
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let parsed = s.split_once('/').and_then(|(i, n)| {
+        Some((
+            i.trim().parse::<usize>().ok()?,
+            n.trim().parse::<usize>().ok()?,
+        ))
+    });
+    match parsed {
+        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
+        _ => anyhow::bail!("--shard `{s}`: expected I/N with 0 <= I < N, e.g. 0/4"),
+    }
+}
+
+fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<()> {
+    use crate::recipe::{LoadedRecipe, Plan};
+    let recipe = LoadedRecipe::load(&args.recipe)?;
+    let suite = crate::probe::suite::Suite::load(&recipe.resolve(&recipe.recipe.suite))?;
+    let plan = Plan::new(&recipe, &suite)?;
+    let shard = args.shard.as_deref().map(parse_shard).transpose()?;
+    let items = match shard {
+        Some((i, n)) => plan.shard(i, n).len(),
+        None => plan.items.len(),
+    };
+    let steps = recipe.recipe.generation.steps;
+    let guided = plan
+        .items
+        .iter()
+        .filter(|i| shard.is_none_or(|(s, n)| i.index % n == s))
+        .filter(|i| i.guidance.as_ref().is_some_and(|g| g.is_active()))
+        .count();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("outputs").join(&recipe.recipe.name));
+    if args.dry_run {
+        let experiments = recipe.recipe.experiments.len();
+        let summary = serde_json::json!({"event": "plan", "recipe": recipe.recipe.name,
+            "experiments": experiments, "images": items, "guided_images": guided,
+            "steps_per_image": steps, "unet_steps": items * steps, "out": out});
+        if mode == ProgressMode::Json {
+            println!("{summary}");
+            return Ok(());
+        }
+        println!(
+            "{}: {experiments} experiments, {items} images ({guided} guided), {steps} steps each = {} UNet steps -> {}",
+            recipe.recipe.name,
+            items * steps,
+            out.display()
+        );
+        for e in &recipe.recipe.experiments {
+            let n = plan.items.iter().filter(|i| i.experiment == e.name).count();
+            println!(
+                "  {}: {n} images, arms: {}",
+                e.name,
+                e.arms
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        println!(
+            "estimated time: about {} UNet steps of this model at this size; `artguide bench` (and BENCHMARKS.md) give seconds per step, and guided steps cost more (see BENCHMARKS.md)",
+            items * steps
+        );
+        return Ok(());
+    }
+    let opts = load_options(&args.run)?;
+    let progress = Progress::new(mode, (items * steps) as u64, "running");
+    let run_opts = crate::run::RunOptions {
+        out: out.clone(),
+        shard,
+        force: args.force,
+        max_pixels: args.max_pixels,
+    };
+    let mut made = 0;
+    let mut skipped = 0;
+    let results = crate::run::execute(&recipe, &plan, &suite, &opts, &run_opts, &progress, |item, status| {
+        match status {
+            crate::run::ItemStatus::Made => made += 1,
+            crate::run::ItemStatus::Skipped => skipped += 1,
+        }
+        progress.event(
+            &format!("{:?} {}", status, item.id),
+            serde_json::json!({"event": "item", "id": item.id, "status": format!("{status:?}").to_lowercase(),
+                               "image": out.join(crate::run::image_rel(&item.id))}),
+        );
+    })
+    .with_context(|| format!("run stopped; finished images are kept in {}: fix the cause and run the same command to resume", out.display()))?;
+    progress.finish();
+    progress.event(
+        &format!(
+            "{}: {} images ({made} made, {skipped} already done) -> {}",
+            recipe.recipe.name,
+            results.items.len(),
+            out.join(crate::run::results::RESULTS_FILE).display()
+        ),
+        serde_json::json!({"event": "done", "images": results.items.len(), "made": made, "skipped": skipped, "out": out}),
+    );
+    Ok(())
+}
+
+fn run_merge(args: &crate::cli::MergeArgs, mode: ProgressMode) -> Result<()> {
+    use crate::recipe::{LoadedRecipe, Plan};
+    let recipe = LoadedRecipe::load(&args.recipe)?;
+    let suite = crate::probe::suite::Suite::load(&recipe.resolve(&recipe.recipe.suite))?;
+    let plan = Plan::new(&recipe, &suite)?;
+    let results = crate::run::merge(&recipe, &plan, &suite, &args.shards, &args.out, args.force)?;
+    Progress::new(mode, 0, "").event(
+        &format!("merged {} shards: {} images -> {}", args.shards.len(), results.items.len(), args.out.display()),
+        serde_json::json!({"event": "merged", "shards": args.shards.len(), "images": results.items.len(), "out": args.out}),
+    );
+    Ok(())
 }
 
 fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
@@ -277,14 +395,6 @@ fn load_options(run: &RunArgs) -> Result<LoadOptions> {
     })
 }
 
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "f32",
-    }
-}
-
 fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
     let scheduler: SchedulerKind = args.scheduler.parse()?;
     let opts = load_options(&args.run)?;
@@ -479,18 +589,6 @@ fn guidance_config(a: &GuidanceArgs) -> Result<Option<GuidanceConfig>> {
     Ok(Some(cfg))
 }
 
-/// A short, stable fingerprint of the model for the web UI's `Model hash` field.
-fn model_hash(hashes: &BTreeMap<String, String>) -> String {
-    let unet = hashes
-        .iter()
-        .find(|(k, _)| k.starts_with("unet/") && !k.ends_with(".json"))
-        .map(|(_, v)| v.as_str());
-    match unet {
-        Some(h) => output::short_hash(h),
-        None => "random".into(),
-    }
-}
-
 fn write_image(
     model: &SdModel,
     args: &GenerateArgs,
@@ -499,45 +597,13 @@ fn write_image(
     hashes: &BTreeMap<String, String>,
     probers: &[crate::probe::runner::Prober],
 ) -> crate::Result<Vec<PathBuf>> {
-    let params = GenerationParams {
-        prompt: g_opts.prompt.clone(),
-        negative_prompt: g_opts.negative_prompt.clone(),
-        seed: g.seed,
-        steps: g_opts.steps as u32,
-        guidance_scale: g_opts.guidance_scale,
-        scheduler: g_opts.scheduler.to_string(),
-        sampler: g_opts.scheduler.webui_name().to_string(),
-        width: g_opts.width as u32,
-        height: g_opts.height as u32,
-        model: model.id.clone(),
-        model_hash: model_hash(hashes),
-        dtype: dtype_name(model.dtype).into(),
-        device: if model.device.is_cuda() {
-            "cuda".into()
-        } else {
-            "cpu".into()
-        },
-        strength: g_opts.init_image.as_ref().map(|_| g_opts.strength),
-        init_image: args.init_image.as_ref().map(|p| p.display().to_string()),
-        batch_index: g.index as u32,
-        extra: BTreeMap::from([("timesteps".to_string(), serde_json::json!(g.timesteps))]),
-    };
-    let mut params = params;
-    if let Some(guide) = &g_opts.guide {
-        let mut v = serde_json::to_value(&guide.config).unwrap_or_default();
-        v["losses"] = serde_json::json!(g.guidance_losses);
-        v["skipped_steps"] = g.guidance_skipped.into();
-        params.extra.insert("guidance".into(), v);
-        params.extra.insert(
-            "Guidance".into(),
-            serde_json::json!(format!(
-                "{} {} x{}",
-                guide.clip_id().unwrap_or("none"),
-                guide.config.decoder,
-                guide.config.scale
-            )),
-        );
-    }
+    let mut params = generate::generation_params(
+        model,
+        g_opts,
+        g,
+        generate::model_hash(hashes),
+        args.init_image.as_ref().map(|p| p.display().to_string()),
+    );
     let (rgb, w, h) = output::tensor_to_rgb8(&g.image)?;
     if !probers.is_empty() {
         let mut answers = serde_json::Map::new();
@@ -590,7 +656,7 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
             v["tool"] = "artguide".into();
             v["arch"] = args.arch.clone().into();
             v["device"] = device_name.into();
-            v["dtype"] = dtype_name(plan.dtype).into();
+            v["dtype"] = generate::dtype_name(plan.dtype).into();
             println!("{v}");
         }
         _ => println!(

@@ -284,6 +284,79 @@ pub fn generate(
     Ok(())
 }
 
+/// The name of a dtype as the CLI spells it.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        _ => "f32",
+    }
+}
+
+/// A short, stable fingerprint of the model (from its UNet weights' SHA-256) for the web UI's
+/// `Model hash` field; `random` for random-weight models.
+pub fn model_hash(hashes: &BTreeMap<String, String>) -> String {
+    let unet = hashes
+        .iter()
+        .find(|(k, _)| k.starts_with("unet/") && !k.ends_with(".json"))
+        .map(|(_, v)| v.as_str());
+    match unet {
+        Some(h) => crate::output::short_hash(h),
+        None => "random".into(),
+    }
+}
+
+/// The parameters recorded with a generated image (PNG `parameters` text and sidecar),
+/// including the guidance settings and per-step losses when guided.
+pub fn generation_params(
+    model: &SdModel,
+    opts: &GenerateOptions,
+    g: &Generated,
+    model_hash: String,
+    init_image: Option<String>,
+) -> crate::output::GenerationParams {
+    let mut params = crate::output::GenerationParams {
+        prompt: opts.prompt.clone(),
+        negative_prompt: opts.negative_prompt.clone(),
+        seed: g.seed,
+        steps: opts.steps as u32,
+        guidance_scale: opts.guidance_scale,
+        scheduler: opts.scheduler.to_string(),
+        sampler: opts.scheduler.webui_name().to_string(),
+        width: opts.width as u32,
+        height: opts.height as u32,
+        model: model.id.clone(),
+        model_hash,
+        dtype: dtype_name(model.dtype).into(),
+        device: if model.device.is_cuda() {
+            "cuda".into()
+        } else {
+            "cpu".into()
+        },
+        strength: opts.init_image.as_ref().map(|_| opts.strength),
+        init_image,
+        batch_index: g.index as u32,
+        extra: BTreeMap::from([("timesteps".to_string(), serde_json::json!(g.timesteps))]),
+    };
+    if let Some(guide) = opts.guide.as_ref().filter(|g| g.config.is_active()) {
+        let mut v = serde_json::to_value(&guide.config).unwrap_or_default();
+        v["losses"] = serde_json::json!(g.guidance_losses);
+        v["skipped_steps"] = g.guidance_skipped.into();
+        params.extra.insert("guidance".into(), v);
+        params.extra.insert(
+            "Guidance".into(),
+            serde_json::json!(format!(
+                "{} {} x{}",
+                guide.clip_id().unwrap_or("none"),
+                guide.config.decoder,
+                guide.config.scale
+            )),
+        );
+    }
+    params
+}
+
 /// Refuses NaN or infinite values, which would otherwise be written out as a black image.
 pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
     let s = t

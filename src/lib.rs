@@ -12,6 +12,7 @@ pub mod noise;
 pub mod output;
 pub mod probe;
 pub mod progress;
+pub mod recipe;
 pub mod run;
 pub mod schedulers;
 

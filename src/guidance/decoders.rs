@@ -66,7 +66,8 @@ impl FromStr for DecoderKind {
     }
 }
 
-/// A decoder ready to use inside the guided step.
+/// A decoder ready to use inside the guided step (cheap to clone: tensors are shared).
+#[derive(Clone)]
 pub enum GuidanceDecoder {
     /// The model's VAE (borrowed from the model at decode time).
     Vae,
@@ -77,6 +78,25 @@ pub enum GuidanceDecoder {
 }
 
 impl GuidanceDecoder {
+    /// Builds a decoder of `kind` for `model`; `taesd` names TAESD's folder or hub id.
+    pub fn load(
+        kind: DecoderKind,
+        taesd: &str,
+        model: &SdModel,
+        hub: &crate::models::hub::HubOptions,
+    ) -> Result<Self> {
+        Ok(match kind {
+            DecoderKind::Vae => GuidanceDecoder::Vae,
+            DecoderKind::Linear => GuidanceDecoder::Linear(LinearDecoder::fit(model)?),
+            DecoderKind::Taesd => GuidanceDecoder::Taesd(Box::new(TaesdDecoder::load(
+                taesd,
+                hub,
+                model.dtype,
+                &model.device,
+            )?)),
+        })
+    }
+
     /// Which kind this is.
     pub fn kind(&self) -> DecoderKind {
         match self {

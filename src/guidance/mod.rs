@@ -347,7 +347,8 @@ fn default_style_layers(depth: usize) -> Vec<usize> {
 }
 
 /// The guide CLIP: a vision/text model built in [`NormMode::Differentiable`] and the pixel
-/// normalisation of its preprocessor.
+/// normalisation of its preprocessor (cheap to clone: tensors are shared).
+#[derive(Clone)]
 pub struct GuideClip {
     pub model: ClipModel,
     pub mean: [f32; 3],
@@ -397,37 +398,43 @@ impl Guide {
         max_pixels: u64,
     ) -> Result<Self> {
         config.validate()?;
-        let dtype = work_dtype(model.dtype);
-        let (clip, text) = match &config.clip {
+        let clip = match &config.clip {
             Some(spec) if config.has_clip_terms() || config.has_style_terms() => {
-                let (clip, tokenizer) = GuideClip::load(spec, hub, model.dtype, &model.device)?;
+                Some(GuideClip::load(spec, hub, model.dtype, &model.device)?)
+            }
+            _ => None,
+        };
+        let decoder = GuidanceDecoder::load(config.decoder, &config.taesd, model, hub)?;
+        Self::with_clip(config, model, clip.as_ref(), decoder, max_pixels)
+    }
+
+    /// A guide from a loaded CLIP (and its tokenizer, which embeds the text targets) and
+    /// decoder.
+    pub fn with_clip(
+        config: GuidanceConfig,
+        model: &SdModel,
+        clip: Option<&(GuideClip, ClipTokenizer)>,
+        decoder: GuidanceDecoder,
+        max_pixels: u64,
+    ) -> Result<Self> {
+        let dtype = work_dtype(model.dtype);
+        let text = match clip {
+            Some((clip, tokenizer)) if config.scale != 0.0 => {
                 let texts: Vec<&str> = config
                     .prompts
                     .iter()
                     .filter(|t| t.weight != 0.0)
                     .map(|t| t.text.as_str())
                     .collect();
-                let text = if config.scale != 0.0 && !texts.is_empty() {
-                    Some(clip.embed_texts(&tokenizer, &texts, dtype)?)
-                } else {
+                if texts.is_empty() {
                     None
-                };
-                (Some(clip), text)
+                } else {
+                    Some(clip.embed_texts(tokenizer, &texts, dtype)?)
+                }
             }
-            _ => (None, None),
+            _ => None,
         };
-        let decoder = match config.decoder {
-            DecoderKind::Vae => GuidanceDecoder::Vae,
-            DecoderKind::Linear => GuidanceDecoder::Linear(LinearDecoder::fit(model)?),
-            DecoderKind::Taesd => {
-                GuidanceDecoder::Taesd(Box::new(crate::models::taesd::TaesdDecoder::load(
-                    &config.taesd,
-                    hub,
-                    model.dtype,
-                    &model.device,
-                )?))
-            }
-        };
+        let clip = clip.map(|(c, _)| c.clone());
         Self::new(config, model, clip, text, decoder, max_pixels)
     }
 

@@ -1,4 +1,524 @@
 //! Executing a recipe: the plan's items generated, probed and recorded, resumable and
 //! shardable.
+//!
+//! A run folder holds `recipe.yaml` (the recipe as run), `images/<experiment>/<cell>/<arm>.png`
+//! with its `.json` sidecar, `manifest.json` (each finished item's PNG hash and probe
+//! answers) and, once every item of the run (or shard) is done, `results.json`. Every file is
+//! written to a hidden temporary name and renamed, and an item enters the manifest only after
+//! its files exist, so a run killed at any point resumes to the same bytes: finished items
+//! (manifest entry + matching PNG hash) are skipped, anything else is made again.
 
 pub mod results;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::generate::{self, GenerateOptions};
+use crate::guidance::{GuidanceDecoder, Guide, GuideClip};
+use crate::models::stable_diffusion::{LoadOptions, SdModel};
+use crate::models::tokenizer::ClipTokenizer;
+use crate::probe::embed::ClipEncoder;
+use crate::probe::runner::{ProbeAnswer, Prober};
+use crate::probe::suite::Suite;
+use crate::progress::Progress;
+use crate::recipe::{LoadedRecipe, Plan, PlanItem};
+use crate::{Error, Result};
+use results::{RunItem, RunResults, SuiteProbe, RESULTS_FILE};
+
+/// File name of the manifest inside a run folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// File name of the recipe copy inside a run folder.
+pub const RECIPE_FILE: &str = "recipe.yaml";
+
+/// One finished item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestEntry {
+    pub sha256: String,
+    pub probes: BTreeMap<String, Vec<ProbeAnswer>>,
+}
+
+/// The finished items of a run folder, by item id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Model ids the answers were made with: the SD model, probe CLIP and guide CLIP.
+    pub model: String,
+    pub probe_clip: String,
+    pub guide_clip: Option<String>,
+    pub items: BTreeMap<String, ManifestEntry>,
+}
+
+impl Manifest {
+    /// Reads a run folder's manifest (empty when there is none yet).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map_err(|e| Error::file(&path, format!("not a valid run manifest: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Msg(e.to_string()))?;
+        crate::output::write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes(), true)
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    /// `(i, n)`: only plan items with index % n == i.
+    pub shard: Option<(usize, usize)>,
+    /// Reuse a folder that holds a run of a different recipe.
+    pub force: bool,
+    /// Largest image read (style, init), in pixels.
+    pub max_pixels: u64,
+}
+
+/// The image path of an item, relative to the run folder.
+pub fn image_rel(item_id: &str) -> String {
+    format!("images/{item_id}.png")
+}
+
+/// Claims `out` for this recipe: creates it, refuses a folder holding another recipe's run
+/// (unless `force`), writes the recipe copy and removes temporaries a killed run left.
+pub fn prepare(recipe: &LoadedRecipe, out: &Path, force: bool) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let copy = out.join(RECIPE_FILE);
+    match std::fs::read_to_string(&copy) {
+        Ok(old) if old == recipe.text => {}
+        Ok(_) if !force => {
+            return Err(Error::file(
+                out,
+                "holds a run of a different recipe; choose another --out or pass --force",
+            ))
+        }
+        Ok(_) => {
+            crate::output::write_atomic(&copy, recipe.text.as_bytes(), true)?;
+            for f in [MANIFEST_FILE, RESULTS_FILE] {
+                let _ = std::fs::remove_file(out.join(f));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let nonempty = std::fs::read_dir(out)
+                .map_err(|e| Error::io(out, e))?
+                .next()
+                .is_some();
+            if nonempty && !force {
+                return Err(Error::file(
+                    out,
+                    "is not empty and holds no artguide run; choose another --out or pass --force",
+                ));
+            }
+            crate::output::write_atomic(&copy, recipe.text.as_bytes(), true)?;
+        }
+        Err(e) => return Err(Error::io(&copy, e)),
+    }
+    remove_stale_temporaries(out)
+}
+
+/// Deletes hidden `*.tmp` files (a killed writer's temporaries) under `dir`, never following
+/// symbolic links.
+fn remove_stale_temporaries(dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(_) => return Ok(()),
+    };
+    for e in entries {
+        let e = e.map_err(|err| Error::io(dir, err))?;
+        let ft = e.file_type().map_err(|err| Error::io(e.path(), err))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ft.is_dir() {
+            remove_stale_temporaries(&e.path())?;
+        } else if ft.is_file() && name.starts_with('.') && name.ends_with(".tmp") {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+/// What happened to an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemStatus {
+    /// Already in the manifest with a matching image.
+    Skipped,
+    /// Generated now.
+    Made,
+}
+
+/// Whether an item is finished in `out`: in the manifest, with its PNG present and matching.
+fn is_done(out: &Path, manifest: &Manifest, id: &str) -> bool {
+    let Some(entry) = manifest.items.get(id) else {
+        return false;
+    };
+    crate::output::sha256_file(&out.join(image_rel(id))).is_ok_and(|h| h == entry.sha256)
+}
+
+/// Loaded models shared by every item.
+struct Models {
+    sd: SdModel,
+    hashes: BTreeMap<String, String>,
+    probers: Vec<Prober>,
+    guide_clips: HashMap<String, (GuideClip, ClipTokenizer)>,
+    decoders: HashMap<String, GuidanceDecoder>,
+    init_image: Option<candle_core::Tensor>,
+}
+
+/// The CLIPs that guide some arm of the plan.
+fn guide_specs(plan: &[&PlanItem]) -> Vec<String> {
+    let mut v: Vec<String> = plan
+        .iter()
+        .filter_map(|i| i.guidance.as_ref().and_then(|g| g.clip.clone()))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Runs the plan's items (those of the shard, if any) that are not finished yet; then writes
+/// `results.json` for them. `on_item` hears about each item as it is finished or skipped.
+pub fn execute(
+    recipe: &LoadedRecipe,
+    plan: &Plan,
+    suite: &Suite,
+    load: &LoadOptions,
+    opts: &RunOptions,
+    progress: &Progress,
+    mut on_item: impl FnMut(&PlanItem, ItemStatus),
+) -> Result<RunResults> {
+    let out = &opts.out;
+    prepare(recipe, out, opts.force)?;
+    let items: Vec<&PlanItem> = match opts.shard {
+        Some((i, n)) => plan.shard(i, n),
+        None => plan.items.iter().collect(),
+    };
+    let mut manifest = Manifest::load(out)?;
+    let todo: Vec<&PlanItem> = items
+        .iter()
+        .copied()
+        .filter(|it| !is_done(out, &manifest, &it.id))
+        .collect();
+    for it in items.iter().filter(|it| is_done(out, &manifest, &it.id)) {
+        on_item(it, ItemStatus::Skipped);
+        for _ in 0..recipe.recipe.generation.steps {
+            progress.tick("done before");
+        }
+    }
+    let r = &recipe.recipe;
+    let probe_spec = recipe.resolve_model("probe_clip", &r.probe_clip)?;
+    // From the whole plan, not the shard: every shard probes with the same CLIPs, so shards
+    // merge into exactly the unsharded run.
+    let all: Vec<&PlanItem> = plan.items.iter().collect();
+    let guides = guide_specs(&all);
+    let mut models: Option<Models> = None;
+    if !todo.is_empty() || manifest.probe_clip.is_empty() {
+        models = Some(load_models(
+            recipe,
+            suite,
+            load,
+            &items,
+            &probe_spec,
+            &guides,
+            opts,
+        )?);
+    }
+    if let Some(m) = &models {
+        manifest.model = m.sd.id.clone();
+        manifest.probe_clip = m.probers[0].encoder.id.clone();
+        // The guide CLIP's prober follows the probe CLIP's (see load_models).
+        manifest.guide_clip = m.probers.get(1).map(|p| p.encoder.id.clone());
+    }
+    for item in todo {
+        let m = models.as_ref().expect("loaded when there is work");
+        let entry = make_item(recipe, m, item, opts, progress)?;
+        manifest.items.insert(item.id.clone(), entry);
+        manifest.save(out)?;
+        on_item(item, ItemStatus::Made);
+    }
+    let results = assemble(recipe, suite, &manifest, &items)?;
+    let text = serde_json::to_string_pretty(&results).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::output::write_atomic(&out.join(RESULTS_FILE), text.as_bytes(), true)?;
+    Ok(results)
+}
+
+fn load_models(
+    recipe: &LoadedRecipe,
+    suite: &Suite,
+    load: &LoadOptions,
+    items: &[&PlanItem],
+    probe_spec: &str,
+    guides: &[String],
+    opts: &RunOptions,
+) -> Result<Models> {
+    let r = &recipe.recipe;
+    let sd = SdModel::load(&recipe.resolve_model("model", &r.model)?, load)?;
+    let hashes = sd
+        .files
+        .iter()
+        .map(|(rel, p)| Ok((rel.clone(), crate::output::sha256_file(p)?)))
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    let mut probers = vec![Prober::new(
+        ClipEncoder::load(probe_spec, &load.hub, load.dtype, &load.device)?,
+        suite.clone(),
+    )?];
+    for g in guides {
+        probers.push(Prober::new(
+            ClipEncoder::load(g, &load.hub, load.dtype, &load.device)?,
+            suite.clone(),
+        )?);
+    }
+    let mut guide_clips = HashMap::new();
+    for g in guides {
+        guide_clips.insert(
+            g.clone(),
+            GuideClip::load(g, &load.hub, load.dtype, &load.device)?,
+        );
+    }
+    let mut decoders = HashMap::new();
+    for it in items {
+        if let Some(g) = it.guidance.as_ref().filter(|g| g.is_active()) {
+            let key = format!("{}:{}", g.decoder, g.taesd);
+            if let std::collections::hash_map::Entry::Vacant(slot) = decoders.entry(key) {
+                slot.insert(GuidanceDecoder::load(g.decoder, &g.taesd, &sd, &load.hub)?);
+            }
+        }
+    }
+    let init_image = match &r.generation.init_image {
+        Some(p) => Some(generate::load_init_image(
+            &recipe.resolve(p),
+            opts.max_pixels,
+        )?),
+        None => None,
+    };
+    Ok(Models {
+        sd,
+        hashes,
+        probers,
+        guide_clips,
+        decoders,
+        init_image,
+    })
+}
+
+fn make_item(
+    recipe: &LoadedRecipe,
+    m: &Models,
+    item: &PlanItem,
+    opts: &RunOptions,
+    progress: &Progress,
+) -> Result<ManifestEntry> {
+    let g = &recipe.recipe.generation;
+    let (iw, ih) = match &m.init_image {
+        Some(t) => (Some(t.dim(3)?), Some(t.dim(2)?)),
+        None => (None, None),
+    };
+    let guide = match item.guidance.as_ref().filter(|c| c.is_active()) {
+        Some(c) => {
+            let clip = c.clip.as_ref().and_then(|s| m.guide_clips.get(s));
+            let decoder = m.decoders[&format!("{}:{}", c.decoder, c.taesd)].clone();
+            Some(std::sync::Arc::new(Guide::with_clip(
+                c.clone(),
+                &m.sd,
+                clip,
+                decoder,
+                opts.max_pixels,
+            )?))
+        }
+        None => None,
+    };
+    let gopts = GenerateOptions {
+        prompt: item.prompt.clone(),
+        negative_prompt: g.negative_prompt.clone(),
+        steps: g.steps,
+        guidance_scale: g.guidance_scale,
+        scheduler: g.scheduler.parse()?,
+        eta: g.eta,
+        seed: item.seed,
+        width: g.width.or(iw).unwrap_or_else(|| m.sd.default_size()),
+        height: g.height.or(ih).unwrap_or_else(|| m.sd.default_size()),
+        num_images: 1,
+        init_image: m.init_image.clone(),
+        strength: g.strength,
+        latents: None,
+        guide,
+    };
+    let mut entry = None;
+    generate::generate(&m.sd, &gopts, progress, |gen| {
+        let mut params = generate::generation_params(
+            &m.sd,
+            &gopts,
+            &gen,
+            generate::model_hash(&m.hashes),
+            g.init_image.as_ref().map(|p| p.display().to_string()),
+        );
+        params
+            .extra
+            .insert("run_item".into(), item.id.clone().into());
+        let (rgb, w, h) = crate::output::tensor_to_rgb8(&gen.image)?;
+        let mut probes = BTreeMap::new();
+        for p in &m.probers {
+            probes.insert(
+                p.encoder.id.clone(),
+                p.answer_rgb(&rgb, w as usize, h as usize)?,
+            );
+        }
+        let sidecar = crate::output::Sidecar::new(params, m.hashes.clone(), gen.timings.clone());
+        let rel = image_rel(&item.id);
+        let png = opts.out.join(&rel);
+        let dir = png.parent().unwrap_or(&opts.out).to_path_buf();
+        let set = crate::output::OutputSet::at(&dir, &item.arm, true)?;
+        let saved = set.save_generation(&sidecar, &rgb, w, h, None)?;
+        entry = Some(ManifestEntry {
+            sha256: crate::output::sha256_file(&saved.png)?,
+            probes,
+        });
+        Ok(())
+    })?;
+    entry.ok_or_else(|| Error::Msg(format!("{}: no image was generated", item.id)))
+}
+
+/// `results.json` from the manifest, for `items` in plan order (all must be finished).
+pub fn assemble(
+    recipe: &LoadedRecipe,
+    suite: &Suite,
+    manifest: &Manifest,
+    items: &[&PlanItem],
+) -> Result<RunResults> {
+    let mut out = Vec::with_capacity(items.len());
+    for it in items {
+        let e = manifest.items.get(&it.id).ok_or_else(|| {
+            Error::Msg(format!(
+                "item {} is not finished; run the recipe again to resume",
+                it.id
+            ))
+        })?;
+        out.push(RunItem {
+            id: it.id.clone(),
+            experiment: it.experiment.clone(),
+            cell: it.cell.clone(),
+            subject: it.subject.clone(),
+            target: it.target.clone(),
+            seed: it.seed,
+            arm: it.arm.clone(),
+            baseline: it.baseline,
+            prompt: it.prompt.clone(),
+            image: image_rel(&it.id),
+            sha256: e.sha256.clone(),
+            probes: e.probes.clone(),
+        });
+    }
+    Ok(RunResults {
+        tool: "artguide".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        recipe: recipe.recipe.name.clone(),
+        model: manifest.model.clone(),
+        probe_clip: manifest.probe_clip.clone(),
+        guide_clip: manifest.guide_clip.clone(),
+        suite: suite
+            .probes
+            .iter()
+            .map(|p| SuiteProbe {
+                name: p.name.clone(),
+                labels: p.labels.iter().map(|l| l.name().to_string()).collect(),
+            })
+            .collect(),
+        items: out,
+    })
+}
+
+/// Joins shard folders into `out`: copies their images and sidecars, unions their manifests
+/// and writes `results.json` for the whole plan, identical to an unsharded run's.
+pub fn merge(
+    recipe: &LoadedRecipe,
+    plan: &Plan,
+    suite: &Suite,
+    shards: &[PathBuf],
+    out: &Path,
+    force: bool,
+) -> Result<RunResults> {
+    let mut manifest = Manifest::default();
+    let mut sources: HashMap<String, PathBuf> = HashMap::new();
+    for dir in shards {
+        let copy = dir.join(RECIPE_FILE);
+        let text = std::fs::read_to_string(&copy).map_err(|e| Error::io(&copy, e))?;
+        if text != recipe.text {
+            return Err(Error::file(
+                &copy,
+                "is a different recipe from the one being merged",
+            ));
+        }
+        let m = Manifest::load(dir)?;
+        if manifest.probe_clip.is_empty() {
+            manifest.model = m.model.clone();
+            manifest.probe_clip = m.probe_clip.clone();
+            manifest.guide_clip = m.guide_clip.clone();
+        } else if (m.model.as_str(), m.probe_clip.as_str(), &m.guide_clip)
+            != (
+                manifest.model.as_str(),
+                manifest.probe_clip.as_str(),
+                &manifest.guide_clip,
+            )
+            && !m.items.is_empty()
+        {
+            return Err(Error::file(
+                dir.join(MANIFEST_FILE),
+                "was made with different models",
+            ));
+        }
+        for (id, e) in m.items {
+            if is_done(
+                dir,
+                &Manifest {
+                    items: BTreeMap::from([(id.clone(), e.clone())]),
+                    ..Default::default()
+                },
+                &id,
+            ) {
+                sources.insert(id.clone(), dir.clone());
+                manifest.items.insert(id, e);
+            }
+        }
+    }
+    let missing: Vec<&str> = plan
+        .items
+        .iter()
+        .filter(|i| !manifest.items.contains_key(&i.id))
+        .map(|i| i.id.as_str())
+        .collect();
+    if let Some(first) = missing.first() {
+        return Err(Error::Msg(format!(
+            "{} of {} items are in no shard (first: {first}); finish every shard before merging",
+            missing.len(),
+            plan.items.len()
+        )));
+    }
+    prepare(recipe, out, force)?;
+    for it in &plan.items {
+        let src = &sources[&it.id];
+        if src == out {
+            continue;
+        }
+        for ext in ["png", "json"] {
+            let rel = format!("images/{}.{ext}", it.id);
+            let from = src.join(&rel);
+            let to = out.join(&rel);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+            crate::output::write_atomic(&to, &bytes, true)?;
+        }
+    }
+    manifest.save(out)?;
+    let items: Vec<&PlanItem> = plan.items.iter().collect();
+    let results = assemble(recipe, suite, &manifest, &items)?;
+    let text = serde_json::to_string_pretty(&results).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::output::write_atomic(&out.join(RESULTS_FILE), text.as_bytes(), true)?;
+    Ok(results)
+}

@@ -1,0 +1,451 @@
+//! Recipes: YAML files describing experiments (subjects x targets x seeds x arms), read with a
+//! strict schema, checked field by field, and expanded into a plan of images.
+//!
+//! Relative paths in a recipe (model folders, suite, style and init images) are resolved
+//! against the recipe file's folder, so a recipe and its assets move together; a model or
+//! CLIP spec that is not an existing path is taken as a hub id.
+
+pub mod plan;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::guidance::GuidanceConfig;
+use crate::{Error, Result};
+
+pub use plan::{Plan, PlanItem};
+
+/// A whole recipe file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// The run's name: a plain folder name (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// The Stable Diffusion model: a diffusers folder or a hub id.
+    pub model: String,
+    /// The CLIP that guides (a CLIPModel folder or hub id); arms inherit it.
+    #[serde(default)]
+    pub guide_clip: Option<String>,
+    /// The held-out CLIP that judges every image (may differ from the guide).
+    pub probe_clip: String,
+    /// The probe suite YAML.
+    pub suite: PathBuf,
+    /// Generation settings shared by every experiment.
+    #[serde(default)]
+    pub generation: Generation,
+    /// The experiments, run in order.
+    pub experiments: Vec<Experiment>,
+}
+
+/// Generation settings; every field has a default (stated in [`Generation::default`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Generation {
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// ddim, euler, euler-a or dpmpp-2m.
+    pub scheduler: String,
+    pub eta: f64,
+    /// Image size; default: the model's native size.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub negative_prompt: String,
+    /// img2img init image (also the content image of style transfer).
+    pub init_image: Option<PathBuf>,
+    pub strength: f64,
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Generation {
+            steps: 30,
+            guidance_scale: 7.5,
+            scheduler: "ddim".into(),
+            eta: 0.0,
+            width: None,
+            height: None,
+            negative_prompt: String::new(),
+            init_image: None,
+            strength: 0.75,
+        }
+    }
+}
+
+/// One experiment: a grid of subjects x targets x seeds, each cell generated once per arm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// A plain folder name, unique in the recipe.
+    pub name: String,
+    /// Prompt template: `{subject}` and `{target}` are replaced per cell.
+    #[serde(default = "default_prompt")]
+    pub prompt: String,
+    pub subjects: Vec<String>,
+    /// Explicit targets.
+    #[serde(default)]
+    pub targets: Vec<TargetSpec>,
+    /// Targets as the product of label lists (e.g. style x period for probe sets).
+    #[serde(default)]
+    pub target_grid: Option<TargetGrid>,
+    pub seeds: Seeds,
+    /// The arms; an arm without `guidance` is the baseline. Default: one baseline arm.
+    #[serde(default = "default_arms")]
+    pub arms: Vec<Arm>,
+}
+
+fn default_prompt() -> String {
+    "{subject}".into()
+}
+
+fn default_arms() -> Vec<Arm> {
+    vec![Arm {
+        name: "baseline".into(),
+        guidance: None,
+    }]
+}
+
+/// A target: its text (for `{target}`) and the intended label of each probe it aims at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub text: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Targets as a product: `labels: {style: [Baroque, Cubism], period: [17th, 20th]}` gives
+/// four targets; `text` names each probe as `{style}`, `{period}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetGrid {
+    pub text: String,
+    pub labels: BTreeMap<String, Vec<String>>,
+}
+
+/// Seeds: a list, or `{start, count}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Seeds {
+    List(Vec<u64>),
+    Range(SeedRange),
+}
+
+/// `count` consecutive seeds from `start`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedRange {
+    pub start: u64,
+    pub count: usize,
+}
+
+impl<'de> Deserialize<'de> for Seeds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        // By hand so a bad value is reported at the `seeds` field, not as "no variant".
+        let v = serde_yaml::Value::deserialize(d)?;
+        if let Ok(list) = serde_yaml::from_value::<Vec<u64>>(v.clone()) {
+            return Ok(Seeds::List(list));
+        }
+        serde_yaml::from_value::<SeedRange>(v)
+            .map(Seeds::Range)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "expected a list of seeds (non-negative integers) or {{start, count}}: {e}"
+                ))
+            })
+    }
+}
+
+impl Seeds {
+    /// The seeds in order.
+    pub fn values(&self) -> Vec<u64> {
+        match self {
+            Seeds::List(v) => v.clone(),
+            Seeds::Range(r) => (0..r.count as u64).map(|i| r.start + i).collect(),
+        }
+    }
+}
+
+/// An arm: a name and its guidance (none = the unguided baseline). Guidance prompts may use
+/// `{subject}` and `{target}`; `clip` defaults to the recipe's `guide_clip`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Arm {
+    pub name: String,
+    #[serde(default)]
+    pub guidance: Option<GuidanceConfig>,
+}
+
+/// A recipe read from a file, with its text and folder.
+#[derive(Debug, Clone)]
+pub struct LoadedRecipe {
+    pub recipe: Recipe,
+    pub path: PathBuf,
+    /// The file's exact text (copied into the run folder).
+    pub text: String,
+}
+
+/// Most images one recipe may plan (a typo guard; split bigger studies into recipes).
+pub const MAX_IMAGES: usize = 1_000_000;
+
+/// Whether `s` is usable as one path component of the output folder.
+fn plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && s.len() <= 100
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// serde_yaml's message with its location moved to the front, as `file:line:column: ...`.
+fn yaml_error(path: &Path, e: serde_yaml::Error) -> Error {
+    let msg = e.to_string();
+    match e.location() {
+        Some(loc) => {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            let msg = msg.replace(&suffix, "");
+            Error::file(
+                format!("{}:{}:{}", path.display(), loc.line(), loc.column()),
+                msg,
+            )
+        }
+        None => Error::file(path, msg),
+    }
+}
+
+impl LoadedRecipe {
+    /// Reads, parses and checks a recipe file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks recipe text that came from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let recipe: Recipe = serde_yaml::from_str(text).map_err(|e| yaml_error(path, e))?;
+        let loaded = LoadedRecipe {
+            recipe,
+            path: path.to_path_buf(),
+            text: text.to_string(),
+        };
+        loaded.check()?;
+        Ok(loaded)
+    }
+
+    /// The folder relative paths are resolved against.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new(""))
+    }
+
+    /// A path field resolved against the recipe's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir().join(p)
+        }
+    }
+
+    /// A model or CLIP spec: the resolved path when it exists, else the spec as a hub id.
+    /// A spec that can only be a path (starts with `.` or `/`, or has more than one `/`) and
+    /// does not exist is an error naming the field.
+    pub fn resolve_model(&self, field: &str, spec: &str) -> Result<String> {
+        let p = self.resolve(Path::new(spec));
+        if p.exists() {
+            return Ok(p.display().to_string());
+        }
+        let path_like = spec.starts_with('.')
+            || spec.starts_with('/')
+            || spec.matches('/').count() != 1
+            || spec.contains('\\');
+        if path_like {
+            return Err(Error::field(
+                &self.path,
+                field,
+                format!("`{spec}`: no such folder ({})", p.display()),
+            ));
+        }
+        Ok(spec.to_string())
+    }
+
+    fn field_err(&self, field: impl Into<String>, msg: impl Into<String>) -> Error {
+        Error::field(&self.path, field, msg)
+    }
+
+    fn must_exist(&self, field: &str, p: &Path) -> Result<()> {
+        let r = self.resolve(p);
+        if r.is_file() {
+            Ok(())
+        } else {
+            Err(self.field_err(
+                field,
+                format!("{}: no such file ({})", p.display(), r.display()),
+            ))
+        }
+    }
+
+    /// Semantic checks after parsing: names, counts, files, guidance settings.
+    fn check(&self) -> Result<()> {
+        let r = &self.recipe;
+        if !plain_name(&r.name) {
+            return Err(self.field_err(
+                "name",
+                format!(
+                    "`{}` must be a plain folder name (letters, digits, - _ .), so the run stays inside the output folder",
+                    r.name
+                ),
+            ));
+        }
+        self.resolve_model("model", &r.model)?;
+        self.resolve_model("probe_clip", &r.probe_clip)?;
+        if let Some(g) = &r.guide_clip {
+            self.resolve_model("guide_clip", g)?;
+        }
+        self.must_exist("suite", &r.suite)?;
+        let g = &r.generation;
+        if g.steps == 0 {
+            return Err(self.field_err("generation.steps", "0: expected at least 1"));
+        }
+        if !(g.guidance_scale.is_finite() && g.guidance_scale >= 0.0) {
+            return Err(self.field_err(
+                "generation.guidance_scale",
+                format!("{}: expected a finite number >= 0", g.guidance_scale),
+            ));
+        }
+        g.scheduler
+            .parse::<crate::schedulers::SchedulerKind>()
+            .map_err(|e| self.field_err("generation.scheduler", e.to_string()))?;
+        if let Some(p) = &g.init_image {
+            self.must_exist("generation.init_image", p)?;
+            if !(g.strength > 0.0 && g.strength <= 1.0) {
+                return Err(self.field_err(
+                    "generation.strength",
+                    format!("{}: expected a number in (0, 1]", g.strength),
+                ));
+            }
+        }
+        if r.experiments.is_empty() {
+            return Err(self.field_err("experiments", "is empty: expected at least one"));
+        }
+        let mut names = HashSet::new();
+        let mut total = 0usize;
+        for (i, e) in r.experiments.iter().enumerate() {
+            let at = |f: &str| format!("experiments[{i}] ({}).{f}", e.name);
+            if !plain_name(&e.name) {
+                return Err(self.field_err(
+                    format!("experiments[{i}].name"),
+                    format!(
+                        "`{}` must be a plain folder name (letters, digits, - _ .)",
+                        e.name
+                    ),
+                ));
+            }
+            if !names.insert(e.name.as_str()) {
+                return Err(self.field_err(at("name"), "duplicate experiment name"));
+            }
+            if e.subjects.is_empty() {
+                return Err(self.field_err(at("subjects"), "is empty: expected at least one"));
+            }
+            if !e.targets.is_empty() && e.target_grid.is_some() {
+                return Err(self.field_err(
+                    at("target_grid"),
+                    "give either `targets` or `target_grid`, not both",
+                ));
+            }
+            if let Some(grid) = &e.target_grid {
+                if grid.labels.is_empty() || grid.labels.values().any(Vec::is_empty) {
+                    return Err(self.field_err(
+                        at("target_grid.labels"),
+                        "needs at least one probe with at least one label",
+                    ));
+                }
+            }
+            let seeds = e.seeds.values();
+            if seeds.is_empty() {
+                return Err(self.field_err(at("seeds"), "is empty: expected at least one seed"));
+            }
+            if seeds.iter().collect::<HashSet<_>>().len() != seeds.len() {
+                return Err(self.field_err(at("seeds"), "has duplicate seeds"));
+            }
+            if e.arms.is_empty() {
+                return Err(self.field_err(at("arms"), "is empty: expected at least one arm"));
+            }
+            let mut arm_names = HashSet::new();
+            let mut baselines = 0;
+            for (k, a) in e.arms.iter().enumerate() {
+                let at_arm =
+                    |f: &str| format!("experiments[{i}] ({}).arms[{k}] ({}).{f}", e.name, a.name);
+                if !plain_name(&a.name) {
+                    return Err(self.field_err(
+                        format!("experiments[{i}] ({}).arms[{k}].name", e.name),
+                        format!(
+                            "`{}` must be a plain folder name (letters, digits, - _ .)",
+                            a.name
+                        ),
+                    ));
+                }
+                if !arm_names.insert(a.name.as_str()) {
+                    return Err(self.field_err(at_arm("name"), "duplicate arm name"));
+                }
+                match &a.guidance {
+                    None => baselines += 1,
+                    Some(gc) => {
+                        let mut gc = gc.clone();
+                        if gc.clip.is_none() {
+                            gc.clip = r.guide_clip.clone();
+                        }
+                        gc.validate()
+                            .map_err(|err| self.field_err(at_arm("guidance"), err.to_string()))?;
+                        if let Some(c) = &gc.clip {
+                            self.resolve_model(&at_arm("guidance.clip"), c)?;
+                        }
+                        if let Some(p) = &gc.image {
+                            self.must_exist(&at_arm("guidance.image"), p)?;
+                        }
+                        if let Some(s) = &gc.style {
+                            self.must_exist(&at_arm("guidance.style.image"), &s.image)?;
+                            if s.content_weight != 0.0 && g.init_image.is_none() {
+                                return Err(self.field_err(
+                                    at_arm("guidance.style.content_weight"),
+                                    "the content term needs generation.init_image",
+                                ));
+                            }
+                        }
+                        if gc.decoder == crate::guidance::DecoderKind::Taesd {
+                            self.resolve_model(&at_arm("guidance.taesd"), &gc.taesd)?;
+                        }
+                    }
+                }
+            }
+            if baselines > 1 {
+                return Err(self.field_err(
+                    at("arms"),
+                    "more than one arm without guidance: exactly one baseline is allowed",
+                ));
+            }
+            let targets = e.targets.len().max(
+                e.target_grid
+                    .as_ref()
+                    .map(|g| g.labels.values().map(Vec::len).product())
+                    .unwrap_or(1),
+            );
+            total = total.saturating_add(
+                e.subjects
+                    .len()
+                    .saturating_mul(targets.max(1))
+                    .saturating_mul(seeds.len())
+                    .saturating_mul(e.arms.len()),
+            );
+        }
+        if total > MAX_IMAGES {
+            return Err(self.field_err(
+                "experiments",
+                format!("plan {total} images; at most {MAX_IMAGES} per recipe"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

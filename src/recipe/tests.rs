@@ -1,0 +1,98 @@
+use super::*;
+
+fn parse(text: &str) -> Result<LoadedRecipe> {
+    // Paths resolve against the repo's recipes/smoke folder, where the fixtures are reachable.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/smoke/unit.yaml");
+    LoadedRecipe::parse(text, &path)
+}
+
+const BASE: &str = "name: t\nmodel: ../../tests/fixtures/tiny-sd-a\nprobe_clip: ../../tests/fixtures/clip/tiny-clip-b\nsuite: ../../probes/art.yaml\nexperiments:\n  - name: e\n    subjects: [a, b]\n    seeds: {start: 5, count: 2}\n";
+
+#[test]
+fn defaults_are_stated_once_and_applied() {
+    let r = parse(BASE).unwrap();
+    assert_eq!(r.recipe.generation, Generation::default());
+    let e = &r.recipe.experiments[0];
+    assert_eq!(e.prompt, "{subject}");
+    assert_eq!(e.arms.len(), 1);
+    assert!(e.arms[0].guidance.is_none());
+    assert_eq!(e.seeds.values(), vec![5, 6]);
+}
+
+#[test]
+fn plan_is_the_grid_in_order_with_shared_cells() {
+    let text = BASE.replace(
+        "    seeds: {start: 5, count: 2}\n",
+        "    prompt: \"{subject} as {target}\"\n    target_grid:\n      text: \"{style} from the {period}\"\n      labels: {style: [Baroque, Cubism], period: [17th]}\n    seeds: [1, 2]\n    arms:\n      - name: base\n      - name: g\n        guidance: {prompts: [{text: \"{target}\"}], clip: ../../tests/fixtures/clip/tiny-clip-a, decoder: linear}\n",
+    );
+    let r = parse(&text).unwrap();
+    let suite = crate::probe::suite::Suite::load(&r.resolve(&r.recipe.suite)).unwrap();
+    let plan = Plan::new(&r, &suite).unwrap();
+    // 2 subjects x 2 targets x 2 seeds x 2 arms.
+    assert_eq!(plan.items.len(), 16);
+    let first = &plan.items[0];
+    assert_eq!(first.id, "e/s00-t00-seed1/base");
+    assert_eq!(first.prompt, "a as Baroque from the 17th");
+    let guided = &plan.items[1];
+    assert_eq!(guided.cell, first.cell);
+    assert_eq!(guided.seed, first.seed);
+    let g = guided.guidance.as_ref().unwrap();
+    assert_eq!(g.prompts[0].text, "Baroque from the 17th");
+    assert!(g.clip.as_ref().unwrap().ends_with("tiny-clip-a"));
+    assert_eq!(plan.items[4].prompt, "a as Cubism from the 17th");
+    // Shards partition the plan.
+    let mut ids: Vec<&str> = plan
+        .shard(0, 3)
+        .iter()
+        .chain(&plan.shard(1, 3))
+        .chain(&plan.shard(2, 3))
+        .map(|i| i.id.as_str())
+        .collect();
+    ids.sort();
+    let mut all: Vec<&str> = plan.items.iter().map(|i| i.id.as_str()).collect();
+    all.sort();
+    assert_eq!(ids, all);
+}
+
+#[test]
+fn errors_name_location_and_field() {
+    let cases = [
+        (
+            BASE.replace("name: t\n", "name: t\ncolour: red\n"),
+            "unknown field `colour`",
+        ),
+        (
+            BASE.replace("seeds: {start: 5, count: 2}", "seeds: []"),
+            "seeds",
+        ),
+        (BASE.replace("subjects: [a, b]", "subjects: []"), "subjects"),
+        (
+            BASE.replace("name: t\n", "name: .hidden\n"),
+            "plain folder name",
+        ),
+        (
+            format!("{BASE}generation: {{steps: 0}}\n"),
+            "generation.steps",
+        ),
+        (
+            format!("{BASE}generation: {{scheduler: plms}}\n"),
+            "generation.scheduler",
+        ),
+        (
+            BASE.replace(
+                "model: ../../tests/fixtures/tiny-sd-a",
+                "model: ./missing-model",
+            ),
+            "model",
+        ),
+    ];
+    for (text, needle) in cases {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(needle), "`{needle}` missing from: {e}");
+        assert!(e.contains("unit.yaml"), "file not named: {e}");
+    }
+    let e = parse(&BASE.replace("name: t\n", "name: t\ncolour: red\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unit.yaml:2:1"), "no line:column: {e}");
+}

@@ -1,0 +1,331 @@
+//! Recipes end to end on the committed tiny models: every shipped smoke recipe runs; shards
+//! merge into the unsharded run byte for byte; a run killed part-way resumes to the same bytes
+//! with no partial file ever visible; bad recipes give one clear line and write nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_artguide"));
+    c.env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn run(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["--quiet", "run"])
+        .arg(recipe)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every non-hidden file under `dir` (relative path -> bytes), sidecars' timings removed.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+                continue;
+            }
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with('.'), "a temporary file is left: {rel}");
+            if rel.ends_with(".json") && rel.starts_with("images/") {
+                // Sidecars hold wall-clock timings: compare everything else.
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                v["timings"] = serde_json::Value::Null;
+                out.push((rel, v.to_string().into_bytes()));
+            } else {
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v
+}
+
+fn smoke(name: &str) -> PathBuf {
+    repo().join("recipes/smoke").join(format!("{name}.yaml"))
+}
+
+#[test]
+fn every_smoke_recipe_runs_and_records_each_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["compare", "style-transfer", "period-shift", "probeset"] {
+        let out = tmp.path().join(name);
+        let o = run(&smoke(name), &out, &[]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+        let items = r["items"].as_array().unwrap();
+        assert!(!items.is_empty());
+        for it in items {
+            let png = out.join(it["image"].as_str().unwrap());
+            let bytes = std::fs::read(&png).unwrap();
+            use sha2::Digest;
+            assert_eq!(
+                format!("{:x}", sha2::Sha256::digest(&bytes)),
+                it["sha256"].as_str().unwrap(),
+                "{name}: {}",
+                png.display()
+            );
+            let probes = it["probes"].as_object().unwrap();
+            assert!(probes.contains_key(r["probe_clip"].as_str().unwrap()));
+            if let Some(g) = r["guide_clip"].as_str() {
+                assert!(probes.contains_key(g), "{name}: guide CLIP answers missing");
+            }
+        }
+        // Arms of a cell pair: guided arms differ from their baseline.
+        if name == "compare" {
+            let base = items.iter().find(|i| i["baseline"] == true).unwrap();
+            let arm = items
+                .iter()
+                .find(|i| i["cell"] == base["cell"] && i["baseline"] == false)
+                .unwrap();
+            assert_ne!(base["sha256"], arm["sha256"]);
+            assert_eq!(base["seed"], arm["seed"]);
+        }
+        if name == "probeset" {
+            assert_eq!(items.len(), 2 * 4);
+            let labels = &items[0]["target"]["labels"];
+            assert!(
+                labels["style"].is_string() && labels["period"].is_string(),
+                "{labels}"
+            );
+        }
+        // A second run finds everything done and changes nothing.
+        let before = tree(&out);
+        let o = run(&smoke(name), &out, &[]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert_eq!(tree(&out), before, "{name}: a re-run changed the folder");
+    }
+}
+
+#[test]
+fn shards_merge_into_the_unsharded_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = smoke("compare");
+    let whole = tmp.path().join("whole");
+    let o = run(&recipe, &whole, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b, merged) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("m"),
+    );
+    for (dir, shard) in [(&a, "0/2"), (&b, "1/2")] {
+        let o = run(&recipe, dir, &["--shard", shard]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = bin()
+        .args(["--quiet", "merge"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&merged)
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (tw, tm) = (tree(&whole), tree(&merged));
+    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&tw), names(&tm));
+    for ((n, x), (_, y)) in tw.iter().zip(&tm) {
+        assert!(
+            x == y,
+            "{n} differs between the merged and the unsharded run"
+        );
+    }
+    // Merging with a shard missing is refused by name.
+    let o = bin()
+        .args(["--quiet", "merge"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(tmp.path().join("m2"))
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("in no shard"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = smoke("compare");
+    let whole = tmp.path().join("whole");
+    let o = run(&recipe, &whole, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected = tree(&whole);
+
+    // Kill at a few points: while loading, after some items, and late.
+    let out = tmp.path().join("killed");
+    for wait_items in [0usize, 2, 7] {
+        let mut child = bin()
+            .args(["--quiet", "run"])
+            .arg(&recipe)
+            .arg("--out")
+            .arg(&out)
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            let done = std::fs::read_to_string(out.join("manifest.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .map(|m| m["items"].as_object().map_or(0, |o| o.len()))
+                .unwrap_or(0);
+            if done >= wait_items || start.elapsed().as_secs() > 120 {
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill(); // SIGKILL on Unix
+        let _ = child.wait();
+        // Whatever is visible now is complete: every visible image parses as a PNG.
+        if out.join("images").exists() {
+            for (rel, bytes) in tree_raw(&out.join("images")) {
+                if rel.ends_with(".png") {
+                    assert!(image::load_from_memory(&bytes).is_ok(), "partial {rel}");
+                }
+            }
+        }
+    }
+    let o = run(&recipe, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = tree(&out);
+    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got), names(&expected));
+    for ((n, x), (_, y)) in got.iter().zip(&expected) {
+        assert!(x == y, "{n} differs from the uninterrupted run");
+    }
+}
+
+/// Visible files under `dir` (no checks), for looking at a killed run.
+fn tree_raw(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.file_name().unwrap().to_string_lossy().starts_with('.') {
+                out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_recipes_are_one_clear_line_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(smoke("compare")).unwrap();
+    // Written next to the smoke recipes' relative paths: same folder depth.
+    let dir = repo().join("recipes/smoke");
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "unknown key",
+            good.replace("  steps: 4\n", "  steps: 4\n  stpes: 5\n"),
+            vec!["stpes", ":10:", "unknown field"],
+        ),
+        (
+            "wrong type",
+            good.replace("seeds: {start: 0, count: 3}", "seeds: lots"),
+            vec!["seeds", ":"],
+        ),
+        (
+            "negative steps",
+            good.replace("steps: 4", "steps: -4"),
+            vec!["steps", "-4", ":9:"],
+        ),
+        (
+            "missing file",
+            good.replace("../../probes/art.yaml", "../../probes/nope.yaml"),
+            vec!["suite", "nope.yaml", "no such file"],
+        ),
+        (
+            "escaping name",
+            good.replace("name: smoke-compare", "name: ../../etc"),
+            vec!["name", "../../etc", "plain folder name"],
+        ),
+        (
+            "unknown target label",
+            good.replace("style: Impressionism", "style: Vaporwave"),
+            vec!["targets[0].labels.style", "Vaporwave"],
+        ),
+        (
+            "two baselines",
+            good.replace(
+                "      - name: clip-text\n        guidance:",
+                "      - name: other\n      - name: clip-text\n        guidance:",
+            ),
+            vec!["arms", "baseline"],
+        ),
+    ];
+    for (what, text, needles) in cases {
+        let path = dir.join(format!(".test-bad-{}.yaml", what.replace(' ', "-")));
+        std::fs::write(&path, &text).unwrap();
+        let out = tmp.path().join(what.replace(' ', "-"));
+        let o = run(&path, &out, &[]);
+        let _ = std::fs::remove_file(&path);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{what}: expected failure");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{what}: one line expected: {err}"
+        );
+        for n in needles {
+            assert!(err.contains(n), "{what}: `{n}` missing from: {err}");
+        }
+        assert!(!out.exists(), "{what}: the output folder was created");
+    }
+    // A folder holding another recipe's run is not reused without --force.
+    let out = tmp.path().join("taken");
+    let o = run(&smoke("probeset"), &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&smoke("period-shift"), &out, &[]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("different recipe"),
+        "{}",
+        stderr(&o)
+    );
+    // --dry-run prints the plan and writes nothing.
+    let out = tmp.path().join("dry");
+    let o = bin()
+        .args(["run", "--dry-run"])
+        .arg(smoke("compare"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("12 images"), "{text}");
+    assert!(!out.exists());
+}
