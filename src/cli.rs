@@ -42,6 +42,9 @@ pub enum Command {
     Run(RecipeArgs),
     /// Join the folders of a sharded run into one run.
     Merge(MergeArgs),
+    /// Run a recipe as an AI-art probe set: images, labels.csv, clip_scores.csv and an
+    /// annotation sheet (annotation.csv + annotation.html) for human raters.
+    Probeset(RecipeArgs),
 }
 
 /// `artguide run`.

@@ -39,7 +39,34 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Agree(args) => run_agree(&args, mode),
         Command::Embed(args) => run_embed(&args, mode),
         Command::Probe(args) => run_probe(&args, mode),
-        Command::Run(args) => run_recipe(&args, mode),
+        Command::Run(args) => run_recipe(&args, mode).map(|_| ()),
+        Command::Probeset(args) => {
+            let Some(out) = run_recipe(&args, mode)? else {
+                return Ok(());
+            };
+            if args.shard.is_some() {
+                Progress::new(mode, 0, "").event(
+                    "shard done; after `artguide merge`, run `artguide probeset RECIPE --out MERGED_DIR` (it finds every image done) to write the annotation sheet",
+                    serde_json::json!({"event": "shard-done"}),
+                );
+                return Ok(());
+            }
+            let results = crate::run::results::RunResults::load(&out)?;
+            let files = crate::probeset::write(&out, &results)?;
+            Progress::new(mode, 0, "").event(
+                &format!(
+                    "probe set of {} images: {}",
+                    results.items.len(),
+                    files
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                serde_json::json!({"event": "probeset", "images": results.items.len(), "files": files}),
+            );
+            Ok(())
+        }
         Command::Merge(args) => run_merge(&args, mode),
     }
 }
@@ -58,7 +85,8 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
     }
 }
 
-fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<()> {
+/// Runs (or with --dry-run, plans) a recipe; returns the run folder when it ran.
+fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Option<PathBuf>> {
     use crate::recipe::{LoadedRecipe, Plan};
     let recipe = LoadedRecipe::load(&args.recipe)?;
     let suite = crate::probe::suite::Suite::load(&recipe.resolve(&recipe.recipe.suite))?;
@@ -86,7 +114,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<()> {
             "steps_per_image": steps, "unet_steps": items * steps, "out": out});
         if mode == ProgressMode::Json {
             println!("{summary}");
-            return Ok(());
+            return Ok(None);
         }
         println!(
             "{}: {experiments} experiments, {items} images ({guided} guided), {steps} steps each = {} UNet steps -> {}",
@@ -110,7 +138,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<()> {
             "estimated time: about {} UNet steps of this model at this size; `artguide bench` (and BENCHMARKS.md) give seconds per step, and guided steps cost more (see BENCHMARKS.md)",
             items * steps
         );
-        return Ok(());
+        return Ok(None);
     }
     let opts = load_options(&args.run)?;
     let progress = Progress::new(mode, (items * steps) as u64, "running");
@@ -144,7 +172,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<()> {
         ),
         serde_json::json!({"event": "done", "images": results.items.len(), "made": made, "skipped": skipped, "out": out}),
     );
-    Ok(())
+    Ok(Some(out))
 }
 
 fn run_merge(args: &crate::cli::MergeArgs, mode: ProgressMode) -> Result<()> {

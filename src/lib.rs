@@ -11,6 +11,7 @@ pub mod models;
 pub mod noise;
 pub mod output;
 pub mod probe;
+pub mod probeset;
 pub mod progress;
 pub mod recipe;
 pub mod run;

@@ -329,3 +329,115 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     assert!(text.contains("12 images"), "{text}");
     assert!(!out.exists());
 }
+
+#[test]
+fn shipped_recipes_plan_without_network() {
+    for e in std::fs::read_dir(repo().join("recipes")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let o = bin().args(["run", "--dry-run"]).arg(&p).output().unwrap();
+            assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
+        }
+    }
+}
+
+/// `probeset`: labels, CLIP scores and an annotation sheet whose form references only
+/// existing images; a filled-in sheet goes straight into `agree`.
+#[test]
+fn probeset_writes_a_sheet_that_agree_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ps");
+    let o = bin()
+        .args(["--quiet", "probeset"])
+        .arg(smoke("probeset"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let items = r["items"].as_array().unwrap();
+    let read = |name: &str| -> Vec<Vec<String>> {
+        std::fs::read_to_string(out.join(name))
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').map(str::to_string).collect())
+            .collect()
+    };
+    let labels = read("labels.csv");
+    assert_eq!(labels.len(), items.len() + 1);
+    let col = |rows: &[Vec<String>], name: &str| rows[0].iter().position(|c| c == name).unwrap();
+    let (ci, cs, cp) = (
+        col(&labels, "image"),
+        col(&labels, "intended_style"),
+        col(&labels, "intended_period"),
+    );
+    for (row, it) in labels[1..].iter().zip(items) {
+        assert_eq!(row[ci], it["image"].as_str().unwrap());
+        assert_eq!(row[cs], it["target"]["labels"]["style"].as_str().unwrap());
+        assert_eq!(row[cp], it["target"]["labels"]["period"].as_str().unwrap());
+    }
+    let scores = read("clip_scores.csv");
+    let cps = col(&scores, "p_intended_style");
+    let probe_clip = r["probe_clip"].as_str().unwrap();
+    for (row, it) in scores[1..].iter().zip(items) {
+        let ans = it["probes"][probe_clip]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["probe"] == "style")
+            .unwrap();
+        let k = ans["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|l| l == &it["target"]["labels"]["style"])
+            .unwrap();
+        let want = ans["probs"][k].as_f64().unwrap();
+        assert!((row[cps].parse::<f64>().unwrap() - want).abs() < 1e-6);
+    }
+    let html = std::fs::read_to_string(out.join("annotation.html")).unwrap();
+    assert!(!html.contains("http://") && !html.contains("https://"));
+    let srcs: Vec<&str> = html
+        .split("src=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap())
+        .collect();
+    assert_eq!(srcs.len(), items.len());
+    for s in srcs {
+        assert!(out.join(s).is_file(), "{s} does not exist");
+    }
+    // A rater's filled sheet (ratings here: a made-up function of the row) feeds `agree`.
+    let sheet = read("annotation.csv");
+    let ca = col(&sheet, "adherence");
+    let mut filled = String::new();
+    for (k, row) in sheet.iter().enumerate() {
+        let mut row = row.clone();
+        if k > 0 {
+            row[ca] = (1 + (k * 7) % 5).to_string();
+        }
+        filled.push_str(&row.join(","));
+        filled.push('\n');
+    }
+    let ratings = tmp.path().join("ratings.csv");
+    std::fs::write(&ratings, filled).unwrap();
+    let o = bin()
+        .args(["--json", "agree", "--scores"])
+        .arg(out.join("clip_scores.csv"))
+        .arg("--ratings")
+        .arg(&ratings)
+        .args([
+            "--score-column",
+            "p_intended_style",
+            "--rating-column",
+            "adherence",
+            "--key",
+            "image",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(a["correlations"]["n"], items.len());
+}
