@@ -134,10 +134,27 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
                     .join(", ")
             );
         }
-        println!(
-            "estimated time: about {} UNet steps of this model at this size; `artguide bench` (and BENCHMARKS.md) give seconds per step, and guided steps cost more (see BENCHMARKS.md)",
-            items * steps
-        );
+        let opts = load_options(&args.run)?;
+        let shard_items: Vec<&crate::recipe::PlanItem> = match shard {
+            Some((i, n)) => plan.shard(i, n),
+            None => plan.items.iter().collect(),
+        };
+        // The estimate needs the model; a plan is still worth printing without it.
+        match crate::run::estimate(&recipe, &shard_items, &opts, args.max_pixels) {
+            Ok(est) => println!(
+                "estimated time: {:.1} min ({} steps x {:.2} s measured{})",
+                est.total_s / 60.0,
+                est.steps,
+                est.step_s,
+                est.guidance_s
+                    .map(|g| format!(
+                        ", plus {} guided steps x {g:.2} s of guidance",
+                        est.guided_steps
+                    ))
+                    .unwrap_or_default()
+            ),
+            Err(e) => println!("estimated time: unavailable ({e})"),
+        }
         return Ok(None);
     }
     let opts = load_options(&args.run)?;

@@ -327,6 +327,10 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("12 images"), "{text}");
+    assert!(
+        text.contains("estimated time:") && text.contains(" min ("),
+        "{text}"
+    );
     assert!(!out.exists());
 }
 

@@ -522,3 +522,92 @@ pub fn merge(
     crate::output::write_atomic(&out.join(RESULTS_FILE), text.as_bytes(), true)?;
     Ok(results)
 }
+
+/// A dry run's time estimate, from one measured step of each kind on this device.
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    /// Seconds of one sampling step (UNet, with CFG when the recipe uses it).
+    pub step_s: f64,
+    /// Seconds of one guidance gradient (first guided arm's settings), if any arm is guided.
+    pub guidance_s: Option<f64>,
+    pub steps: usize,
+    pub guided_steps: usize,
+    /// Estimated seconds for the items given.
+    pub total_s: f64,
+}
+
+/// Loads the model (and the first guided arm's guide) and times one step of each kind at the
+/// recipe's size to estimate how long `items` take.
+pub fn estimate(
+    recipe: &LoadedRecipe,
+    items: &[&PlanItem],
+    load: &LoadOptions,
+    max_pixels: u64,
+) -> Result<Estimate> {
+    use crate::noise::{NoiseGen, Stream};
+    let r = &recipe.recipe;
+    let g = &r.generation;
+    let sd = SdModel::load(&recipe.resolve_model("model", &r.model)?, load)?;
+    let (w, h) = (
+        g.width.unwrap_or_else(|| sd.default_size()),
+        g.height.unwrap_or_else(|| sd.default_size()),
+    );
+    let (c, lh, lw) = sd.latent_shape(w, h)?;
+    let batch = if g.guidance_scale > 1.0 { 2 } else { 1 };
+    let x = NoiseGen::new(0, Stream::InitialLatents)
+        .randn(&[batch, c, lh, lw])?
+        .to_dtype(sd.dtype)?
+        .to_device(&sd.device)?;
+    let ctx = candle_core::Tensor::cat(&vec![sd.encode_prompt("")?; batch], 0)?;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        let t = std::time::Instant::now();
+        f()?;
+        sd.device.synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let step_s = time(&mut || {
+        sd.unet.forward(&x, 500.0, &ctx)?;
+        Ok(())
+    })?;
+    let steps_per_item = match &g.init_image {
+        Some(_) => g.steps - crate::schedulers::img2img_start_index(g.steps, g.strength)?,
+        None => g.steps,
+    };
+    let mut guided_steps = 0;
+    let mut first_guided = None;
+    for it in items {
+        if let Some(gc) = it.guidance.as_ref().filter(|gc| gc.is_active()) {
+            guided_steps += gc
+                .guided_steps(steps_per_item)
+                .iter()
+                .filter(|&&b| b)
+                .count();
+            first_guided.get_or_insert(gc.clone());
+        }
+    }
+    let guidance_s = match first_guided {
+        Some(gc) => {
+            let guide = Guide::load(gc, &sd, &load.hub, max_pixels)?;
+            let x0 = NoiseGen::new(1, Stream::InitialLatents)
+                .randn(&[1, c, lh, lw])?
+                .to_device(&sd.device)?;
+            let mut rng = crate::noise::NoiseGen::new(0, Stream::Guidance);
+            let content = None;
+            Some(time(&mut || {
+                guide.gradient(&sd, &x0, &mut rng, content, 0)?;
+                Ok(())
+            })?)
+        }
+        None => None,
+    };
+    let steps = items.len() * steps_per_item;
+    let total_s = steps as f64 * step_s + guided_steps as f64 * guidance_s.unwrap_or(0.0);
+    Ok(Estimate {
+        step_s,
+        guidance_s,
+        steps,
+        guided_steps,
+        total_s,
+    })
+}
