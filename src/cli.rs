@@ -42,6 +42,8 @@ pub enum Command {
     Run(RecipeArgs),
     /// Join the folders of a sharded run into one run.
     Merge(MergeArgs),
+    /// Paired guided-vs-baseline statistics of runs: summary.json, summary.csv, report.html.
+    Compare(CompareArgs),
     /// Run a recipe as an AI-art probe set: images, labels.csv, clip_scores.csv and an
     /// annotation sheet (annotation.csv + annotation.html) for human raters.
     Probeset(RecipeArgs),
@@ -69,6 +71,23 @@ pub struct RecipeArgs {
     pub max_pixels: u64,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// `artguide compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Run folders (each with results.json).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Where summary.json, summary.csv and report.html go (default: the first run folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Bootstrap resamples for the intervals.
+    #[arg(long, default_value_t = 2000)]
+    pub resamples: usize,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// `artguide merge`.

@@ -68,6 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Merge(args) => run_merge(&args, mode),
+        Command::Compare(args) => run_compare(&args, mode),
     }
 }
 
@@ -190,6 +191,48 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         serde_json::json!({"event": "done", "images": results.items.len(), "made": made, "skipped": skipped, "out": out}),
     );
     Ok(Some(out))
+}
+
+fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()> {
+    use crate::compare::{compare, write_outputs, CompareOptions, Loaded};
+    let loaded = Loaded::load(&args.runs)?;
+    let opts = CompareOptions {
+        resamples: args.resamples.max(1),
+        seed: args.seed,
+        ..Default::default()
+    };
+    let summary = compare(&loaded, &opts)?;
+    let out = args.out.clone().unwrap_or_else(|| args.runs[0].clone());
+    let files = write_outputs(&loaded, &summary, &out)?;
+    if mode == ProgressMode::Json {
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
+    if mode == ProgressMode::Bar {
+        println!(
+            "| experiment | arm | probe | model | n | mean shift [95% CI] | flip | Wilcoxon p |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        for r in summary.rows.iter().filter(|r| r.targeted) {
+            println!(
+                "| {} | {} | {} | {} | {} | {:+.4} [{:+.4}, {:+.4}] | {:.2} | {:.4} |",
+                r.experiment,
+                r.arm,
+                r.probe,
+                r.role,
+                r.n,
+                r.mean_shift.unwrap_or(f64::NAN),
+                r.ci_low.unwrap_or(f64::NAN),
+                r.ci_high.unwrap_or(f64::NAN),
+                r.flip_rate.unwrap_or(f64::NAN),
+                r.wilcoxon_p.unwrap_or(f64::NAN)
+            );
+        }
+        for f in files {
+            println!("wrote {}", f.display());
+        }
+    }
+    Ok(())
 }
 
 fn run_merge(args: &crate::cli::MergeArgs, mode: ProgressMode) -> Result<()> {

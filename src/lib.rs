@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod commands;
+pub mod compare;
 pub mod error;
 pub mod generate;
 pub mod guidance;
@@ -14,6 +15,7 @@ pub mod probe;
 pub mod probeset;
 pub mod progress;
 pub mod recipe;
+pub mod report;
 pub mod run;
 pub mod schedulers;
 

@@ -1,0 +1,190 @@
+//! `report.html` of a comparison: self-contained (inline CSS and SVG, no scripts, no network),
+//! with image grids that link the runs' PNGs by relative path, bar charts of the target shift
+//! with its interval per arm and probe model, and the tables of every metric.
+
+mod svg;
+
+use std::fmt::Write as _;
+use std::path::{Component, Path, PathBuf};
+
+use crate::compare::{cells, Loaded, Summary};
+use crate::{Error, Result};
+
+/// Escapes text for HTML content and attribute values.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// `to` relative to the folder `from` (both made absolute first), with `/` separators.
+pub fn relative(from: &Path, to: &Path) -> Result<String> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| Error::io(p, e))?
+                .join(p)
+        };
+        // Lexical normalisation (the files may not all exist yet).
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        Ok(out)
+    };
+    let (from, to) = (abs(from)?, abs(to)?);
+    let f: Vec<_> = from.components().collect();
+    let t: Vec<_> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".to_string(); f.len() - common];
+    parts.extend(
+        t[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    Ok(parts.join("/"))
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}")).unwrap_or_default()
+}
+
+/// The report for `summary`, to be written into the folder `out`.
+pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
+    let mut h = String::new();
+    let title = format!("artguide comparison: {}", summary.recipes.join(", "));
+    let _ = writeln!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<style>\n\
+         body {{ font-family: sans-serif; margin: 1em auto; max-width: 80em; color: #222; }}\n\
+         table {{ border-collapse: collapse; margin: .5em 0 1.5em; font-size: .85em; }}\n\
+         th, td {{ border: 1px solid #ccc; padding: .2em .5em; text-align: right; }}\n\
+         th:first-child, td:first-child {{ text-align: left; }}\n\
+         .grid img {{ width: 160px; height: auto; display: block; }}\n\
+         .grid td {{ text-align: center; vertical-align: top; }}\n\
+         .note {{ color: #555; font-size: .9em; }}\n</style></head><body>\n<h1>{}</h1>",
+        escape(&title),
+        escape(&title)
+    );
+    let _ = writeln!(
+        h,
+        "<p class=\"note\">Held-out probe CLIP: <code>{}</code>; guide CLIP: <code>{}</code>. {} images, {} guided images without a baseline partner. Intervals: {:.0}% percentile bootstrap over pairs ({} resamples, seed {}). Sign test: exact binomial; Wilcoxon: signed-rank, as scipy.</p>",
+        escape(&summary.probe_clip),
+        escape(summary.guide_clip.as_deref().unwrap_or("none")),
+        summary.items,
+        summary.unpaired,
+        summary.level * 100.0,
+        summary.resamples,
+        summary.seed
+    );
+    let grids = cells(loaded);
+    let mut experiments: Vec<&str> = summary.rows.iter().map(|r| r.experiment.as_str()).collect();
+    experiments.dedup();
+    for exp in grids.keys() {
+        if !experiments.contains(&exp.as_str()) {
+            experiments.push(exp);
+        }
+    }
+    for exp in experiments {
+        let _ = writeln!(h, "<h2>Experiment {}</h2>", escape(exp));
+        let rows: Vec<_> = summary
+            .rows
+            .iter()
+            .filter(|r| r.experiment == exp)
+            .collect();
+        let targeted: Vec<_> = rows
+            .iter()
+            .filter(|r| r.targeted && r.mean_shift.is_some())
+            .collect();
+        if !targeted.is_empty() {
+            h.push_str("<h3>Shift of the target label's probability (arm - baseline)</h3>\n");
+            let bars: Vec<svg::Bar> = targeted
+                .iter()
+                .map(|r| svg::Bar {
+                    label: format!("{} · {} · {}", r.arm, r.probe, r.role),
+                    value: r.mean_shift.unwrap_or(0.0),
+                    low: r.ci_low.unwrap_or(0.0),
+                    high: r.ci_high.unwrap_or(0.0),
+                    guide: r.role == "guide",
+                })
+                .collect();
+            h.push_str(&svg::bar_chart(&bars));
+            h.push_str("<table><tr><th>arm</th><th>probe</th><th>model</th><th>n</th><th>mean shift</th><th>95% CI</th><th>flip rate</th><th>sign p</th><th>Wilcoxon p</th><th>KL</th></tr>\n");
+            for r in &targeted {
+                let _ = writeln!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>[{}, {}]</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td></tr>",
+                    escape(&r.arm), escape(&r.probe), escape(&r.model), escape(&r.role), r.n,
+                    fmt(r.mean_shift, 4), fmt(r.ci_low, 4), fmt(r.ci_high, 4), fmt(r.flip_rate, 3),
+                    fmt(r.sign_p, 4), fmt(r.wilcoxon_p, 4), r.mean_kl
+                );
+            }
+            h.push_str("</table>\n");
+        }
+        let side: Vec<_> = rows.iter().filter(|r| !r.targeted).collect();
+        if !side.is_empty() {
+            h.push_str("<h3>Side effects: probes the target does not name</h3>\n<table><tr><th>arm</th><th>probe</th><th>model</th><th>n</th><th>mean KL (nats)</th><th>top label changed</th></tr>\n");
+            for r in side {
+                let _ = writeln!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{} ({})</td><td>{}</td><td>{:.4}</td><td>{:.3}</td></tr>",
+                    escape(&r.arm), escape(&r.probe), escape(&r.model), escape(&r.role), r.n,
+                    r.mean_kl, r.top_change_rate
+                );
+            }
+            h.push_str("</table>\n");
+        }
+        if let Some(cells) = grids.get(exp) {
+            h.push_str("<h3>Images: baseline and arms per cell</h3>\n<table class=\"grid\">\n");
+            for (cell, items) in cells {
+                let _ = write!(h, "<tr><td>{}</td>", escape(cell));
+                for (dir, it) in items {
+                    let src = relative(out, &dir.join(&it.image))?;
+                    let _ = write!(
+                        h,
+                        "<td><img src=\"{}\" alt=\"{}\">{}<br><span class=\"note\">{}</span></td>",
+                        escape(&src),
+                        escape(&it.id),
+                        escape(&it.arm),
+                        escape(&it.prompt)
+                    );
+                }
+                h.push_str("</tr>\n");
+            }
+            h.push_str("</table>\n");
+        }
+    }
+    h.push_str("</body></html>\n");
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_walk_up_and_down() {
+        assert_eq!(
+            relative(Path::new("/a/b/out"), Path::new("/a/b/run/images/x.png")).unwrap(),
+            "../run/images/x.png"
+        );
+        assert_eq!(
+            relative(Path::new("/a/run"), Path::new("/a/run/images/x.png")).unwrap(),
+            "images/x.png"
+        );
+        assert_eq!(
+            escape("<a href=\"x\">&"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;"
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! `compare` end to end: a smoke comparison recipe on the tiny models, then the summary
+//! checked against an independent computation from results.json, and the report parsed for
+//! references to files that do not exist.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_artguide"));
+    c.env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn recipe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/smoke/compare.yaml")
+}
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+#[test]
+fn compare_summary_matches_results_and_report_is_self_contained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = bin()
+        .args(["--quiet", "run"])
+        .arg(recipe())
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report_dir = tmp.path().join("report");
+    let o = bin()
+        .args(["--json", "compare"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&report_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary, on_disk);
+
+    // Independent computation from results.json.
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("results.json")).unwrap()).unwrap();
+    let items = r["items"].as_array().unwrap();
+    let rows = summary["rows"].as_array().unwrap();
+    let models = [
+        r["probe_clip"].as_str().unwrap(),
+        r["guide_clip"].as_str().unwrap(),
+    ];
+    let mut checked = 0;
+    for model in models {
+        for probe in ["style", "period"] {
+            let (mut shifts, mut flips, mut kls, mut changes) = (vec![], 0, vec![], 0);
+            for a in items.iter().filter(|i| i["arm"] == "clip-text") {
+                let b = items
+                    .iter()
+                    .find(|i| i["baseline"] == true && i["cell"] == a["cell"])
+                    .unwrap();
+                let ans = |it: &serde_json::Value| {
+                    it["probes"][model]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|x| x["probe"] == probe)
+                        .unwrap()
+                        .clone()
+                };
+                let (pa, pb) = (ans(a), ans(b));
+                let probs = |x: &serde_json::Value| -> Vec<f64> {
+                    x["probs"].as_array().unwrap().iter().map(f).collect()
+                };
+                let (qa, qb) = (probs(&pa), probs(&pb));
+                kls.push(
+                    qa.iter()
+                        .zip(&qb)
+                        .filter(|(p, _)| **p > 0.0)
+                        .map(|(p, q)| p * (p / q.max(1e-12)).ln())
+                        .sum::<f64>(),
+                );
+                changes += usize::from(pa["top"] != pb["top"]);
+                if probe == "style" {
+                    let k = pa["labels"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .position(|l| l == "Impressionism")
+                        .unwrap();
+                    shifts.push(qa[k] - qb[k]);
+                    flips +=
+                        usize::from(pa["top"] == "Impressionism" && pb["top"] != "Impressionism");
+                }
+            }
+            let row = rows
+                .iter()
+                .find(|x| x["model"] == model && x["probe"] == probe && x["arm"] == "clip-text")
+                .unwrap();
+            assert_eq!(row["n"], 6);
+            assert!(
+                (f(&row["mean_kl"]) - kls.iter().sum::<f64>() / 6.0).abs() < 1e-6,
+                "{row}"
+            );
+            assert!((f(&row["top_change_rate"]) - changes as f64 / 6.0).abs() < 1e-12);
+            if probe == "style" {
+                assert_eq!(row["targeted"], true);
+                let mean = shifts.iter().sum::<f64>() / 6.0;
+                assert!((f(&row["mean_shift"]) - mean).abs() < 1e-6, "{row}");
+                assert!(f(&row["ci_low"]) <= mean + 1e-9 && mean <= f(&row["ci_high"]) + 1e-9);
+                assert!((f(&row["flip_rate"]) - flips as f64 / 6.0).abs() < 1e-12);
+                assert!(f(&row["wilcoxon_p"]) > 0.0 && f(&row["wilcoxon_p"]) <= 1.0);
+            } else {
+                assert_eq!(row["targeted"], false);
+                assert!(row["mean_shift"].is_null());
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4);
+    let csv = std::fs::read_to_string(report_dir.join("summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + rows.len());
+
+    // The report: no network, every referenced file exists.
+    let html = std::fs::read_to_string(report_dir.join("report.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "network reference"
+    );
+    assert!(!html.contains("<script"), "scripts are not needed");
+    let mut refs = 0;
+    for attr in ["src=\"", "href=\""] {
+        for part in html.split(attr).skip(1) {
+            let target = part.split('"').next().unwrap();
+            assert!(report_dir.join(target).is_file(), "{target} does not exist");
+            refs += 1;
+        }
+    }
+    assert_eq!(refs, items.len(), "one image per item");
+    assert!(html.matches("<svg").count() >= 1);
+}
+
+#[test]
+fn compare_bad_input_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = bin().arg("compare").arg(tmp.path()).output().unwrap();
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(err.contains("results.json"), "{err}");
+    std::fs::write(
+        tmp.path().join("results.json"),
+        r#"{"tool": "artguide", "colour": 1}"#,
+    )
+    .unwrap();
+    let o = bin().arg("compare").arg(tmp.path()).output().unwrap();
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(
+        err.contains("results.json") && err.contains("colour"),
+        "{err}"
+    );
+}
