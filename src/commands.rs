@@ -179,7 +179,16 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
                                "image": out.join(crate::run::image_rel(&item.id))}),
         );
     })
-    .with_context(|| format!("run stopped; finished images are kept in {}: fix the cause and run the same command to resume", out.display()))?;
+    .map_err(|e| match e {
+        crate::Error::Interrupted => anyhow::Error::new(e).context(format!(
+            "run stopped; finished images are kept in {}: run the same command to resume",
+            out.display()
+        )),
+        e => anyhow::Error::new(e).context(format!(
+            "run stopped; finished images are kept in {}: fix the cause and run the same command to resume",
+            out.display()
+        )),
+    })?;
     progress.finish();
     progress.event(
         &format!(

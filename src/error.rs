@@ -31,6 +31,9 @@ pub enum Error {
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Msg(String),
+    /// Stopped by Ctrl-C at a safe point; nothing partial was written.
+    #[error("interrupted (Ctrl-C); nothing partial was written")]
+    Interrupted,
 }
 
 /// Result alias used throughout the library.

@@ -250,6 +250,7 @@ pub fn generate(
                 None
             };
             latents = scheduler.step(&pred, i, &latents, n.as_ref())?;
+            crate::interrupt::check()?;
             progress.tick(&format!(
                 "image {}/{} step {}/{}",
                 index + 1,

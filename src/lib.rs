@@ -8,6 +8,7 @@ pub mod compare;
 pub mod error;
 pub mod generate;
 pub mod guidance;
+pub mod interrupt;
 pub mod models;
 pub mod noise;
 pub mod output;

@@ -4,8 +4,12 @@ use clap::Parser;
 
 fn main() {
     let cli = artguide::cli::Cli::parse();
+    artguide::interrupt::install();
     if let Err(e) = artguide::commands::run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let interrupted = e
+            .chain()
+            .any(|c| matches!(c.downcast_ref(), Some(artguide::Error::Interrupted)));
+        std::process::exit(if interrupted { 130 } else { 1 });
     }
 }
