@@ -78,6 +78,24 @@ impl Error {
     }
 }
 
+/// Largest YAML file (recipe, probe suite) read, in bytes: far above any real one, and a
+/// bound on what a hostile file can make the parser hold.
+pub const MAX_YAML_BYTES: u64 = 4 << 20;
+
+/// Reads a YAML text file, refusing one larger than [`MAX_YAML_BYTES`] before reading it.
+pub fn read_yaml_text(path: &std::path::Path) -> Result<String> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len > MAX_YAML_BYTES {
+        return Err(Error::file(
+            path,
+            format!("is {len} bytes; YAML inputs are limited to {MAX_YAML_BYTES} bytes"),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Error::Candle(strip_backtrace(e))

@@ -83,7 +83,7 @@ impl ProbeSpec {
 impl Suite {
     /// Reads and checks a suite file; every error names the file and the field.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::error::read_yaml_text(path)?;
         Self::parse(&text, path)
     }
 

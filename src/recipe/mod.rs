@@ -216,7 +216,7 @@ fn yaml_error(path: &Path, e: serde_yaml::Error) -> Error {
 impl LoadedRecipe {
     /// Reads, parses and checks a recipe file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::error::read_yaml_text(path)?;
         Self::parse(&text, path)
     }
 
