@@ -196,7 +196,7 @@ fn safetensors_headers_that_lie_are_refused_without_allocating() {
     let path = tmp.path().join("w.safetensors");
     survive("safetensors", inputs, Duration::from_secs(5), |bytes| {
         std::fs::write(&path, bytes).unwrap();
-        if let Ok(w) = artguide::models::weights::FileWeights::open(&[path.clone()]) {
+        if let Ok(w) = artguide::models::weights::FileWeights::open(std::slice::from_ref(&path)) {
             // Reading every tensor must be refused or succeed, never panic.
             let vb = w.into_var_builder(candle_core::DType::F32, &candle_core::Device::Cpu);
             for name in ["w", "decoder.layers.0.weight"] {
@@ -205,7 +205,7 @@ fn safetensors_headers_that_lie_are_refused_without_allocating() {
         }
     });
     std::fs::write(&path, safetensors("{}", &[], Some(u64::MAX))).unwrap();
-    let e = artguide::models::weights::FileWeights::open(&[path.clone()])
+    let e = artguide::models::weights::FileWeights::open(std::slice::from_ref(&path))
         .err()
         .unwrap()
         .to_string();
