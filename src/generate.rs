@@ -126,6 +126,7 @@ pub fn generate(
     mut on_image: impl FnMut(Generated) -> Result<()>,
 ) -> Result<()> {
     let (c, h, w) = validate(model, opts)?;
+    crate::resources::check(model, opts)?;
     let dev = &model.device;
     let cfg = opts.guidance_scale > 1.0;
 

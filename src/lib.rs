@@ -17,6 +17,7 @@ pub mod probeset;
 pub mod progress;
 pub mod recipe;
 pub mod report;
+pub mod resources;
 pub mod run;
 pub mod schedulers;
 

@@ -904,3 +904,46 @@ fn probe_clip_holds_out_a_second_model() {
         assert!((p - 1.0).abs() < 1e-5, "{model}: {p}");
     }
 }
+
+/// A request that cannot fit is refused up front with the estimate, not killed by the OS.
+#[test]
+fn requests_that_cannot_fit_are_refused_with_an_estimate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    assert_user_error(
+        generate(&tiny(), &out, &["--width", "16384", "--height", "16384"]),
+        &out,
+        &["16384x16384", "GiB", "available", "UNet self-attention"],
+    );
+    let clip = clip_fixture("tiny-clip-a");
+    let taesd = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-taesd");
+    let o = bin()
+        .env("ARTGUIDE_MEMORY_LIMIT_MB", "1")
+        .args(["--quiet", "generate", "--model"])
+        .arg(tiny())
+        .args([
+            "--prompt", "x", "--steps", "2", "--width", "16", "--height", "16", "--clip",
+        ])
+        .arg(&clip)
+        .args([
+            "--clip-prompt",
+            "y",
+            "--guidance-decoder",
+            "taesd",
+            "--taesd",
+        ])
+        .arg(&taesd)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_user_error(
+        o,
+        &out,
+        &[
+            "needs about",
+            "guidance backward through the taesd decoder",
+            "--cutouts",
+        ],
+    );
+}

@@ -494,3 +494,27 @@ fn ctrl_c_stops_cleanly_and_says_how_to_resume() {
         assert!(x == y, "{n} differs after an interrupted run");
     }
 }
+
+/// A symbolic link planted inside a run folder is not written through.
+#[test]
+fn symlinks_inside_a_run_are_not_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let o = run(&smoke("probeset"), &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(out.join("images/pastiche")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, out.join("images/pastiche")).unwrap();
+    let o = run(&smoke("probeset"), &out, &[]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "wrote through the link"
+    );
+}

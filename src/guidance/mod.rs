@@ -550,6 +550,20 @@ impl Guide {
         })
     }
 
+    /// Bytes one CLIP view keeps for the backward pass (attention probabilities and about
+    /// 16 activations of the hidden width per token and layer), if a CLIP is loaded.
+    pub fn clip_view_bytes(&self) -> Option<f64> {
+        let v = &self.clip.as_ref()?.model.config().vision;
+        let tokens = (v.image_size / v.patch_size).pow(2) as f64 + 1.0;
+        let layers = v.num_hidden_layers as f64;
+        Some(
+            layers
+                * tokens
+                * (16.0 * v.hidden_size as f64 + (v.num_attention_heads as f64) * tokens)
+                * 4.0,
+        )
+    }
+
     /// The guide CLIP's id, if one is loaded.
     pub fn clip_id(&self) -> Option<&str> {
         self.clip.as_ref().map(|c| c.id.as_str())

@@ -143,6 +143,25 @@ fn remove_stale_temporaries(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to write under `dir` when a folder between the run folder `out` and `dir` is a
+/// symbolic link, which could lead the run's writes out of its folder.
+fn refuse_symlinks(out: &Path, dir: &Path) -> Result<()> {
+    let Ok(rel) = dir.strip_prefix(out) else {
+        return Err(Error::file(dir, "is outside the run folder"));
+    };
+    let mut p = out.to_path_buf();
+    for c in rel.components() {
+        p.push(c);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::file(
+                &p,
+                "is a symbolic link inside the run folder; refusing to write through it",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What happened to an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ItemStatus {
@@ -372,6 +391,7 @@ fn make_item(
         let rel = image_rel(&item.id);
         let png = opts.out.join(&rel);
         let dir = png.parent().unwrap_or(&opts.out).to_path_buf();
+        refuse_symlinks(&opts.out, &dir)?;
         let set = crate::output::OutputSet::at(&dir, &item.arm, true)?;
         let saved = set.save_generation(&sidecar, &rgb, w, h, None)?;
         entry = Some(ManifestEntry {
