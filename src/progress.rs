@@ -77,7 +77,8 @@ impl Progress {
     /// Prints an event: a line above the bar, a JSON object, or nothing when quiet.
     pub fn event(&self, text: &str, json: serde_json::Value) {
         match self.mode {
-            ProgressMode::Bar => match &self.bar {
+            // indicatif drops println on a hidden bar (stderr not a terminal): print directly.
+            ProgressMode::Bar => match self.bar.as_ref().filter(|b| !b.is_hidden()) {
                 Some(b) => b.println(text),
                 None => eprintln!("{text}"),
             },
@@ -90,7 +91,7 @@ impl Progress {
     pub fn warn(&self, text: &str, json: serde_json::Value) {
         match (self.mode, &self.bar) {
             (ProgressMode::Json, _) => self.json(&json),
-            (ProgressMode::Bar, Some(b)) => b.println(format!("warning: {text}")),
+            (ProgressMode::Bar, Some(b)) if !b.is_hidden() => b.println(format!("warning: {text}")),
             _ => eprintln!("warning: {text}"),
         }
     }
