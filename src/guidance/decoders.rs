@@ -11,9 +11,9 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::views::{resample_matrix, upsample_nearest};
+use super::views::resample_matrix;
 use crate::models::stable_diffusion::SdModel;
-use crate::models::taesd::TaesdDecoder;
+use crate::models::taesd::{upsample_nearest, TaesdDecoder};
 use crate::noise::{NoiseGen, Stream};
 use crate::{Error, Result};
 
@@ -205,7 +205,7 @@ impl LinearDecoder {
             .broadcast_matmul(&z)?
             .reshape((n, 3, h, w))?
             .broadcast_add(&self.bias.to_dtype(latents.dtype())?)?;
-        upsample_nearest(&rgb, self.factor)
+        Ok(upsample_nearest(&rgb, self.factor)?)
     }
 }
 

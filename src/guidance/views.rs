@@ -148,22 +148,10 @@ pub fn clip_normalise(views: &Tensor, mean: &[f32; 3], std: &[f32; 3]) -> Result
     Ok(views.broadcast_sub(&m)?.broadcast_div(&s)?)
 }
 
-/// Nearest-neighbour upsampling by an integer factor, written as broadcast + reshape so its
-/// backward sums the gradient of every copy (candle's `upsample_nearest2d` overwrites
-/// accumulated gradient).
-pub fn upsample_nearest(x: &Tensor, factor: usize) -> Result<Tensor> {
-    if factor == 1 {
-        return Ok(x.clone());
-    }
-    let (b, c, h, w) = x.dims4()?;
-    Ok(x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, factor, w, factor))?
-        .reshape((b, c, h * factor, w * factor))?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::taesd::upsample_nearest;
     use crate::noise::Stream;
 
     #[test]

@@ -242,7 +242,7 @@ fn conv3x3() -> Conv2dConfig {
 /// Nearest-neighbour upsampling by an integer factor, out[i, j] = x[i / s, j / s], written
 /// as a broadcast so its backward sums each s x s patch; candle's `upsample_nearest2d`
 /// backward overwrites gradient already accumulated on its input.
-fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
+pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
     if s == 1 {
         return Ok(x.clone());
     }
