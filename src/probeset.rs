@@ -37,31 +37,6 @@ fn target_probes(results: &RunResults) -> Vec<String> {
     set.into_iter().collect()
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-fn csv(rows: &[Vec<String>]) -> String {
-    let mut out = String::new();
-    for r in rows {
-        out.push_str(&r.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
-        out.push('\n');
-    }
-    out
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
-
 /// Writes `labels.csv`, `clip_scores.csv`, `annotation.csv` and `annotation.html` into
 /// `run_dir` (atomically) and returns their paths.
 pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
@@ -136,18 +111,20 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
         ));
         sheet.push(row);
     }
-    let html = annotation_html(results, &probes);
     let mut paths = Vec::new();
-    for (name, text) in [
-        ("labels.csv", csv(&labels)),
-        ("clip_scores.csv", csv(&scores)),
-        ("annotation.csv", csv(&sheet)),
-        ("annotation.html", html),
+    for (name, mut table) in [
+        ("labels.csv", labels),
+        ("clip_scores.csv", scores),
+        ("annotation.csv", sheet),
     ] {
+        let header = table.remove(0);
         let p = run_dir.join(name);
-        crate::output::write_atomic(&p, text.as_bytes(), true)?;
+        crate::probe::table::write_csv(&p, &header, &table)?;
         paths.push(p);
     }
+    let p = run_dir.join("annotation.html");
+    crate::output::write_atomic(&p, annotation_html(results, &probes).as_bytes(), true)?;
+    paths.push(p);
     Ok(paths)
 }
 
@@ -158,7 +135,7 @@ fn annotation_html(results: &RunResults, probes: &[String]) -> String {
     for (i, it) in results.items.iter().enumerate() {
         body.push_str(&format!(
             "<section class=\"item\" data-image=\"{img}\"><img src=\"{img}\" alt=\"image {n}\" loading=\"lazy\"><div class=\"q\"><p class=\"id\">{n}. {img}</p>",
-            img = html_escape(&it.image),
+            img = crate::report::escape(&it.image),
             n = i + 1
         ));
         for p in probes {
@@ -170,17 +147,17 @@ fn annotation_html(results: &RunResults, probes: &[String]) -> String {
                 .unwrap_or_default();
             body.push_str(&format!(
                 "<label>Which {p} does it look like? <select data-col=\"perceived_{p}\"><option value=\"\"></option>",
-                p = html_escape(p)
+                p = crate::report::escape(p)
             ));
             for l in labels {
-                body.push_str(&format!("<option>{}</option>", html_escape(&l)));
+                body.push_str(&format!("<option>{}</option>", crate::report::escape(&l)));
             }
             body.push_str("</select></label>");
         }
         for (col, q) in RATINGS {
             body.push_str(&format!(
                 "<label>{q} <input type=\"number\" min=\"1\" max=\"5\" step=\"1\" data-col=\"{col}\"></label>",
-                q = html_escape(q)
+                q = crate::report::escape(q)
             ));
         }
         body.push_str(
@@ -229,6 +206,6 @@ document.getElementById('save').addEventListener('click', () => {{
 </script>
 </body></html>
 "#,
-        title = html_escape(&results.recipe),
+        title = crate::report::escape(&results.recipe),
     )
 }
