@@ -173,10 +173,21 @@ pub enum ItemStatus {
 
 /// Whether an item is finished in `out`: in the manifest, with its PNG present and matching.
 fn is_done(out: &Path, manifest: &Manifest, id: &str) -> bool {
-    let Some(entry) = manifest.items.get(id) else {
-        return false;
-    };
+    manifest
+        .items
+        .get(id)
+        .is_some_and(|entry| image_matches(out, id, entry))
+}
+
+/// Whether the PNG of item `id` in `out` is the one `entry` records.
+fn image_matches(out: &Path, id: &str, entry: &ManifestEntry) -> bool {
     crate::output::sha256_file(&out.join(image_rel(id))).is_ok_and(|h| h == entry.sha256)
+}
+
+/// Writes `results.json` into a run folder (atomically).
+fn write_results(out: &Path, results: &RunResults) -> Result<()> {
+    let text = serde_json::to_string_pretty(results).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::output::write_atomic(&out.join(RESULTS_FILE), text.as_bytes(), true)
 }
 
 /// Loaded models shared by every item.
@@ -261,8 +272,7 @@ pub fn execute(
         on_item(item, ItemStatus::Made);
     }
     let results = assemble(recipe, suite, &manifest, &items)?;
-    let text = serde_json::to_string_pretty(&results).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::output::write_atomic(&out.join(RESULTS_FILE), text.as_bytes(), true)?;
+    write_results(out, &results)?;
     Ok(results)
 }
 
@@ -492,14 +502,7 @@ pub fn merge(
             ));
         }
         for (id, e) in m.items {
-            if is_done(
-                dir,
-                &Manifest {
-                    items: BTreeMap::from([(id.clone(), e.clone())]),
-                    ..Default::default()
-                },
-                &id,
-            ) {
+            if image_matches(dir, &id, &e) {
                 sources.insert(id.clone(), dir.clone());
                 manifest.items.insert(id, e);
             }
@@ -538,8 +541,7 @@ pub fn merge(
     manifest.save(out)?;
     let items: Vec<&PlanItem> = plan.items.iter().collect();
     let results = assemble(recipe, suite, &manifest, &items)?;
-    let text = serde_json::to_string_pretty(&results).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::output::write_atomic(&out.join(RESULTS_FILE), text.as_bytes(), true)?;
+    write_results(out, &results)?;
     Ok(results)
 }
 
