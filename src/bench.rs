@@ -245,6 +245,17 @@ pub fn guidance(
         on_nonfinite: crate::guidance::OnNonFinite::Skip,
         ..Default::default()
     };
+    let clip = GuideClip {
+        model: ClipModel::new(random(3), &clip_cfg, NormMode::Differentiable)?,
+        mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+        std: [0.268_629_55, 0.261_302_6, 0.275_777_1],
+        id: format!("random:{}", plan.clip_arch),
+    };
+    let text = crate::models::clip::normalize(
+        &NoiseGen::new(1, Stream::Guidance)
+            .randn(&[1, clip_cfg.projection_dim])?
+            .to_device(&plan.device)?,
+    )?;
     let f = model.vae_spec.scale_factor;
     let c = model.vae_spec.config.latent_channels;
     let mut out = Vec::new();
@@ -286,24 +297,14 @@ pub fn guidance(
                 }
                 DecoderKind::Linear => GuidanceDecoder::Linear(LinearDecoder::fit(&model)?),
             };
-            let clip = GuideClip {
-                model: ClipModel::new(random(3), &clip_cfg, NormMode::Differentiable)?,
-                mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-                std: [0.268_629_55, 0.261_302_6, 0.275_777_1],
-                id: format!("random:{}", plan.clip_arch),
-            };
-            let text = crate::models::clip::normalize(
-                &g.randn(&[1, clip_cfg.projection_dim])?
-                    .to_device(&plan.device)?,
-            )?;
             let guide = Guide::new(
                 GuidanceConfig {
                     decoder: kind,
                     ..config.clone()
                 },
                 &model,
-                Some(clip),
-                Some(text),
+                Some(clip.clone()),
+                Some(text.clone()),
                 decoder,
                 0,
             )?;
