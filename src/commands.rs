@@ -93,15 +93,14 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
     let suite = crate::probe::suite::Suite::load(&recipe.resolve(&recipe.recipe.suite))?;
     let plan = Plan::new(&recipe, &suite)?;
     let shard = args.shard.as_deref().map(parse_shard).transpose()?;
-    let items = match shard {
-        Some((i, n)) => plan.shard(i, n).len(),
-        None => plan.items.len(),
+    let shard_items: Vec<&crate::recipe::PlanItem> = match shard {
+        Some((i, n)) => plan.shard(i, n),
+        None => plan.items.iter().collect(),
     };
+    let items = shard_items.len();
     let steps = recipe.recipe.generation.steps;
-    let guided = plan
-        .items
+    let guided = shard_items
         .iter()
-        .filter(|i| shard.is_none_or(|(s, n)| i.index % n == s))
         .filter(|i| i.guidance.as_ref().is_some_and(|g| g.is_active()))
         .count();
     let out = args
@@ -136,10 +135,6 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
             );
         }
         let opts = load_options(&args.run)?;
-        let shard_items: Vec<&crate::recipe::PlanItem> = match shard {
-            Some((i, n)) => plan.shard(i, n),
-            None => plan.items.iter().collect(),
-        };
         // The estimate needs the model; a plan is still worth printing without it.
         match crate::run::estimate(&recipe, &shard_items, &opts, args.max_pixels) {
             Ok(est) => println!(
