@@ -9,6 +9,7 @@ pub mod error;
 pub mod generate;
 pub mod guidance;
 pub mod interrupt;
+pub mod kernels;
 pub mod models;
 pub mod noise;
 pub mod output;

@@ -9,9 +9,9 @@
 //!   cast afterwards, as diffusers does (in f16, `t * freq` for t near 1000 loses ~0.5 rad);
 //! - the resnets of down/up blocks use `norm_num_groups` (candle's use 32 whatever the config).
 //!
-//! Attention is `softmax(Q K^T / sqrt(d)) V` with heads batched into the matmul's batch
-//! dimension; the scale is folded into Q's head-major copy (keeping f16 logits far from
-//! overflow, diffusers' `upcast_attention` concern) and the softmax runs in f32 for f16/bf16.
+//! Attention and GEGLU go through `crate::kernels` (blocked attention and a one-pass GEGLU on
+//! the CPU in f32; candle's composition elsewhere, with the scale folded into Q and the
+//! softmax in f32 for f16/bf16, diffusers' `upcast_attention` concern).
 //!
 //! Inference only: candle's fused LayerNorm and `softmax_last_dim` have no backward pass, so
 //! gradients through this UNet would be incomplete.
@@ -20,8 +20,10 @@
 //! `mid_block` = resnets.0, then (attentions.k, resnets.k+1) pairs, `up_blocks.{i}` = resnets
 //! over the skip connections (+ attentions) (+ `upsamplers.0.conv`).
 
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_core::{Device, Module, Tensor, D};
+use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use crate::kernels::conv::Conv2d;
 
 use crate::models::sd::UNetSpec;
 use crate::Result;
@@ -43,7 +45,7 @@ fn conv3x3(
         stride,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d(cin, cout, 3, cfg, vb)?)
+    Conv2d::new(candle_nn::conv2d(cin, cout, 3, cfg, vb)?)
 }
 
 /// A 1x1 convolution loaded from its `(out, in, 1, 1)` checkpoint weight and run as a linear
@@ -89,13 +91,13 @@ impl ResnetBlock {
         output_scale_factor: f64,
     ) -> Result<Self> {
         let conv_shortcut = if cin != cout {
-            Some(candle_nn::conv2d(
+            Some(Conv2d::new(candle_nn::conv2d(
                 cin,
                 cout,
                 1,
                 Conv2dConfig::default(),
                 vb.pp("conv_shortcut"),
-            )?)
+            )?)?)
         } else {
             None
         };
@@ -132,8 +134,7 @@ impl ResnetBlock {
     }
 }
 
-/// Diffusers' `Attention` with the default processor: `softmax(Q K^T / sqrt(d)) V`, heads
-/// batched into the matmul's batch dimension.
+/// Diffusers' `Attention` with the default processor: `softmax(Q K^T / sqrt(d)) V`.
 #[derive(Debug)]
 struct Attention {
     to_q: Linear,
@@ -161,44 +162,11 @@ impl Attention {
     /// `xs`: (batch, tokens, query_dim); `context`: (batch, ctx_tokens, context_dim), or None
     /// for self-attention.
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, _) = xs.dims3()?;
         let ctx = context.unwrap_or(xs);
-        let m = ctx.dim(1)?;
-        let h = self.heads;
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let d = q.dim(2)? / h;
-        // (b, n, h*d) -> (b*h, n, d). The affine both applies the scale and writes the
-        // head-major copy in one pass.
-        let q = q
-            .reshape((b, n, h, d))?
-            .transpose(1, 2)?
-            .affine(self.scale, 0.0)?
-            .reshape((b * h, n, d))?;
-        let k = k
-            .reshape((b, m, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * h, m, d))?;
-        let v = v
-            .reshape((b, m, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * h, m, d))?;
-        let scores = q.matmul(&k.t()?)?; // (b*h, n, m)
-        let dtype = scores.dtype();
-        let probs = match dtype {
-            DType::F16 | DType::BF16 => {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
-            }
-            _ => candle_nn::ops::softmax_last_dim(&scores)?,
-        };
-        let out = probs.matmul(&v)?; // (b*h, n, d)
-        let out = out
-            .reshape((b, h, n, d))?
-            .transpose(1, 2)?
-            .reshape((b, n, h * d))?;
+        let out = crate::kernels::attention::attention(&q, &k, &v, self.heads, self.scale)?;
         Ok(self.to_out.forward(&out)?)
     }
 }
@@ -224,10 +192,7 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let p = self.proj.forward(xs)?;
-        let value = p.narrow(D::Minus1, 0, self.inner)?;
-        let gate = p.narrow(D::Minus1, self.inner, self.inner)?.gelu_erf()?;
-        let h = (value * gate)?;
+        let h = crate::kernels::activation::geglu(&self.proj.forward(xs)?, self.inner)?;
         Ok(self.out.forward(&h)?)
     }
 }
@@ -678,6 +643,7 @@ mod tests {
     use super::*;
     use crate::models::sd::{parse_json, UNetJson};
     use crate::models::weights::RandomWeights;
+    use candle_core::DType;
     use std::path::Path;
 
     fn spec(json: &str) -> UNetSpec {
@@ -793,7 +759,7 @@ mod speed {
     use super::*;
     use crate::models::sd::{parse_json, UNetJson};
     use crate::models::weights::RandomWeights;
-    use candle_core::Shape;
+    use candle_core::{DType, Shape};
     use candle_nn::var_builder::SimpleBackend;
     use candle_nn::Init;
     use std::collections::HashMap;

@@ -1,0 +1,317 @@
+//! 2-D convolution (groups 1, dilation 1) on the CPU in f32, as strips of im2col times the
+//! weight matrix.
+//!
+//! candle 0.11 builds the im2col matrix of the whole image (for a 128-channel 3x3 convolution
+//! at 512x512 that is 1.2 GB), multiplies it in pixels-by-channels order and transposes the
+//! result back to NCHW. Here each task unfolds a strip of output rows whose im2col block
+//! fits in cache, in `(cin*kh*kw) x pixels` order, so one GEMM with the `(cout, cin*kh*kw)`
+//! weight matrix writes the strip straight into the NCHW output, bias included.
+
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Bytes of im2col a task builds at once (fits the L2/L3 share of one core).
+const COL_BLOCK_BYTES: usize = 1024 * 1024;
+
+/// `conv2d(x, w) + bias` with `x: (b, cin, h, w)`, `w: (cout, cin, kh, kw)`.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        let op = Conv { stride, padding };
+        let y = x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)?;
+        return Ok(match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            None => y,
+        });
+    }
+    composed(x, w, bias, stride, padding)
+}
+
+/// candle's convolution, the reference for the kernel.
+pub fn composed(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+        None => y,
+    })
+}
+
+/// A loaded convolution layer that runs through [`conv2d`]: the drop-in for `candle_nn::Conv2d`
+/// (groups 1, dilation 1) in inference-only models.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Wraps a candle layer; refuses grouped or dilated ones, which the kernel does not do.
+    pub fn new(layer: candle_nn::Conv2d) -> Result<Self> {
+        let cfg = *layer.config();
+        if cfg.groups != 1 || cfg.dilation != 1 {
+            return Err(crate::Error::Msg(format!(
+                "conv2d kernel: groups {} / dilation {} not supported (need 1 and 1)",
+                cfg.groups, cfg.dilation
+            )));
+        }
+        Ok(Conv2d {
+            weight: layer.weight().clone(),
+            bias: layer.bias().cloned(),
+            stride: cfg.stride,
+            padding: cfg.padding,
+        })
+    }
+}
+
+impl candle_core::Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        conv2d(
+            xs,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
+        .map_err(candle_core::Error::wrap)
+    }
+}
+
+struct Conv {
+    stride: usize,
+    padding: usize,
+}
+
+thread_local! {
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("conv2d kernel needs contiguous inputs"),
+    }
+}
+
+/// Geometry of one convolution.
+#[derive(Clone, Copy)]
+struct Geom {
+    cin: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Geom {
+    /// Unfolds output rows `y0..y0+rows` of one image into `cols` (`cin*kh*kw` rows of
+    /// `rows*wo` pixels).
+    fn im2col(&self, x: &[f32], y0: usize, rows: usize, cols: &mut [f32]) {
+        let g = *self;
+        let np = rows * g.wo;
+        let mut r = 0;
+        for ci in 0..g.cin {
+            let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let dst = &mut cols[r * np..(r + 1) * np];
+                    r += 1;
+                    for (oy, drow) in dst.chunks_exact_mut(g.wo).enumerate() {
+                        let iy = ((y0 + oy) * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            drow.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        if g.stride == 1 {
+                            // Output columns whose input column kx + ox - pad is inside.
+                            let lo = g.pad.saturating_sub(kx).min(g.wo);
+                            let hi = (g.w + g.pad).saturating_sub(kx).min(g.wo).max(lo);
+                            drow[..lo].fill(0.0);
+                            drow[lo..hi].copy_from_slice(&src[lo + kx - g.pad..hi + kx - g.pad]);
+                            drow[hi..].fill(0.0);
+                        } else {
+                            for (ox, d) in drow.iter_mut().enumerate() {
+                                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                *d = if ix < 0 || ix >= g.w as isize {
+                                    0.0
+                                } else {
+                                    src[ix as usize]
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-strips"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, cin, h, w) = lx.shape().dims4()?;
+        let (cout, cin_w, kh, kw) = lw.shape().dims4()?;
+        let (s, p) = (self.stride.max(1), self.padding);
+        if cin_w != cin || h + 2 * p < kh || w + 2 * p < kw {
+            candle_core::bail!(
+                "conv2d: input {:?} does not fit weight {:?} with padding {p}",
+                lx.shape(),
+                lw.shape()
+            );
+        }
+        let g = Geom {
+            cin,
+            h,
+            w,
+            kh,
+            kw,
+            ho: (h + 2 * p - kh) / s + 1,
+            wo: (w + 2 * p - kw) / s + 1,
+            stride: s,
+            pad: p,
+        };
+        let (x, wt) = (contiguous(sx, lx)?, contiguous(sw, lw)?);
+        let k = cin * kh * kw;
+        let plane = g.ho * g.wo;
+        let rows = (COL_BLOCK_BYTES / (4 * k * g.wo)).clamp(1, g.ho);
+        let strips = g.ho.div_ceil(rows);
+        let mut out = vec![0f32; b * cout * plane];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let tasks = b * strips;
+        let threads = rayon::current_num_threads();
+        // Few tasks (a small image, batch 1): parallelise inside the GEMM instead.
+        let inner = if tasks < 2 * threads {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        let run = |task: usize| {
+            let (bi, si) = (task / strips, task % strips);
+            let y0 = si * rows;
+            let nr = rows.min(g.ho - y0);
+            let np = nr * g.wo;
+            COLS.with(|cell| {
+                let mut cols = cell.borrow_mut();
+                cols.resize(k * np, 0.0);
+                g.im2col(
+                    &x[bi * cin * h * w..(bi + 1) * cin * h * w],
+                    y0,
+                    nr,
+                    &mut cols,
+                );
+                // SAFETY: the destination is rows y0..y0+nr of every channel of image bi
+                // (row stride `plane`), disjoint between tasks; `cols` is k x np and `wt` is
+                // cout x k, both row-major.
+                unsafe {
+                    gemm::gemm(
+                        cout,
+                        np,
+                        k,
+                        out_ptr.get().add(bi * cout * plane + y0 * g.wo),
+                        1,
+                        plane as isize,
+                        false,
+                        wt.as_ptr(),
+                        1,
+                        k as isize,
+                        cols.as_ptr(),
+                        1,
+                        np as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        inner,
+                    );
+                }
+            });
+        };
+        if matches!(inner, gemm::Parallelism::None) {
+            (0..tasks).into_par_iter().for_each(run);
+        } else {
+            (0..tasks).for_each(run);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, g.ho, g.wo))))
+    }
+}
+
+/// A raw pointer tasks write disjoint parts through.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint regions (see `cpu_fwd`), and the buffer outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{f64, randn, rel_err_vs_f64};
+    use candle_core::Device;
+
+    #[test]
+    fn strips_match_candle_on_awkward_shapes() {
+        // (batch, cin, h, w, cout, k, stride, pad): 3x3 same, 1x1, stride-2 downsampling with
+        // and without padding, non-square, one pixel, and an image split into many strips.
+        for (b, cin, h, w, cout, k, s, p) in [
+            (2, 3, 9, 7, 5, 3, 1, 1),
+            (1, 4, 6, 6, 8, 1, 1, 0),
+            (2, 5, 9, 10, 3, 3, 2, 1),
+            (1, 6, 8, 8, 4, 3, 2, 0),
+            (1, 2, 1, 1, 3, 3, 1, 1),
+            (1, 64, 70, 33, 16, 3, 1, 1),
+        ] {
+            let x = randn(&[b, cin, h, w], 1.0, cin as u64);
+            let wt = randn(&[cout, cin, k, k], 1.0, 100 + cout as u64);
+            let bias = randn(&[cout], 1.0, 200);
+            let got = conv2d(&x, &wt, Some(&bias), s, p).unwrap();
+            let want = composed(&f64(&x), &f64(&wt), Some(&f64(&bias)), s, p).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{b} {cin} {h} {w} {k} {s} {p}");
+            let rel = rel_err_vs_f64(&got, &want);
+            assert!(rel < 1e-6, "{b} {cin} {h} {w} {k} {s} {p}: {rel}");
+        }
+    }
+
+    #[test]
+    fn mismatched_channels_are_an_error() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((2, 4, 3, 3), DType::F32, &dev).unwrap();
+        assert!(conv2d(&x, &w, None, 1, 1).is_err());
+    }
+}
