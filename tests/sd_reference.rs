@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use artguide::generate::{generate, GenerateOptions, Generated};
 use artguide::models::hub::HubOptions;
 use artguide::models::stable_diffusion::{LoadOptions, SdModel};
+use artguide::models::vae::Mode;
 use artguide::progress::{Progress, ProgressMode};
 use artguide::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
@@ -104,9 +105,13 @@ fn check_components(name: &str) {
     eprintln!("{name}: unet max abs diff {d:.2e}");
     assert!(d < 2e-5, "{name}: unet max abs diff {d}");
 
-    let dec = model.vae.decode(&r["vae_dec_in"]).unwrap();
-    let d = max_abs(&dec, &r["vae_dec_out"]);
-    assert!(d < 1e-4, "{name}: vae decoder max abs diff {d}");
+    // Both decoder paths: the CPU kernels and the differentiable ops guidance uses.
+    for mode in [Mode::Inference, Mode::Differentiable] {
+        let dec = model.vae.decode(&r["vae_dec_in"], mode).unwrap();
+        let d = max_abs(&dec, &r["vae_dec_out"]);
+        eprintln!("{name}: vae decoder ({mode:?}) max abs diff {d:.2e}");
+        assert!(d < 1e-4, "{name}: vae decoder ({mode:?}) max abs diff {d}");
+    }
 }
 
 fn check_run(name: &str, key: &str, scheduler: SchedulerKind, gs: f64) {

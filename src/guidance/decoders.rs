@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::views::resample_matrix;
 use crate::models::stable_diffusion::SdModel;
 use crate::models::taesd::{upsample_nearest, TaesdDecoder};
+use crate::models::vae::Mode;
 use crate::noise::{NoiseGen, Stream};
 use crate::{Error, Result};
 
@@ -115,7 +116,10 @@ impl GuidanceDecoder {
                 let z = latents
                     .affine(1.0 / spec.scaling_factor, spec.shift_factor)?
                     .to_dtype(model.dtype)?;
-                model.vae.decode(&z)?.to_dtype(dtype)?
+                model
+                    .vae
+                    .decode(&z, Mode::Differentiable)?
+                    .to_dtype(dtype)?
             }
             GuidanceDecoder::Taesd(t) => {
                 t.decode(&latents.to_dtype(model.dtype)?)?.to_dtype(dtype)?

@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::vmath;
@@ -43,6 +43,33 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
 
 /// The plain composition: head-major copies, `Q K^T`, softmax, `P V`.
 pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    composed_with(q, k, v, heads, scale, |s| {
+        candle_nn::ops::softmax_last_dim(s)
+    })
+}
+
+/// The composition with candle's plain `softmax`, whose backward is right
+/// (`softmax_last_dim` has none), for paths that need gradients.
+pub fn differentiable(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    composed_with(q, k, v, heads, scale, |s| {
+        candle_nn::ops::softmax(s, D::Minus1)
+    })
+}
+
+fn composed_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    softmax: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
     let (b, n, hd) = q.dims3()?;
     let m = k.dim(1)?;
     let d = hd / heads;
@@ -59,10 +86,8 @@ pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) ->
     let scores = q.matmul(&k.t()?)?;
     let dtype = scores.dtype();
     let probs = match dtype {
-        DType::F16 | DType::BF16 => {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
-        }
-        _ => candle_nn::ops::softmax_last_dim(&scores)?,
+        DType::F16 | DType::BF16 => softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
+        _ => softmax(&scores)?,
     };
     Ok(probs
         .matmul(&v)?

@@ -51,15 +51,23 @@ pub fn composed(
     })
 }
 
-/// A loaded convolution layer that runs through [`conv2d`]: the drop-in for `candle_nn::Conv2d`
-/// (groups 1, dilation 1) in inference-only models.
+/// A loaded convolution layer for inference-only models, the drop-in for `candle_nn::Conv2d`
+/// (groups 1, dilation 1): on the CPU in f32, 3x3 stride-1 layers on images of at least
+/// [`WINOGRAD_MIN_PIXELS`] outputs run by Winograd F(2x2, 3x3) with weights transformed once,
+/// the rest through [`conv2d`]; elsewhere candle's convolution.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    /// Winograd-transformed weights, made on first use.
+    winograd: std::sync::Arc<std::sync::OnceLock<Tensor>>,
 }
+
+/// Below this many output pixels (16x16) the 16 small GEMMs of Winograd lose to one im2col
+/// GEMM, and transforming the weights is not repaid.
+pub const WINOGRAD_MIN_PIXELS: usize = 256;
 
 impl Conv2d {
     /// Wraps a candle layer; refuses grouped or dilated ones, which the kernel does not do.
@@ -71,25 +79,77 @@ impl Conv2d {
                 cfg.groups, cfg.dilation
             )));
         }
-        Ok(Conv2d {
-            weight: layer.weight().clone(),
-            bias: layer.bias().cloned(),
-            stride: cfg.stride,
-            padding: cfg.padding,
-        })
+        Ok(Self::from_parts(
+            layer.weight().clone(),
+            layer.bias().cloned(),
+            cfg.stride,
+            cfg.padding,
+        ))
     }
-}
 
-impl candle_core::Module for Conv2d {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        conv2d(
+    /// A layer from its `(cout, cin, kh, kw)` weight and optional bias.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Conv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+            winograd: Default::default(),
+        }
+    }
+
+    /// The forward pass through candle's own convolution, whose backward is right: for
+    /// paths that need gradients.
+    pub fn forward_differentiable(&self, xs: &Tensor) -> Result<Tensor> {
+        composed(
             xs,
             &self.weight,
             self.bias.as_ref(),
             self.stride,
             self.padding,
         )
-        .map_err(candle_core::Error::wrap)
+    }
+
+    fn use_winograd(&self, xs: &Tensor) -> Result<bool> {
+        let (_, _, kh, kw) = self.weight.dims4()?;
+        let (_, _, h, w) = xs.dims4()?;
+        let outputs =
+            (h + 2 * self.padding).saturating_sub(2) * (w + 2 * self.padding).saturating_sub(2);
+        Ok(xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && (kh, kw, self.stride) == (3, 3, 1)
+            && outputs >= WINOGRAD_MIN_PIXELS)
+    }
+
+    fn forward_fast(&self, xs: &Tensor) -> Result<Tensor> {
+        if !self.use_winograd(xs)? {
+            return conv2d(
+                xs,
+                &self.weight,
+                self.bias.as_ref(),
+                self.stride,
+                self.padding,
+            );
+        }
+        let u = match self.winograd.get() {
+            Some(u) => u,
+            None => {
+                let u = super::winograd::transform_weights(&self.weight)?;
+                self.winograd.get_or_init(|| u)
+            }
+        };
+        let bias = match &self.bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(self.weight.dim(0)?, DType::F32, xs.device())?,
+        };
+        super::winograd::conv3x3(xs, u, &bias, self.padding)
+    }
+}
+
+impl candle_core::Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_fast(xs).map_err(candle_core::Error::wrap)
     }
 }
 
@@ -304,6 +364,26 @@ mod tests {
             assert_eq!(got.dims(), want.dims(), "{b} {cin} {h} {w} {k} {s} {p}");
             let rel = rel_err_vs_f64(&got, &want);
             assert!(rel < 1e-6, "{b} {cin} {h} {w} {k} {s} {p}: {rel}");
+        }
+    }
+
+    #[test]
+    fn layer_matches_f64_on_both_paths_and_reuses_its_transform() {
+        use candle_core::Module;
+        // 20x20 outputs take Winograd, 8x8 the strips, stride 2 the strips.
+        for (i, (hw, stride)) in [(20usize, 1usize), (8, 1), (20, 2)].into_iter().enumerate() {
+            let wt = randn(&[6, 5, 3, 3], 1.0, 7);
+            let bias = randn(&[6], 1.0, 8);
+            let layer = Conv2d::from_parts(wt.clone(), Some(bias.clone()), stride, 1);
+            let x = randn(&[2, 5, hw, hw], 1.0, 9 + i as u64);
+            let want = composed(&f64(&x), &f64(&wt), Some(&f64(&bias)), stride, 1).unwrap();
+            for _ in 0..2 {
+                let got = layer.forward(&x).unwrap();
+                assert!(rel_err_vs_f64(&got, &want) < 2e-6, "case {i}");
+            }
+            assert_eq!(layer.winograd.get().is_some(), i == 0, "case {i}");
+            let grad_path = layer.forward_differentiable(&x).unwrap();
+            assert!(rel_err_vs_f64(&grad_path, &want) < 2e-6);
         }
     }
 

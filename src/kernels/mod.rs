@@ -5,7 +5,9 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod linear;
 pub mod vmath;
+pub mod winograd;
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -9,4 +9,5 @@ pub mod stable_diffusion;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;

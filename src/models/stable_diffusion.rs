@@ -13,6 +13,7 @@ use super::hub::{HubOptions, ModelRepo};
 use super::sd::{self, UNetJson, UNetSpec, VaeJson, VaeSpec};
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
+use super::vae::{Mode, VaeDecoder};
 use super::weights::{FileWeights, RandomWeights};
 use crate::schedulers::SchedulerConfig;
 use crate::{Error, Result};
@@ -99,7 +100,8 @@ pub struct SdModel {
     pub id: String,
     pub unet: UNet,
     pub unet_spec: UNetSpec,
-    pub vae: AutoEncoderKL,
+    /// The VAE decoder (the encoder is built on demand for img2img, see `encode_mean`).
+    pub vae: VaeDecoder,
     pub vae_spec: VaeSpec,
     pub text_encoder: ClipTextTransformer,
     pub scheduler_config: SchedulerConfig,
@@ -190,7 +192,7 @@ impl SdModel {
         let unet = UNet::new(unet_vb, &unet_spec).map_err(|e| with_file(e, &unet_w))?;
         let vae_vb =
             FileWeights::open(std::slice::from_ref(&vae_w))?.into_var_builder(dtype, device);
-        let vae = sd::build_vae(&vae_spec, vae_vb).map_err(|e| with_file(e, &vae_w))?;
+        let vae = VaeDecoder::new(&vae_spec, vae_vb).map_err(|e| with_file(e, &vae_w))?;
 
         Ok(SdModel {
             id: repo.id(),
@@ -222,7 +224,7 @@ impl SdModel {
         let text_encoder =
             ClipTextTransformer::new(vb(seed).pp("text_model"), &text_cfg, NormMode::Fused)?;
         let unet = UNet::new(vb(seed.wrapping_add(1)), &unet_spec)?;
-        let vae = sd::build_vae(&vae_spec, vb(seed.wrapping_add(2)))?;
+        let vae = VaeDecoder::new(&vae_spec, vb(seed.wrapping_add(2)))?;
         Ok(SdModel {
             id: arch.name().to_string(),
             unet,
@@ -269,7 +271,7 @@ impl SdModel {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let z = ((latents.to_dtype(self.dtype)? / self.vae_spec.scaling_factor)?
             + self.vae_spec.shift_factor)?;
-        let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        let img = self.vae.decode(&z, Mode::Inference)?.to_dtype(DType::F32)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 

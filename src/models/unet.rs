@@ -21,9 +21,10 @@
 //! over the skip connections (+ attentions) (+ `upsamplers.0.conv`).
 
 use candle_core::{Device, Module, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
 
 use crate::kernels::conv::Conv2d;
+use crate::kernels::linear::Linear;
 
 use crate::models::sd::UNetSpec;
 use crate::Result;
@@ -65,7 +66,7 @@ fn conv1x1_as_linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> 
             up: bound,
         },
     )?;
-    Ok(Linear::new(w.reshape((cout, cin))?, Some(b)))
+    Linear::new(candle_nn::Linear::new(w.reshape((cout, cin))?, Some(b)))
 }
 
 /// Diffusers' `ResnetBlock2D` with `time_embedding_norm = "default"` and SiLU.
@@ -104,7 +105,7 @@ impl ResnetBlock {
         Ok(ResnetBlock {
             norm1: candle_nn::group_norm(groups, cin, eps, vb.pp("norm1"))?,
             conv1: conv3x3(cin, cout, 1, 1, vb.pp("conv1"))?,
-            time_emb_proj: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
+            time_emb_proj: Linear::new(candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?)?,
             norm2: candle_nn::group_norm(groups, cout, eps, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, 1, 1, vb.pp("conv2"))?,
             conv_shortcut,
@@ -150,10 +151,18 @@ impl Attention {
         let dim_head = query_dim / heads;
         let inner = dim_head * heads;
         Ok(Attention {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_q: Linear::new(candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?)?,
+            to_k: Linear::new(candle_nn::linear_no_bias(
+                context_dim,
+                inner,
+                vb.pp("to_k"),
+            )?)?,
+            to_v: Linear::new(candle_nn::linear_no_bias(
+                context_dim,
+                inner,
+                vb.pp("to_v"),
+            )?)?,
+            to_out: Linear::new(candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?)?,
             heads,
             scale: 1.0 / (dim_head as f64).sqrt(),
         })
@@ -185,8 +194,8 @@ impl FeedForward {
         let inner = dim * 4;
         let vb = vb.pp("net");
         Ok(FeedForward {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("0").pp("proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("2"))?,
+            proj: Linear::new(candle_nn::linear(dim, inner * 2, vb.pp("0").pp("proj"))?)?,
+            out: Linear::new(candle_nn::linear(inner, dim, vb.pp("2"))?)?,
             inner,
         })
     }
@@ -252,8 +261,8 @@ impl Transformer2D {
     ) -> Result<Self> {
         let (proj_in, proj_out) = if linear_projection {
             (
-                candle_nn::linear(channels, channels, vb.pp("proj_in"))?,
-                candle_nn::linear(channels, channels, vb.pp("proj_out"))?,
+                Linear::new(candle_nn::linear(channels, channels, vb.pp("proj_in"))?)?,
+                Linear::new(candle_nn::linear(channels, channels, vb.pp("proj_out"))?)?,
             )
         } else {
             (
@@ -421,8 +430,8 @@ impl UNet {
 
         let conv_in = conv3x3(spec.in_channels, c0, 1, 1, vb.pp("conv_in"))?;
         let vt = vb.pp("time_embedding");
-        let time_linear_1 = candle_nn::linear(c0, temb, vt.pp("linear_1"))?;
-        let time_linear_2 = candle_nn::linear(temb, temb, vt.pp("linear_2"))?;
+        let time_linear_1 = Linear::new(candle_nn::linear(c0, temb, vt.pp("linear_1"))?)?;
+        let time_linear_2 = Linear::new(candle_nn::linear(temb, temb, vt.pp("linear_2"))?)?;
 
         let vd = vb.pp("down_blocks");
         let mut down_blocks = Vec::with_capacity(n);

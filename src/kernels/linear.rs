@@ -1,0 +1,203 @@
+//! Fully connected layers on the CPU in f32: one GEMM over all leading dimensions with the
+//! bias written into the destination first.
+//!
+//! candle's `Linear` runs a batched matmul against the transposed weight and then adds the
+//! bias in a separate pass over the whole output (84 MB for SD 1.5's 320 -> 2560 projection
+//! at 512x512, batch 2); measured at 82 GFLOP/s there against torch's 121 on this machine.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
+
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Output tile of one task (rows, columns).
+const ROWS: usize = 256;
+const COLS: usize = 512;
+
+/// A raw pointer tasks write disjoint tiles through.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only its own tile, and the buffer outlives the tasks.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `y = x W^T + b` over the last axis; the drop-in for `candle_nn::Linear` in inference-only
+/// models (candle's `Linear` on other devices and dtypes).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    /// The bias, or zeros: the kernel always starts from it.
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Wraps a loaded candle layer.
+    pub fn new(inner: candle_nn::Linear) -> Result<Self> {
+        let bias = match inner.bias() {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(
+                inner.weight().dim(0)?,
+                inner.weight().dtype(),
+                inner.weight().device(),
+            )?,
+        };
+        Ok(Linear { inner, bias })
+    }
+
+    /// The `(out, in)` weight.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.inner.weight();
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 && w.dtype() == DType::F32 {
+            xs.contiguous()?.apply_op3_no_bwd(w, &self.bias, &Gemm)
+        } else {
+            self.inner.forward(xs)
+        }
+    }
+}
+
+struct Gemm;
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("linear kernel needs contiguous inputs"),
+    }
+}
+
+impl CustomOp3 for Gemm {
+    fn name(&self) -> &'static str {
+        "linear-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = lx.shape().dims();
+        let (o, i) = lw.shape().dims2()?;
+        if dims.last() != Some(&i) || lb.shape().elem_count() != o {
+            candle_core::bail!(
+                "linear: input {:?} does not fit weight {:?} / bias {:?}",
+                lx.shape(),
+                lw.shape(),
+                lb.shape()
+            );
+        }
+        let (x, w, bias) = (
+            contiguous(sx, lx)?,
+            contiguous(sw, lw)?,
+            contiguous(sb, lb)?,
+        );
+        let rows = x.len() / i.max(1);
+        let mut out = vec![0f32; rows * o];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        // Output tiles of ROWS x COLS, each one GEMM on one core: the tile (bias written
+        // first) stays in cache while the GEMM accumulates into it, and only a COLS-wide
+        // slice of the weight is packed per tile.
+        let (rt, ct) = (rows.div_ceil(ROWS), o.div_ceil(COLS));
+        let threads = rayon::current_num_threads();
+        let run = |task: usize, par: gemm::Parallelism| {
+            let (r0, c0) = ((task / ct) * ROWS, (task % ct) * COLS);
+            let (nr, nc) = (ROWS.min(rows - r0), COLS.min(o - c0));
+            // SAFETY: tiles are disjoint; every pointer/stride pair stays inside out (rows x
+            // o), x (rows x i) and the o x i weight read as W^T.
+            unsafe {
+                let dst = out_ptr.get().add(r0 * o + c0);
+                for r in 0..nr {
+                    std::ptr::copy_nonoverlapping(bias.as_ptr().add(c0), dst.add(r * o), nc);
+                }
+                gemm::gemm(
+                    nr,
+                    nc,
+                    i,
+                    dst,
+                    1,
+                    o as isize,
+                    true,
+                    x.as_ptr().add(r0 * i),
+                    1,
+                    i as isize,
+                    w.as_ptr().add(c0 * i),
+                    i as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        };
+        if rt * ct >= 2 * threads {
+            (0..rt * ct)
+                .into_par_iter()
+                .for_each(|t| run(t, gemm::Parallelism::None));
+        } else {
+            // Few rows (CLIP's 77 tokens, a small batch): parallelise inside the GEMMs.
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            (0..rt * ct).for_each(|t| run(t, par));
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("checked above") = o;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{f64, randn, rel_err_vs_f64};
+
+    #[test]
+    fn linear_matches_candle_in_f64() {
+        for (i, (shape, inp, out, bias)) in [
+            (vec![2usize, 5, 7], 7usize, 3usize, true),
+            (vec![9, 16], 16, 33, false),
+            (vec![1, 2, 3, 8], 8, 4, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let w = randn(&[out, inp], 1.0, i as u64);
+            let b = bias.then(|| randn(&[out], 1.0, 10 + i as u64));
+            let x = randn(&shape, 1.0, 20 + i as u64);
+            let got = Linear::new(candle_nn::Linear::new(w.clone(), b.clone()))
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            let want = candle_nn::Linear::new(f64(&w), b.as_ref().map(f64))
+                .forward(&f64(&x))
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(rel_err_vs_f64(&got, &want) < 1e-6, "case {i}");
+        }
+    }
+
+    #[test]
+    fn wrong_width_is_an_error() {
+        let l = Linear::new(candle_nn::Linear::new(randn(&[3, 4], 1.0, 1), None)).unwrap();
+        assert!(l.forward(&randn(&[2, 5], 1.0, 2)).is_err());
+    }
+}
