@@ -1,4 +1,4 @@
-//! GEGLU, the gated activation of Stable Diffusion's transformer feed-forward layers:
+//! Activations: `quick_gelu` and exact GELU for CLIP, and GEGLU, the gated activation of Stable Diffusion's transformer feed-forward layers:
 //! `value * gelu_erf(gate)` where the projection's last axis is `[value | gate]`.
 //!
 //! candle computes it as two strided narrows, a scalar-libm GELU and a multiply (three passes
@@ -23,6 +23,49 @@ pub fn composed(p: &Tensor, inner: usize) -> Result<Tensor> {
     let value = p.narrow(D::Minus1, 0, inner)?;
     let gate = p.narrow(D::Minus1, inner, inner)?.gelu_erf()?;
     Ok((value * gate)?)
+}
+
+/// `x * sigmoid(1.702 x)` (OpenAI CLIP's `quick_gelu`), one vectorised pass on the CPU in
+/// f32, candle's composition elsewhere.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&Elementwise::QuickGelu)?);
+    }
+    Ok(x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// Exact (erf) GELU, one vectorised pass on the CPU in f32, candle's `gelu_erf` elsewhere.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&Elementwise::GeluErf)?);
+    }
+    Ok(x.gelu_erf()?)
+}
+
+enum Elementwise {
+    QuickGelu,
+    GeluErf,
+}
+
+impl CustomOp1 for Elementwise {
+    fn name(&self) -> &'static str {
+        match self {
+            Elementwise::QuickGelu => "quick-gelu",
+            Elementwise::GeluErf => "gelu-erf",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("{} needs a contiguous input", self.name());
+        };
+        let mut out = s.as_slice::<f32>()?[start..end].to_vec();
+        out.par_chunks_mut(16384).for_each(|c| match self {
+            Elementwise::QuickGelu => vmath::quick_gelu_inplace(c),
+            Elementwise::GeluErf => vmath::gelu_erf_inplace(c),
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
 }
 
 struct Geglu {
@@ -88,6 +131,20 @@ mod tests {
             .unwrap();
             assert!(err < 1e-6, "{err}");
         }
+    }
+
+    #[test]
+    fn elementwise_activations_match_candle_in_f64() {
+        let x = crate::kernels::testing::randn(&[3, 7, 1001], 4.0, 5);
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let want = x64
+            .mul(&candle_nn::ops::sigmoid(&(&x64 * 1.702).unwrap()).unwrap())
+            .unwrap();
+        let got = quick_gelu(&x).unwrap();
+        assert!(crate::kernels::testing::rel_err_vs_f64(&got, &want) < 1e-6);
+        let got = gelu_erf(&x).unwrap();
+        let want = x64.gelu_erf().unwrap();
+        assert!(crate::kernels::testing::rel_err_vs_f64(&got, &want) < 1e-6);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Linear {
     inner: candle_nn::Linear,
     /// The bias, or zeros: the kernel always starts from it.
     bias: Tensor,
+    /// False: always candle's `Linear`, whose backward is right (the kernel has none).
+    fast: bool,
 }
 
 impl Linear {
@@ -47,7 +49,19 @@ impl Linear {
                 inner.weight().device(),
             )?,
         };
-        Ok(Linear { inner, bias })
+        Ok(Linear {
+            inner,
+            bias,
+            fast: true,
+        })
+    }
+
+    /// Wraps a candle layer that must stay differentiable: forward is candle's own.
+    pub fn differentiable(inner: candle_nn::Linear) -> Result<Self> {
+        Ok(Linear {
+            fast: false,
+            ..Self::new(inner)?
+        })
     }
 
     /// The `(out, in)` weight.
@@ -59,7 +73,8 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.inner.weight();
-        if xs.device().is_cpu() && xs.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        if self.fast && xs.device().is_cpu() && xs.dtype() == DType::F32 && w.dtype() == DType::F32
+        {
             xs.contiguous()?.apply_op3_no_bwd(w, &self.bias, &Gemm)
         } else {
             self.inner.forward(xs)

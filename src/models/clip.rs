@@ -17,6 +17,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::kernels;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -576,12 +578,22 @@ impl LayerNorm {
     }
 }
 
+/// A linear layer for `mode`: the CPU kernel for inference, candle's (with backward) for
+/// `Differentiable`.
+fn layer(l: Linear, mode: NormMode) -> candle_core::Result<kernels::linear::Linear> {
+    match mode {
+        NormMode::Fused => kernels::linear::Linear::new(l),
+        NormMode::Differentiable => kernels::linear::Linear::differentiable(l),
+    }
+    .map_err(candle_core::Error::wrap)
+}
+
 #[derive(Clone, Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: kernels::linear::Linear,
+    k_proj: kernels::linear::Linear,
+    v_proj: kernels::linear::Linear,
+    out_proj: kernels::linear::Linear,
     num_heads: usize,
     head_dim: usize,
     scale: f64,
@@ -597,10 +609,10 @@ impl Attention {
     ) -> candle_core::Result<Self> {
         let head_dim = hidden / heads;
         Ok(Self {
-            q_proj: candle_nn::linear(hidden, hidden, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(hidden, hidden, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(hidden, hidden, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(hidden, hidden, vb.pp("out_proj"))?,
+            q_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("q_proj"))?, mode)?,
+            k_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("k_proj"))?, mode)?,
+            v_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("v_proj"))?, mode)?,
+            out_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("out_proj"))?, mode)?,
             num_heads: heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -616,6 +628,18 @@ impl Attention {
 
     /// `xs`: (batch, seq, hidden); `mask`: additive (seq, seq) or none.
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        if mask.is_none() && self.mode == NormMode::Fused {
+            // Inference without a mask (the vision tower): the blocked CPU kernel on the
+            // (batch, seq, heads*dim) projections, candle's composition on other devices.
+            let (q, k, v) = (
+                self.q_proj.forward(xs)?,
+                self.k_proj.forward(xs)?,
+                self.v_proj.forward(xs)?,
+            );
+            let out = kernels::attention::attention(&q, &k, &v, self.num_heads, self.scale)
+                .map_err(candle_core::Error::wrap)?;
+            return self.out_proj.forward(&out);
+        }
         let (b, s, hidden) = xs.dims3()?;
         let q = self.split_heads(&self.q_proj.forward(xs)?, b, s)?;
         let k = self.split_heads(&self.k_proj.forward(xs)?, b, s)?;
@@ -637,9 +661,10 @@ impl Attention {
 
 #[derive(Clone, Debug)]
 struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: kernels::linear::Linear,
+    fc2: kernels::linear::Linear,
     act: ClipActivation,
+    mode: NormMode,
 }
 
 impl Mlp {
@@ -647,17 +672,26 @@ impl Mlp {
         hidden: usize,
         intermediate: usize,
         act: ClipActivation,
+        mode: NormMode,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(hidden, intermediate, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(intermediate, hidden, vb.pp("fc2"))?,
+            fc1: layer(candle_nn::linear(hidden, intermediate, vb.pp("fc1"))?, mode)?,
+            fc2: layer(candle_nn::linear(intermediate, hidden, vb.pp("fc2"))?, mode)?,
             act,
+            mode,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
+        let h = self.fc1.forward(xs)?;
+        let h = match (self.mode, self.act) {
+            (NormMode::Fused, ClipActivation::QuickGelu) => kernels::activation::quick_gelu(&h),
+            (NormMode::Fused, ClipActivation::Gelu) => kernels::activation::gelu_erf(&h),
+            _ => Ok(self.act.forward(&h)?),
+        }
+        .map_err(candle_core::Error::wrap)?;
+        self.fc2.forward(&h)
     }
 }
 
@@ -685,7 +719,13 @@ impl EncoderLayer {
             layer_norm1: LayerNorm::new(shape.hidden, shape.eps, mode, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(shape.hidden, shape.heads, mode, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(shape.hidden, shape.eps, mode, vb.pp("layer_norm2"))?,
-            mlp: Mlp::new(shape.hidden, shape.intermediate, shape.act, vb.pp("mlp"))?,
+            mlp: Mlp::new(
+                shape.hidden,
+                shape.intermediate,
+                shape.act,
+                mode,
+                vb.pp("mlp"),
+            )?,
         })
     }
 
