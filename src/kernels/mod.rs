@@ -6,6 +6,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod linear;
+pub mod norm;
 pub mod vmath;
 pub mod winograd;
 

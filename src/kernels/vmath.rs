@@ -106,6 +106,11 @@ pub fn gelu_erf_mul(gate: &mut [f32], value: &[f32]) {
     dispatch!(gelu_erf_mul_impl(gate, value))
 }
 
+/// `xs[i] = xs[i] * sigmoid(xs[i])` in place (SiLU).
+pub fn silu_inplace(xs: &mut [f32]) {
+    dispatch!(silu_inplace_impl(xs))
+}
+
 /// `xs[i] = xs[i] * sigmoid(1.702 xs[i])` in place (CLIP's `quick_gelu`).
 pub fn quick_gelu_inplace(xs: &mut [f32]) {
     dispatch!(quick_gelu_inplace_impl(xs))
@@ -162,6 +167,13 @@ macro_rules! kernels {
         pub fn gelu_erf_mul_impl(gate: &mut [f32], value: &[f32]) {
             for (g, v) in gate.iter_mut().zip(value) {
                 *g = gelu_erf(*g) * v;
+            }
+        }
+
+        $(#[$attr])?
+        pub fn silu_inplace_impl(xs: &mut [f32]) {
+            for x in xs.iter_mut() {
+                *x = *x / (1.0 + exp(-*x));
             }
         }
 

@@ -21,10 +21,11 @@
 //! over the skip connections (+ attentions) (+ `upsamplers.0.conv`).
 
 use candle_core::{Device, Module, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::kernels::conv::Conv2d;
 use crate::kernels::linear::Linear;
+use crate::kernels::norm::GroupNorm;
 
 use crate::models::sd::UNetSpec;
 use crate::Result;
@@ -103,10 +104,10 @@ impl ResnetBlock {
             None
         };
         Ok(ResnetBlock {
-            norm1: candle_nn::group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, cin, eps, vb.pp("norm1"))?,
             conv1: conv3x3(cin, cout, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: Linear::new(candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?)?,
-            norm2: candle_nn::group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, cout, eps, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, 1, 1, vb.pp("conv2"))?,
             conv_shortcut,
             output_scale_factor,
@@ -115,12 +116,12 @@ impl ResnetBlock {
 
     /// `temb_act` is `silu(emb)`, shared by every resnet (diffusers recomputes it each time).
     fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(xs)?.silu()?;
+        let h = self.norm1.forward_silu(xs)?;
         let h = self.conv1.forward(&h)?;
         let t = self.time_emb_proj.forward(temb_act)?;
         let (tb, tc) = t.dims2()?;
         let h = h.broadcast_add(&t.reshape((tb, tc, 1, 1))?)?;
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
@@ -275,7 +276,7 @@ impl Transformer2D {
             .map(|k| TransformerBlock::new(vbb.pp(k), channels, context_dim, heads))
             .collect::<Result<Vec<_>>>()?;
         Ok(Transformer2D {
-            norm: candle_nn::group_norm(groups, channels, TRANSFORMER_NORM_EPS, vb.pp("norm"))?,
+            norm: GroupNorm::new(groups, channels, TRANSFORMER_NORM_EPS, vb.pp("norm"))?,
             proj_in,
             blocks,
             proj_out,
@@ -561,7 +562,7 @@ impl UNet {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(groups, c0, eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(groups, c0, eps, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(c0, spec.out_channels, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -642,7 +643,7 @@ impl UNet {
         }
 
         // 6. out.
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }

@@ -10,10 +10,11 @@
 //! needs. The encoder (img2img only) stays candle-transformers' (`sd::build_vae`).
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use crate::kernels;
 use crate::kernels::conv::Conv2d;
+use crate::kernels::norm::GroupNorm;
 use crate::models::sd::VaeSpec;
 use crate::models::taesd::upsample_nearest;
 use crate::Result;
@@ -54,7 +55,15 @@ impl Conv {
 }
 
 fn group_norm(groups: usize, channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    Ok(candle_nn::group_norm(groups, channels, EPS, vb)?)
+    GroupNorm::new(groups, channels, EPS, vb)
+}
+
+/// `SiLU(GroupNorm(x))`, fused for inference.
+fn norm_silu(norm: &GroupNorm, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Inference => norm.forward_silu(x),
+        Mode::Differentiable => norm.forward_differentiable(x, true),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -82,9 +91,9 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(x)?)?;
+        let h = norm_silu(&self.norm1, x, mode)?;
         let h = self.conv1.forward(&h, mode)?;
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
+        let h = norm_silu(&self.norm2, &h, mode)?;
         let h = self.conv2.forward(&h, mode)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x, mode)?,
@@ -134,9 +143,11 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = self
-            .norm
-            .forward(x)?
+        let normed = match mode {
+            Mode::Inference => self.norm.forward(x)?,
+            Mode::Differentiable => self.norm.forward_differentiable(x, false)?,
+        };
+        let tokens = normed
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -246,7 +257,7 @@ impl VaeDecoder {
                 x = c.forward(&upsample_nearest(&x, 2)?, mode)?;
             }
         }
-        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
+        let x = norm_silu(&self.norm_out, &x, mode)?;
         self.conv_out.forward(&x, mode)
     }
 }
