@@ -2,7 +2,8 @@
 random weights, one UNet step with classifier-free guidance (batch 2) and one VAE decode per
 image size. Prints one JSON object per measurement, the same fields as `artguide bench --json`.
 
-Run through bench/cpu.sh so both tools are measured in the same run on the same machine.
+Run through bench/cpu.sh (CPU, f32) or bench/gpu.sh (`--device cuda --dtype f16`) so both
+tools are measured in the same run on the same machine.
 """
 import argparse
 import json
@@ -28,12 +29,22 @@ VAE = dict(
 )
 
 
+DEVICE = "cpu"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, reps):
     fn()  # warm-up
+    sync()
     runs = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        sync()
         runs.append(time.perf_counter() - t)
     return runs
 
@@ -45,39 +56,48 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--parts", default="unet,vae")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
     parts = a.parts.split(",")
     unet = vae = None
     if "unet" in parts:
         unet = UNet2DConditionModel(**(SD15_UNET if a.arch == "sd15" else SD21_UNET)).eval()
+        unet = unet.to(a.device, dtype)
         if a.attention == "classic":
             from diffusers.models.attention_processor import AttnProcessor
             unet.set_attn_processor(AttnProcessor())
     if "vae" in parts:
-        vae = AutoencoderKL(**VAE).eval()
+        vae = AutoencoderKL(**VAE).eval().to(a.device, dtype)
     ctx_dim = 768 if a.arch == "sd15" else 1024
     for size in [int(s) for s in a.sizes.split(",")]:
         lat = size // 8
         with torch.no_grad():
             if unet is not None:
-                x = torch.randn(2, 4, lat, lat)
-                ctx = torch.randn(2, 77, ctx_dim)
-                t = torch.tensor([500, 500])
+                x = torch.randn(2, 4, lat, lat).to(a.device, dtype)
+                ctx = torch.randn(2, 77, ctx_dim).to(a.device, dtype)
+                t = torch.tensor([500, 500]).to(a.device)
                 runs = timed(lambda: unet(x, t, ctx), a.reps)
                 report("unet_step_cfg_batch2", size, runs)
             if vae is not None:
-                z = torch.randn(1, 4, lat, lat)
+                z = torch.randn(1, 4, lat, lat).to(a.device, dtype)
                 runs = timed(lambda: vae.decode(z), a.reps)
                 report("vae_decode", size, runs)
 
 
 def report(workload, size, runs):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(tool="diffusers", workload=workload, size=size,
-                          seconds=statistics.median(runs), runs=runs,
-                          peak_rss_bytes=peak, torch_threads=torch.get_num_threads())),
-          flush=True)
+    row = dict(tool="diffusers", workload=workload, size=size,
+               seconds=statistics.median(runs), runs=runs,
+               peak_rss_bytes=peak, torch_threads=torch.get_num_threads())
+    if DEVICE == "cuda":
+        row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
