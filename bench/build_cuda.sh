@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Builds `artguide --features cuda` on a machine without a CUDA toolkit or GPU, from PyPI's
+# CUDA 13.0 wheels, for copying to a GPU machine (which needs the NVIDIA driver and the
+# cuBLAS / cuRAND / NVRTC / cudart 13 libraries, e.g. those of a PyTorch cu130 install, on
+# LD_LIBRARY_PATH).
+#
+# Usage: bash bench/build_cuda.sh [VENV] [TARGET_DIR]
+#   defaults: VENV=/work/venv-cuda  TARGET_DIR=target-cuda; needs python3, gcc, cargo.
+# Why 13.0: so nothing in the binary needs a newer driver than the oldest CUDA 13 one (PTX JIT
+# has no minor-version compatibility). CUDA_COMPUTE_CAP=90 is
+# the H100; set it for other GPUs (89 L4/4090, 86 A10/3090, 80 A100).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-/work/venv-cuda}
+TARGET=${2:-target-cuda}
+if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
+"$VENV/bin/pip" install -q "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" \
+  "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.88" "nvidia-cuda-cccl==13.0.85" \
+  "nvidia-cuda-nvrtc==13.0.88" "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*"
+CU=$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
+# Link directory: unversioned names for the wheels' libraries, and a stub libcuda (the driver
+# is not on PyPI) that defines every driver function cudarc declares; the real libcuda.so.1
+# replaces it at run time through its SONAME.
+LINK=$PWD/$TARGET/cuda-link
+mkdir -p "$LINK"
+for l in cublas cublasLt cudart nvrtc; do ln -sf "$CU/lib/lib$l.so.13" "$LINK/lib$l.so"; done
+ln -sf "$CU/lib/libcurand.so.10" "$LINK/libcurand.so"
+CUDARC=$(cargo metadata --format-version 1 --features cuda | "$VENV/bin/python" -c \
+  'import json,sys,os; m=json.load(sys.stdin); print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"]=="cudarc"))')
+grep -o "fn cu[A-Za-z0-9_]*" "$CUDARC/src/driver/sys/mod.rs" | sort -u \
+  | sed 's/fn \(.*\)/void \1(void) {}/' >"$LINK/libcuda_stub.c"
+gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/libcuda_stub.c"
+export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU"
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
+export RUSTFLAGS="-L $LINK" CARGO_TARGET_DIR="$TARGET"
+cargo build --release --features cuda
+ls -la "$TARGET/release/artguide"
