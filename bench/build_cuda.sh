@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-/work/venv-cuda}
-TARGET=${2:-target-cuda}
+TARGET=$(realpath -m "${2:-target-cuda}")
 if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
 "$VENV/bin/pip" install -q "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" \
   "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.88" "nvidia-cuda-cccl==13.0.85" \
@@ -21,7 +21,7 @@ CU=$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path_
 # Link directory: unversioned names for the wheels' libraries, and a stub libcuda (the driver
 # is not on PyPI) that defines every driver function cudarc declares; the real libcuda.so.1
 # replaces it at run time through its SONAME.
-LINK=$PWD/$TARGET/cuda-link
+LINK=$TARGET/cuda-link
 mkdir -p "$LINK"
 for l in cublas cublasLt cudart nvrtc; do ln -sf "$CU/lib/lib$l.so.13" "$LINK/lib$l.so"; done
 ln -sf "$CU/lib/libcurand.so.10" "$LINK/libcurand.so"
@@ -34,4 +34,6 @@ export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="-L $LINK" CARGO_TARGET_DIR="$TARGET"
 cargo build --release --features cuda
-ls -la "$TARGET/release/artguide"
+# The device tool carries at most 64 MiB: the stripped binary is ~63.4 MiB (2026-11-23).
+strip -o "$TARGET/release/artguide-stripped" "$TARGET/release/artguide"
+ls -la "$TARGET/release/artguide" "$TARGET/release/artguide-stripped"
