@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::vmath;
+use super::{contiguous_f32, vmath};
 use crate::Result;
 
 /// Bytes of scores a task keeps at once. Measured on SD 1.5's 4,096-token attention (2-core
@@ -105,14 +105,6 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("blocked attention needs contiguous inputs"),
-    }
-}
-
 impl CustomOp3 for BlockedAttention {
     fn name(&self) -> &'static str {
         "blocked-attention"
@@ -138,7 +130,12 @@ impl CustomOp3 for BlockedAttention {
                 self.heads
             );
         }
-        let (q, k, v) = (f32_slice(sq, lq)?, f32_slice(sk, lk)?, f32_slice(sv, lv)?);
+        let op = self.name();
+        let (q, k, v) = (
+            contiguous_f32(sq, lq, op)?,
+            contiguous_f32(sk, lk, op)?,
+            contiguous_f32(sv, lv, op)?,
+        );
         let mut out = vec![0f32; b * n * hd];
         let rows = (SCORE_BLOCK_BYTES / (4 * m.max(1)))
             .clamp(8, MAX_ROWS)

@@ -9,10 +9,9 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
-
+use super::{contiguous_f32, for_each_task, OutPtr};
 use crate::Result;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// Bytes of im2col a task builds at once (fits the L2/L3 share of one core).
 const COL_BLOCK_BYTES: usize = 1024 * 1024;
@@ -27,11 +26,10 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         let op = Conv { stride, padding };
-        let y = x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)?;
-        return Ok(match bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-            None => y,
-        });
+        return add_bias(
+            x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)?,
+            bias,
+        );
     }
     composed(x, w, bias, stride, padding)
 }
@@ -44,7 +42,11 @@ pub fn composed(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    add_bias(x.conv2d(w, padding, stride, 1, 1)?, bias)
+}
+
+/// `y + bias` with one bias value per channel of NCHW `y`.
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
         None => y,
@@ -162,13 +164,6 @@ thread_local! {
     static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("conv2d kernel needs contiguous inputs"),
-    }
-}
-
 /// Geometry of one convolution.
 #[derive(Clone, Copy)]
 struct Geom {
@@ -260,22 +255,18 @@ impl CustomOp2 for Conv {
             stride: s,
             pad: p,
         };
-        let (x, wt) = (contiguous(sx, lx)?, contiguous(sw, lw)?);
+        let (x, wt) = (
+            contiguous_f32(sx, lx, self.name())?,
+            contiguous_f32(sw, lw, self.name())?,
+        );
         let k = cin * kh * kw;
         let plane = g.ho * g.wo;
         let rows = (COL_BLOCK_BYTES / (4 * k * g.wo)).clamp(1, g.ho);
         let strips = g.ho.div_ceil(rows);
         let mut out = vec![0f32; b * cout * plane];
-        let out_ptr = SendPtr(out.as_mut_ptr());
+        let out_ptr = OutPtr(out.as_mut_ptr());
         let tasks = b * strips;
-        let threads = rayon::current_num_threads();
-        // Few tasks (a small image, batch 1): parallelise inside the GEMM instead.
-        let inner = if tasks < 2 * threads {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        let run = |task: usize| {
+        for_each_task(tasks, |task, inner| {
             let (bi, si) = (task / strips, task % strips);
             let y0 = si * rows;
             let nr = rows.min(g.ho - y0);
@@ -316,25 +307,8 @@ impl CustomOp2 for Conv {
                     );
                 }
             });
-        };
-        if matches!(inner, gemm::Parallelism::None) {
-            (0..tasks).into_par_iter().for_each(run);
-        } else {
-            (0..tasks).for_each(run);
-        }
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, cout, g.ho, g.wo))))
-    }
-}
-
-/// A raw pointer tasks write disjoint parts through.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions (see `cpu_fwd`), and the buffer outlives them.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

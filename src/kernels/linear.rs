@@ -7,25 +7,12 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 
-use rayon::prelude::*;
-
+use super::{contiguous_f32, for_each_task, OutPtr};
 use crate::Result;
 
 /// Output tile of one task (rows, columns).
 const ROWS: usize = 256;
 const COLS: usize = 512;
-
-/// A raw pointer tasks write disjoint tiles through.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own tile, and the buffer outlives the tasks.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `y = x W^T + b` over the last axis; the drop-in for `candle_nn::Linear` in inference-only
 /// models (candle's `Linear` on other devices and dtypes).
@@ -84,13 +71,6 @@ impl Module for Linear {
 
 struct Gemm;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("linear kernel needs contiguous inputs"),
-    }
-}
-
 impl CustomOp3 for Gemm {
     fn name(&self) -> &'static str {
         "linear-gemm"
@@ -116,9 +96,9 @@ impl CustomOp3 for Gemm {
             );
         }
         let (x, w, bias) = (
-            contiguous(sx, lx)?,
-            contiguous(sw, lw)?,
-            contiguous(sb, lb)?,
+            contiguous_f32(sx, lx, self.name())?,
+            contiguous_f32(sw, lw, self.name())?,
+            contiguous_f32(sb, lb, self.name())?,
         );
         let rows = x.len() / i.max(1);
         let mut out = vec![0f32; rows * o];
@@ -127,8 +107,7 @@ impl CustomOp3 for Gemm {
         // first) stays in cache while the GEMM accumulates into it, and only a COLS-wide
         // slice of the weight is packed per tile.
         let (rt, ct) = (rows.div_ceil(ROWS), o.div_ceil(COLS));
-        let threads = rayon::current_num_threads();
-        let run = |task: usize, par: gemm::Parallelism| {
+        for_each_task(rt * ct, |task, par| {
             let (r0, c0) = ((task / ct) * ROWS, (task % ct) * COLS);
             let (nr, nc) = (ROWS.min(rows - r0), COLS.min(o - c0));
             // SAFETY: tiles are disjoint; every pointer/stride pair stays inside out (rows x
@@ -160,20 +139,7 @@ impl CustomOp3 for Gemm {
                     par,
                 );
             }
-        };
-        if rt * ct >= 2 * threads {
-            (0..rt * ct)
-                .into_par_iter()
-                .for_each(|t| run(t, gemm::Parallelism::None));
-        } else {
-            // Few rows (CLIP's 77 tokens, a small batch): parallelise inside the GEMMs.
-            let par = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            (0..rt * ct).for_each(|t| run(t, par));
-        }
+        });
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("checked above") = o;
         Ok((CpuStorage::F32(out), Shape::from(shape)))

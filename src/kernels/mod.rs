@@ -10,6 +10,48 @@ pub mod norm;
 pub mod vmath;
 pub mod winograd;
 
+use candle_core::{CpuStorage, Layout};
+use rayon::prelude::*;
+
+/// The f32 data of a contiguous CPU tensor; `op` names the kernel in the error.
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<f32>()?[start..end]),
+        None => candle_core::bail!("{op} needs contiguous inputs"),
+    }
+}
+
+/// A raw pointer to an output buffer that parallel tasks write disjoint parts of.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every user writes only its own task's region, and the buffer outlives the tasks.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs `run(task, parallelism)` for each of `tasks` independent GEMM tasks: spread over the
+/// cores with single-threaded GEMMs when there are enough tasks (two per core), else one after
+/// another with each GEMM using every core (a small image, batch 1, CLIP's few rows).
+fn for_each_task(tasks: usize, run: impl Fn(usize, gemm::Parallelism) + Send + Sync) {
+    let threads = rayon::current_num_threads();
+    if tasks >= 2 * threads {
+        (0..tasks)
+            .into_par_iter()
+            .for_each(|t| run(t, gemm::Parallelism::None));
+    } else {
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        (0..tasks).for_each(|t| run(t, par));
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use candle_core::{DType, Tensor};

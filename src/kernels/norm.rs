@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::vmath;
+use super::{contiguous_f32, vmath};
 use crate::Result;
 
 /// A GroupNorm layer (`weight`, `bias` of one value per channel) that can fuse the SiLU
@@ -77,13 +77,6 @@ struct Fused {
     silu: bool,
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("group norm kernel needs contiguous inputs"),
-    }
-}
-
 impl CustomOp3 for Fused {
     fn name(&self) -> &'static str {
         "group-norm"
@@ -113,9 +106,9 @@ impl CustomOp3 for Fused {
             );
         }
         let (x, w, bias) = (
-            contiguous(sx, lx)?,
-            contiguous(sw, lw)?,
-            contiguous(sb, lb)?,
+            contiguous_f32(sx, lx, self.name())?,
+            contiguous_f32(sw, lw, self.name())?,
+            contiguous_f32(sb, lb, self.name())?,
         );
         let per_group = c / g * spatial;
         let mut out = vec![0f32; x.len()];

@@ -9,10 +9,9 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
-
+use super::{contiguous_f32, for_each_task, OutPtr};
 use crate::Result;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// Bytes of transformed input and products a task keeps at once.
 const TILE_BLOCK_BYTES: usize = 2 * 1024 * 1024;
@@ -73,25 +72,6 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("winograd needs contiguous inputs"),
-    }
-}
-
-/// A raw pointer that tasks write disjoint rows through.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own output rows, and the buffer outlives the tasks.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 impl CustomOp3 for Winograd {
     fn name(&self) -> &'static str {
         "winograd-f2x2-3x3"
@@ -123,9 +103,9 @@ impl CustomOp3 for Winograd {
             );
         }
         let (x, u, bias) = (
-            contiguous(sx, lx)?,
-            contiguous(su, lu)?,
-            contiguous(sb, lb)?,
+            contiguous_f32(sx, lx, self.name())?,
+            contiguous_f32(su, lu, self.name())?,
+            contiguous_f32(sb, lb, self.name())?,
         );
         let (ho, wo) = (h + 2 * p - 2, w + 2 * p - 2);
         let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
@@ -137,12 +117,6 @@ impl CustomOp3 for Winograd {
         let mut out = vec![0f32; b * cout * ho * wo];
         let out_ptr = OutPtr(out.as_mut_ptr());
         let tasks = b * strips;
-        let threads = rayon::current_num_threads();
-        let inner = if tasks < 2 * threads {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
         let geom = Geom {
             cin,
             cout,
@@ -153,7 +127,7 @@ impl CustomOp3 for Winograd {
             tw,
             p,
         };
-        let run = |task: usize| {
+        for_each_task(tasks, |task, inner| {
             let (bi, si) = (task / strips, task % strips);
             let tr0 = si * tile_rows;
             let nr = tile_rows.min(th - tr0);
@@ -161,12 +135,7 @@ impl CustomOp3 for Winograd {
             // SAFETY: this task writes only output rows 2*tr0 .. 2*(tr0+nr) of image bi.
             let out_image = unsafe { out_ptr.get().add(bi * cout * ho * wo) };
             geom.strip(image, u, bias, tr0, nr, out_image, inner);
-        };
-        if matches!(inner, gemm::Parallelism::None) {
-            (0..tasks).into_par_iter().for_each(run);
-        } else {
-            (0..tasks).for_each(run);
-        }
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
     }
 }
