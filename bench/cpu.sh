@@ -2,6 +2,7 @@
 # Measures artguide (candle) and diffusers (PyTorch) on the same CPU in one run, each workload
 # in a fresh process so peak memory is per workload, and prints a markdown table with ratios.
 # Usage: bench/cpu.sh [ARCH] [SIZES] [REPS]      e.g. bench/cpu.sh sd15 256,512 3
+# PARTS=unet (or vae) limits the run to one part (SDXL's VAE is SD's architecture).
 # Needs: cargo, and a Python with the pinned reference stack (tests/reference/requirements.txt);
 # set PYTHON to it (default: /work/venv-ref/bin/python, else python3).
 set -euo pipefail
@@ -13,7 +14,8 @@ PYTHON=${PYTHON:-$( [ -x /work/venv-ref/bin/python ] && echo /work/venv-ref/bin/
 cargo build --release --quiet
 BIN=${CARGO_TARGET_DIR:-target}/release/artguide
 LOG=$(mktemp)
-for part in unet vae; do
+PARTS=${PARTS:-unet,vae}
+for part in ${PARTS//,/ }; do
   for size in ${SIZES//,/ }; do
     "$BIN" bench --json --arch "$ARCH" --parts "$part" --sizes "$size" --reps "$REPS" | grep '"workload"' >>"$LOG"
     "$PYTHON" bench/diffusers_cpu.py --arch "$ARCH" --parts "$part" --sizes "$size" --reps "$REPS" >>"$LOG"

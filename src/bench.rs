@@ -57,6 +57,23 @@ fn time<F: FnMut() -> Result<()>>(reps: usize, device: &Device, mut f: F) -> Res
     Ok(runs)
 }
 
+/// Random CFG-batch (2 rows) conditioning of the shapes the model's UNet takes.
+fn random_conditioning(
+    model: &crate::models::stable_diffusion::SdModel,
+    g: &mut NoiseGen,
+    dtype: DType,
+) -> Result<crate::models::stable_diffusion::Conditioning> {
+    let mut draw = |shape: &[usize]| -> Result<candle_core::Tensor> {
+        Ok(g.randn(shape)?.to_dtype(dtype)?.to_device(&model.device)?)
+    };
+    let context = draw(&[2, 77, model.unet_spec.cross_attention_dim])?;
+    let pooled = match model.unet_spec.added_cond {
+        Some(a) => Some(draw(&[2, a.pooled_dim()])?),
+        None => None,
+    };
+    Ok(crate::models::stable_diffusion::Conditioning { context, pooled })
+}
+
 /// Which parts to time.
 #[derive(Debug, Clone)]
 pub struct BenchPlan {
@@ -93,12 +110,9 @@ pub fn run(plan: &BenchPlan, mut report: impl FnMut(&Measurement)) -> Result<Vec
                 .randn(&[2, c, lat, lat])?
                 .to_dtype(plan.dtype)?
                 .to_device(&plan.device)?;
-            let ctx = g
-                .randn(&[2, 77, model.unet_spec.cross_attention_dim])?
-                .to_dtype(plan.dtype)?
-                .to_device(&plan.device)?;
+            let ctx = random_conditioning(&model, &mut g, plan.dtype)?;
             let mut runs = time(plan.reps, &plan.device, || {
-                model.unet.forward(&x, 500.0, &ctx)?;
+                model.predict(&x, 500.0, &ctx)?;
                 Ok(())
             })?;
             let m = Measurement {
@@ -266,14 +280,11 @@ pub fn guidance(
             .randn(&[2, c, lat, lat])?
             .to_dtype(plan.dtype)?
             .to_device(&plan.device)?;
-        let ctx = g
-            .randn(&[2, 77, model.unet_spec.cross_attention_dim])?
-            .to_dtype(plan.dtype)?
-            .to_device(&plan.device)?;
+        let ctx = random_conditioning(&model, &mut g, plan.dtype)?;
         let x0 = g.randn(&[1, c, lat, lat])?.to_device(&plan.device)?;
         reset_peak_rss();
         let mut runs = time(plan.reps, &plan.device, || {
-            model.unet.forward(&x, 500.0, &ctx)?;
+            model.predict(&x, 500.0, &ctx)?;
             Ok(())
         })?;
         let unguided = median(&mut runs);
@@ -311,7 +322,7 @@ pub fn guidance(
             let mut rng = NoiseGen::new(0, Stream::Guidance);
             reset_peak_rss();
             let mut runs = time(plan.reps, &plan.device, || {
-                model.unet.forward(&x, 500.0, &ctx)?;
+                model.predict(&x, 500.0, &ctx)?;
                 guide.gradient(&model, &x0, &mut rng, None, 0)?;
                 Ok(())
             })?;

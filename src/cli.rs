@@ -281,7 +281,7 @@ pub struct GenerateArgs {
     /// A diffusers model folder or a Hugging Face repo id (e.g. stabilityai/sd-turbo).
     #[arg(long, required_unless_present = "random_weights")]
     pub model: Option<String>,
-    /// Build a published architecture with seeded random weights instead (timing only): sd15 or sd21.
+    /// Build a published architecture with seeded random weights instead (timing only): sd15, sd21 or sdxl.
     #[arg(long, conflicts_with = "model")]
     pub random_weights: Option<String>,
     /// The prompt.
@@ -415,7 +415,7 @@ pub struct GuidanceArgs {
 /// `artguide bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Architecture with random weights: sd15 or sd21.
+    /// Architecture with random weights: sd15, sd21 or sdxl.
     #[arg(long, default_value = "sd15")]
     pub arch: String,
     /// Image sizes (square, pixels) to time.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::guidance::{shift_prediction, Guide};
-use crate::models::stable_diffusion::SdModel;
+use crate::models::stable_diffusion::{Conditioning, SdModel};
 use crate::noise::{NoiseGen, Stream};
 use crate::progress::Progress;
 use crate::schedulers::{self, SchedulerKind, SchedulerOptions};
@@ -133,9 +133,9 @@ pub fn generate(
     let t0 = Instant::now();
     let cond = model.encode_prompt(&opts.prompt)?;
     let context = if cfg {
-        let uncond = model.encode_prompt(&opts.negative_prompt)?;
+        let uncond = model.encode_negative(&opts.negative_prompt, &cond)?;
         // diffusers' order: unconditional first.
-        Tensor::cat(&[uncond, cond], 0)?
+        Conditioning::cat(&[&uncond, &cond])?
     } else {
         cond
     };
@@ -203,10 +203,7 @@ pub fn generate(
             let input = scheduler
                 .scale_model_input(&input, i)?
                 .to_dtype(model.dtype)?;
-            let pred = model
-                .unet
-                .forward(&input, t, &context)?
-                .to_dtype(DType::F32)?;
+            let pred = model.predict(&input, t, &context)?.to_dtype(DType::F32)?;
             let pred = if cfg {
                 let u = pred.narrow(0, 0, 1)?;
                 let c = pred.narrow(0, 1, 1)?;

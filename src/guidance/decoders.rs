@@ -115,7 +115,7 @@ impl GuidanceDecoder {
                 let spec = &model.vae_spec;
                 let z = latents
                     .affine(1.0 / spec.scaling_factor, spec.shift_factor)?
-                    .to_dtype(model.dtype)?;
+                    .to_dtype(model.vae_dtype)?;
                 model
                     .vae
                     .decode(&z, Mode::Differentiable)?

@@ -123,8 +123,18 @@ pub struct UNetJson {
     pub sample_size: Option<usize>,
     #[serde(default = "d_silu")]
     pub act_fn: String,
+    /// Accepted for diffusers' configs (null in SDXL's); attention softmax always runs in f32.
     #[serde(default)]
-    pub upcast_attention: bool,
+    pub upcast_attention: Option<bool>,
+    /// SDXL's added conditioning: `text_time` (pooled text embedding + size/crop ids) or null.
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal embedding of each SDXL time id (256 for SDXL).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: pooled text width + 6 x `addition_time_embed_dim`.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Fields whose non-default values candle's UNet cannot honour; checked, then refused.
     #[serde(flatten)]
     pub rest: serde_json::Map<String, Value>,
@@ -138,6 +148,27 @@ pub struct UNetSpec {
     pub out_channels: usize,
     pub cross_attention_dim: usize,
     pub sample_size: Option<usize>,
+    /// SDXL's `text_time` added conditioning, when the config asks for it.
+    pub added_cond: Option<AddedCondSpec>,
+}
+
+/// Shape of SDXL's `text_time` added conditioning (`add_time_proj` + `add_embedding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddedCondSpec {
+    /// Width of the sinusoidal embedding of each time id.
+    pub time_embed_dim: usize,
+    /// `add_embedding.linear_1` input width: pooled text width + time ids x `time_embed_dim`.
+    pub input_dim: usize,
+}
+
+impl AddedCondSpec {
+    /// Number of SDXL time ids: original (h, w), crop (top, left), target (h, w).
+    pub const TIME_IDS: usize = 6;
+
+    /// The pooled text width the UNet expects beside the time ids.
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim - Self::TIME_IDS * self.time_embed_dim
+    }
 }
 
 impl UNetJson {
@@ -174,8 +205,47 @@ impl UNetJson {
                 ));
             }
         }
+        let added_cond = match self.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let time_embed_dim = self.addition_time_embed_dim.ok_or_else(|| {
+                    Error::field(
+                        path,
+                        "addition_time_embed_dim",
+                        "is missing; `text_time` added conditioning needs it",
+                    )
+                })?;
+                let input_dim = self.projection_class_embeddings_input_dim.ok_or_else(|| {
+                    Error::field(
+                        path,
+                        "projection_class_embeddings_input_dim",
+                        "is missing; `text_time` added conditioning needs it",
+                    )
+                })?;
+                if time_embed_dim == 0 || input_dim <= AddedCondSpec::TIME_IDS * time_embed_dim {
+                    return Err(Error::field(
+                        path,
+                        "projection_class_embeddings_input_dim",
+                        format!(
+                            "{input_dim} leaves no room for a pooled text embedding beside {} time ids of width {time_embed_dim} (an SDXL refiner's aesthetic-score ids are not supported)",
+                            AddedCondSpec::TIME_IDS
+                        ),
+                    ));
+                }
+                Some(AddedCondSpec {
+                    time_embed_dim,
+                    input_dim,
+                })
+            }
+            Some(other) => {
+                return Err(Error::field(
+                    path,
+                    "addition_embed_type",
+                    format!("`{other}` is not supported; expected text_time or null"),
+                ))
+            }
+        };
         for key in [
-            "addition_embed_type",
             "class_embed_type",
             "num_class_embeds",
             "encoder_hid_dim",
@@ -187,7 +257,7 @@ impl UNetJson {
                     return Err(Error::field(
                         path,
                         key,
-                        format!("{v} is not supported (SDXL-style and conditioned UNets are not implemented in candle's UNet); expected null"),
+                        format!("{v} is not supported (class- and image-conditioned UNets are not implemented); expected null"),
                     ));
                 }
             }
@@ -312,6 +382,7 @@ impl UNetJson {
             out_channels: self.out_channels,
             cross_attention_dim: cross[0],
             sample_size: self.sample_size,
+            added_cond,
         })
     }
 }
@@ -340,6 +411,9 @@ pub struct VaeJson {
     pub use_post_quant_conv: Option<bool>,
     #[serde(default)]
     pub mid_block_add_attention: Option<bool>,
+    /// SDXL's VAE overflows in f16 (diffusers decodes it in f32 when this is set).
+    #[serde(default)]
+    pub force_upcast: Option<bool>,
     #[serde(default = "d_silu")]
     pub act_fn: String,
 }
@@ -354,6 +428,8 @@ pub struct VaeSpec {
     pub shift_factor: f64,
     /// Pixels per latent along each side: 2^(number of blocks - 1).
     pub scale_factor: usize,
+    /// Decode in f32 when the model runs in f16 (`force_upcast`).
+    pub force_upcast: bool,
 }
 
 impl VaeJson {
@@ -405,6 +481,7 @@ impl VaeJson {
             scaling_factor: self.scaling_factor,
             shift_factor: self.shift_factor.unwrap_or(0.0),
             scale_factor: 1 << (n - 1),
+            force_upcast: self.force_upcast.unwrap_or(false),
         })
     }
 }
@@ -495,10 +572,7 @@ mod tests {
 
     #[test]
     fn unsupported_fields_are_named() {
-        let text = SD15_UNET.replace(
-            "\"act_fn\":\"silu\"",
-            "\"addition_embed_type\":\"text_time\"",
-        );
+        let text = SD15_UNET.replace("\"act_fn\":\"silu\"", "\"addition_embed_type\":\"image\"");
         let j: UNetJson = parse_json(&text, Path::new("u/config.json")).unwrap();
         let err = j
             .to_spec(Path::new("u/config.json"))
@@ -530,6 +604,40 @@ mod tests {
     }
 
     #[test]
+    fn sdxl_text_time_is_read_and_checked() {
+        let p = Path::new("u/config.json");
+        let sdxl = SD15_UNET.replace(
+            "\"act_fn\":\"silu\"",
+            "\"addition_embed_type\":\"text_time\",\"addition_time_embed_dim\":256,\"projection_class_embeddings_input_dim\":2816",
+        );
+        let s = parse_json::<UNetJson>(&sdxl, p)
+            .unwrap()
+            .to_spec(p)
+            .unwrap();
+        let a = s.added_cond.unwrap();
+        assert_eq!((a.time_embed_dim, a.pooled_dim()), (256, 1280));
+        // The refiner's 5 ids (aesthetic score) leave a different pooled width; a config
+        // whose ids alone fill the input is refused, naming the field.
+        let bad = sdxl.replace("2816", "1536");
+        let err = parse_json::<UNetJson>(&bad, p)
+            .unwrap()
+            .to_spec(p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("projection_class_embeddings_input_dim") && err.contains("1536"),
+            "{err}"
+        );
+        let missing = sdxl.replace("\"addition_time_embed_dim\":256,", "");
+        let err = parse_json::<UNetJson>(&missing, p)
+            .unwrap()
+            .to_spec(p)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("addition_time_embed_dim"), "{err}");
+    }
+
+    #[test]
     fn mean_override_zeroes_the_variance() {
         let spec = VaeJson {
             in_channels: 3,
@@ -543,6 +651,7 @@ mod tests {
             use_quant_conv: Some(false),
             use_post_quant_conv: None,
             mid_block_add_attention: None,
+            force_upcast: None,
             act_fn: "silu".into(),
         }
         .to_spec(Path::new("vae/config.json"))

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
@@ -12,7 +12,7 @@ use super::clip::{ClipTextConfig, ClipTextTransformer, NormMode};
 use super::hub::{HubOptions, ModelRepo};
 use super::sd::{self, UNetJson, UNetSpec, VaeJson, VaeSpec};
 use super::tokenizer::ClipTokenizer;
-use super::unet::UNet;
+use super::unet::{AddedCond, UNet};
 use super::vae::{Mode, VaeDecoder};
 use super::weights::{FileWeights, RandomWeights};
 use crate::schedulers::SchedulerConfig;
@@ -25,6 +25,8 @@ pub enum RandomArch {
     Sd15,
     /// Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1 configs, v-prediction).
     Sd21,
+    /// Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 configs).
+    Sdxl,
 }
 
 impl std::str::FromStr for RandomArch {
@@ -33,13 +35,10 @@ impl std::str::FromStr for RandomArch {
         match s {
             "sd15" => Ok(RandomArch::Sd15),
             "sd21" => Ok(RandomArch::Sd21),
-            "sdxl" => Err(Error::value(
-                "random-weights",
-                "`sdxl` is not available: candle 0.11's UNet has no SDXL added-condition embedding; expected sd15 or sd21",
-            )),
+            "sdxl" => Ok(RandomArch::Sdxl),
             other => Err(Error::value(
                 "random-weights",
-                format!("unknown architecture `{other}`: expected sd15 or sd21"),
+                format!("unknown architecture `{other}`: expected sd15, sd21 or sdxl"),
             )),
         }
     }
@@ -51,13 +50,19 @@ impl RandomArch {
         match self {
             RandomArch::Sd15 => "random:sd15",
             RandomArch::Sd21 => "random:sd21",
+            RandomArch::Sdxl => "random:sdxl",
         }
     }
 
-    fn configs(&self) -> [&'static str; 4] {
+    /// UNet, VAE, text encoder, scheduler and (SDXL) second text encoder configs.
+    fn configs(&self) -> ([&'static str; 4], Option<&'static str>) {
         match self {
-            RandomArch::Sd15 => [SD15_UNET, VAE, SD15_TEXT, SD15_SCHEDULER],
-            RandomArch::Sd21 => [SD21_UNET, VAE, SD21_TEXT, SD21_SCHEDULER],
+            RandomArch::Sd15 => ([SD15_UNET, VAE, SD15_TEXT, SD15_SCHEDULER], None),
+            RandomArch::Sd21 => ([SD21_UNET, VAE, SD21_TEXT, SD21_SCHEDULER], None),
+            RandomArch::Sdxl => (
+                [SDXL_UNET, SDXL_VAE, SD15_TEXT, SDXL_SCHEDULER],
+                Some(SDXL_TEXT_2),
+            ),
         }
     }
 }
@@ -68,6 +73,10 @@ const SD21_UNET: &str = r#"{"attention_head_dim":[5,10,20,20],"block_out_channel
 const VAE: &str = r#"{"block_out_channels":[128,256,512,512],"layers_per_block":2,"latent_channels":4,"norm_num_groups":32,"in_channels":3,"out_channels":3,"scaling_factor":0.18215}"#;
 const SD15_TEXT: &str = r#"{"hidden_size":768,"intermediate_size":3072,"num_attention_heads":12,"num_hidden_layers":12,"max_position_embeddings":77,"vocab_size":49408,"hidden_act":"quick_gelu","layer_norm_eps":1e-05,"projection_dim":768,"bos_token_id":0,"eos_token_id":2,"pad_token_id":1}"#;
 const SD21_TEXT: &str = r#"{"hidden_size":1024,"intermediate_size":4096,"num_attention_heads":16,"num_hidden_layers":23,"max_position_embeddings":77,"vocab_size":49408,"hidden_act":"gelu","layer_norm_eps":1e-05,"projection_dim":512,"bos_token_id":0,"eos_token_id":2,"pad_token_id":1}"#;
+const SDXL_UNET: &str = r#"{"act_fn":"silu","addition_embed_type":"text_time","addition_embed_type_num_heads":64,"addition_time_embed_dim":256,"attention_head_dim":[5,10,20],"block_out_channels":[320,640,1280],"center_input_sample":false,"class_embed_type":null,"class_embeddings_concat":false,"conv_in_kernel":3,"conv_out_kernel":3,"cross_attention_dim":2048,"cross_attention_norm":null,"down_block_types":["DownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"],"downsample_padding":1,"dual_cross_attention":false,"encoder_hid_dim":null,"encoder_hid_dim_type":null,"flip_sin_to_cos":true,"freq_shift":0,"in_channels":4,"layers_per_block":2,"mid_block_only_cross_attention":null,"mid_block_scale_factor":1,"mid_block_type":"UNetMidBlock2DCrossAttn","norm_eps":1e-05,"norm_num_groups":32,"num_attention_heads":null,"num_class_embeds":null,"only_cross_attention":false,"out_channels":4,"projection_class_embeddings_input_dim":2816,"resnet_out_scale_factor":1.0,"resnet_skip_time_act":false,"resnet_time_scale_shift":"default","sample_size":128,"time_cond_proj_dim":null,"time_embedding_act_fn":null,"time_embedding_dim":null,"time_embedding_type":"positional","timestep_post_act":null,"transformer_layers_per_block":[1,2,10],"up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],"upcast_attention":null,"use_linear_projection":true}"#;
+const SDXL_VAE: &str = r#"{"act_fn":"silu","block_out_channels":[128,256,512,512],"force_upcast":true,"in_channels":3,"latent_channels":4,"layers_per_block":2,"norm_num_groups":32,"out_channels":3,"sample_size":1024,"scaling_factor":0.13025}"#;
+const SDXL_TEXT_2: &str = r#"{"hidden_act":"gelu","hidden_size":1280,"intermediate_size":5120,"layer_norm_eps":1e-05,"max_position_embeddings":77,"num_attention_heads":20,"num_hidden_layers":32,"projection_dim":1280,"vocab_size":49408,"bos_token_id":0,"eos_token_id":2,"pad_token_id":1}"#;
+const SDXL_SCHEDULER: &str = r#"{"_class_name":"EulerDiscreteScheduler","beta_end":0.012,"beta_schedule":"scaled_linear","beta_start":0.00085,"clip_sample":false,"interpolation_type":"linear","num_train_timesteps":1000,"prediction_type":"epsilon","sample_max_value":1.0,"set_alpha_to_one":false,"skip_prk_steps":true,"steps_offset":1,"timestep_spacing":"leading","trained_betas":null,"use_karras_sigmas":false}"#;
 const SD15_SCHEDULER: &str = r#"{"beta_end":0.012,"beta_schedule":"scaled_linear","beta_start":0.00085,"clip_sample":false,"num_train_timesteps":1000,"set_alpha_to_one":false,"steps_offset":1}"#;
 const SD21_SCHEDULER: &str = r#"{"beta_end":0.012,"beta_schedule":"scaled_linear","beta_start":0.00085,"clip_sample":false,"num_train_timesteps":1000,"set_alpha_to_one":false,"steps_offset":1,"prediction_type":"v_prediction"}"#;
 
@@ -94,6 +103,70 @@ enum WeightOrigin {
     Random,
 }
 
+/// SDXL's second text encoder (`CLIPTextModelWithProjection`): a CLIP text tower whose
+/// pooled output is projected, without bias, to the width the UNet's `add_embedding` takes.
+pub struct PooledTextEncoder {
+    pub tower: ClipTextTransformer,
+    projection: candle_nn::Linear,
+}
+
+impl PooledTextEncoder {
+    fn new(vb: candle_nn::VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        // transformers 4 writes the tower under `text_model.`, transformers 5 at the root; the
+        // projection is at the root in both.
+        let tower_vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
+        Ok(PooledTextEncoder {
+            tower: ClipTextTransformer::new(tower_vb, cfg, NormMode::Fused)?,
+            projection: candle_nn::linear_no_bias(
+                cfg.hidden_size,
+                cfg.projection_dim,
+                vb.pp("text_projection"),
+            )?,
+        })
+    }
+}
+
+/// What the UNet is conditioned on, one row per prompt.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// Token embeddings: (batch, tokens, cross_attention_dim).
+    pub context: Tensor,
+    /// SDXL: the second encoder's pooled, projected embedding, (batch, width).
+    pub pooled: Option<Tensor>,
+}
+
+impl Conditioning {
+    /// The rows of several conditionings stacked in order (for CFG: unconditional first).
+    pub fn cat(parts: &[&Conditioning]) -> Result<Self> {
+        let context: Vec<&Tensor> = parts.iter().map(|c| &c.context).collect();
+        let pooled: Option<Vec<&Tensor>> = parts.iter().map(|c| c.pooled.as_ref()).collect();
+        Ok(Conditioning {
+            context: Tensor::cat(&context, 0)?,
+            pooled: match pooled {
+                Some(p) if !p.is_empty() => Some(Tensor::cat(&p, 0)?),
+                _ => None,
+            },
+        })
+    }
+
+    /// Zeros of the same shapes (diffusers' `force_zeros_for_empty_prompt` negative).
+    pub fn zeros_like(&self) -> Result<Self> {
+        Ok(Conditioning {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+        })
+    }
+
+    /// Number of rows.
+    pub fn batch(&self) -> Result<usize> {
+        Ok(self.context.dim(0)?)
+    }
+}
+
 /// A Stable Diffusion model ready to sample.
 pub struct SdModel {
     /// Folder path, hub id, or `random:<arch>`.
@@ -104,12 +177,21 @@ pub struct SdModel {
     pub vae: VaeDecoder,
     pub vae_spec: VaeSpec,
     pub text_encoder: ClipTextTransformer,
+    /// SDXL's second text encoder; with it both encoders condition through their penultimate
+    /// layer, as diffusers' SDXL pipelines do.
+    pub text_encoder_2: Option<PooledTextEncoder>,
     pub scheduler_config: SchedulerConfig,
     /// Weight and config files used, relative name -> path (hashed into the sidecar).
     pub files: BTreeMap<String, PathBuf>,
     pub device: Device,
     pub dtype: DType,
+    /// The VAE's dtype: f32 when the model runs in f16 and the VAE config says `force_upcast`.
+    pub vae_dtype: DType,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL): an empty negative prompt
+    /// conditions on zeros instead of the encoded empty string.
+    pub force_zeros_for_empty_prompt: bool,
     tokenizer: PromptTokenizer,
+    tokenizer_2: Option<PromptTokenizer>,
     origin: WeightOrigin,
     mean_encoder: std::sync::OnceLock<AutoEncoderKL>,
 }
@@ -140,7 +222,20 @@ impl SdModel {
             Ok(p)
         };
         let index = get("model_index.json")?;
-        let _: serde_json::Value = sd::read_json(&index)?;
+        let index_json: serde_json::Value = sd::read_json(&index)?;
+        let has = |name: &str| index_json.get(name).is_some_and(|v| v[0].is_string());
+        if !has("text_encoder") && has("text_encoder_2") {
+            return Err(Error::field(
+                &index,
+                "text_encoder",
+                "is null (an SDXL refiner?); expected a pipeline with a first text encoder",
+            ));
+        }
+        let dual = has("text_encoder_2");
+        let force_zeros_for_empty_prompt = index_json
+            .get("force_zeros_for_empty_prompt")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
         let unet_cfg_path = get("unet/config.json")?;
         let vae_cfg_path = get("vae/config.json")?;
         let text_cfg_path = get("text_encoder/config.json")?;
@@ -149,35 +244,41 @@ impl SdModel {
         let unet_spec = sd::read_json::<UNetJson>(&unet_cfg_path)?.to_spec(&unet_cfg_path)?;
         let vae_spec = sd::read_json::<VaeJson>(&vae_cfg_path)?.to_spec(&vae_cfg_path)?;
         let text_cfg = ClipTextConfig::load(&text_cfg_path)?;
-        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
-        check_text_width(&text_cfg, &unet_spec, &text_cfg_path)?;
-
-        let tokenizer_dir = match repo.find("tokenizer/tokenizer.json")? {
-            Some(p) => p,
-            None => repo.get("tokenizer/vocab.json")?,
+        let text_cfg_2 = match dual {
+            true => {
+                let p = get("text_encoder_2/config.json")?;
+                Some((ClipTextConfig::load(&p)?, p))
+            }
+            false => None,
         };
-        // Pull the other tokenizer files into the cache too (hub repos).
-        for rel in [
-            "tokenizer/merges.txt",
-            "tokenizer/tokenizer_config.json",
-            "tokenizer/special_tokens_map.json",
-        ] {
-            repo.find(rel)?;
-        }
-        let tokenizer_dir = tokenizer_dir
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
+        check_text_widths(
+            (&text_cfg, &text_cfg_path),
+            text_cfg_2.as_ref().map(|(c, p)| (c, p.as_path())),
+            &unet_spec,
+            &unet_cfg_path,
+        )?;
+        let tokenizer = load_tokenizer(&repo, "tokenizer")?;
+        let tokenizer_2 = match dual {
+            true => Some(load_tokenizer(&repo, "tokenizer_2")?),
+            false => None,
+        };
 
         let (unet_rel, unet_w) = weight_file(&repo, "unet", "diffusion_pytorch_model")?;
         let (vae_rel, vae_w) = weight_file(&repo, "vae", "diffusion_pytorch_model")?;
         let (text_rel, text_w) = weight_file(&repo, "text_encoder", "model")?;
+        let text_2 = match dual {
+            true => Some(weight_file(&repo, "text_encoder_2", "model")?),
+            false => None,
+        };
         for (rel, p) in [
             (&unet_rel, &unet_w),
             (&vae_rel, &vae_w),
             (&text_rel, &text_w),
-        ] {
+        ]
+        .into_iter()
+        .chain(text_2.as_ref().map(|(r, p)| (r, p)))
+        {
             files.insert(rel.clone(), p.clone());
         }
 
@@ -187,11 +288,20 @@ impl SdModel {
         let text_encoder =
             ClipTextTransformer::new(text_vb.pp("text_model"), &text_cfg, NormMode::Fused)
                 .map_err(|e| with_file(e, &text_w))?;
+        let text_encoder_2 = match (&text_2, &text_cfg_2) {
+            (Some((_, w)), Some((cfg, _))) => {
+                let vb =
+                    FileWeights::open(std::slice::from_ref(w))?.into_var_builder(dtype, device);
+                Some(PooledTextEncoder::new(vb, cfg).map_err(|e| with_file(e, w))?)
+            }
+            _ => None,
+        };
+        let vae_dtype = vae_dtype(&vae_spec, dtype);
         let unet_vb =
             FileWeights::open(std::slice::from_ref(&unet_w))?.into_var_builder(dtype, device);
         let unet = UNet::new(unet_vb, &unet_spec).map_err(|e| with_file(e, &unet_w))?;
         let vae_vb =
-            FileWeights::open(std::slice::from_ref(&vae_w))?.into_var_builder(dtype, device);
+            FileWeights::open(std::slice::from_ref(&vae_w))?.into_var_builder(vae_dtype, device);
         let vae = VaeDecoder::new(&vae_spec, vae_vb).map_err(|e| with_file(e, &vae_w))?;
 
         Ok(SdModel {
@@ -201,11 +311,15 @@ impl SdModel {
             vae,
             vae_spec,
             text_encoder,
+            text_encoder_2,
             scheduler_config,
             files,
             device: device.clone(),
             dtype,
+            vae_dtype,
+            force_zeros_for_empty_prompt,
             tokenizer: PromptTokenizer::Clip(Box::new(tokenizer)),
+            tokenizer_2: tokenizer_2.map(|t| PromptTokenizer::Clip(Box::new(t))),
             origin: WeightOrigin::Files { vae: vec![vae_w] },
             mean_encoder: std::sync::OnceLock::new(),
         })
@@ -213,18 +327,35 @@ impl SdModel {
 
     /// Builds a published architecture with seeded random weights (for timing only).
     pub fn random(arch: RandomArch, seed: u64, opts: &LoadOptions) -> Result<Self> {
-        let [unet_j, vae_j, text_j, sched_j] = arch.configs();
+        let ([unet_j, vae_j, text_j, sched_j], text_2_j) = arch.configs();
         let origin = Path::new(arch.name());
         let unet_spec = sd::parse_json::<UNetJson>(unet_j, origin)?.to_spec(origin)?;
         let vae_spec = sd::parse_json::<VaeJson>(vae_j, origin)?.to_spec(origin)?;
         let text_cfg = ClipTextConfig::from_json(&sd::parse_json(text_j, origin)?, origin)?;
+        let text_cfg_2 = text_2_j
+            .map(|j| ClipTextConfig::from_json(&sd::parse_json(j, origin)?, origin))
+            .transpose()?;
         let scheduler_config = SchedulerConfig::from_json_str(sched_j, origin)?;
+        check_text_widths(
+            (&text_cfg, origin),
+            text_cfg_2.as_ref().map(|c| (c, origin)),
+            &unet_spec,
+            origin,
+        )?;
         let (device, dtype) = (&opts.device, opts.dtype);
-        let vb = |s: u64| RandomWeights::new(s).into_var_builder(dtype, device);
+        let vae_dtype = vae_dtype(&vae_spec, dtype);
+        let vb = |s: u64, dtype| RandomWeights::new(s).into_var_builder(dtype, device);
         let text_encoder =
-            ClipTextTransformer::new(vb(seed).pp("text_model"), &text_cfg, NormMode::Fused)?;
-        let unet = UNet::new(vb(seed.wrapping_add(1)), &unet_spec)?;
-        let vae = VaeDecoder::new(&vae_spec, vb(seed.wrapping_add(2)))?;
+            ClipTextTransformer::new(vb(seed, dtype).pp("text_model"), &text_cfg, NormMode::Fused)?;
+        let text_encoder_2 = text_cfg_2
+            .as_ref()
+            .map(|c| PooledTextEncoder::new(vb(seed.wrapping_add(3), dtype), c))
+            .transpose()?;
+        let unet = UNet::new(vb(seed.wrapping_add(1), dtype), &unet_spec)?;
+        let vae = VaeDecoder::new(&vae_spec, vb(seed.wrapping_add(2), vae_dtype))?;
+        let bytes = |c: &ClipTextConfig| PromptTokenizer::Bytes {
+            max_len: c.max_position_embeddings,
+        };
         Ok(SdModel {
             id: arch.name().to_string(),
             unet,
@@ -232,21 +363,28 @@ impl SdModel {
             vae,
             vae_spec,
             text_encoder,
+            text_encoder_2,
             scheduler_config,
             files: BTreeMap::new(),
             device: device.clone(),
             dtype,
-            tokenizer: PromptTokenizer::Bytes {
-                max_len: text_cfg.max_position_embeddings,
-            },
+            vae_dtype,
+            force_zeros_for_empty_prompt: arch == RandomArch::Sdxl,
+            tokenizer: bytes(&text_cfg),
+            tokenizer_2: text_cfg_2.as_ref().map(bytes),
             origin: WeightOrigin::Random,
             mean_encoder: std::sync::OnceLock::new(),
         })
     }
 
-    /// Token ids of a prompt, padded/truncated to the text encoder's length (1 x 77).
+    /// Token ids of a prompt for the (first) text encoder, padded/truncated to its length
+    /// (1 x 77).
     pub fn tokenize(&self, text: &str) -> Result<Tensor> {
-        let ids: Vec<u32> = match &self.tokenizer {
+        self.tokenize_with(&self.tokenizer, text)
+    }
+
+    fn tokenize_with(&self, tokenizer: &PromptTokenizer, text: &str) -> Result<Tensor> {
+        let ids: Vec<u32> = match tokenizer {
             PromptTokenizer::Clip(t) => t.encode(text)?,
             PromptTokenizer::Bytes { max_len } => {
                 let mut ids = vec![49406u32];
@@ -260,16 +398,78 @@ impl SdModel {
         Ok(Tensor::from_vec(ids, (1, n), &self.device)?)
     }
 
-    /// Text encoder hidden states for a prompt (1 x 77 x width), in the model dtype.
-    pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
+    /// What the UNet is conditioned on for a prompt: the text encoder's last hidden state
+    /// (1 x 77 x width, model dtype); for SDXL both encoders' penultimate hidden states side by
+    /// side plus the second encoder's pooled projection, as diffusers' SDXL pipeline does.
+    pub fn encode_prompt(&self, text: &str) -> Result<Conditioning> {
         let ids = self.tokenize(text)?;
-        self.text_encoder.forward(&ids)
+        let Some(te2) = &self.text_encoder_2 else {
+            return Ok(Conditioning {
+                context: self.text_encoder.forward(&ids)?,
+                pooled: None,
+            });
+        };
+        let tok2 = self
+            .tokenizer_2
+            .as_ref()
+            .ok_or_else(|| Error::Msg(format!("{}: text_encoder_2 has no tokenizer_2", self.id)))?;
+        let penultimate = |t: &ClipTextTransformer| t.config().num_hidden_layers - 2;
+        let (_, h1) = self
+            .text_encoder
+            .forward_with_hidden(&ids, &[penultimate(&self.text_encoder)])?;
+        let ids2 = self.tokenize_with(tok2, text)?;
+        let (last, h2) = te2
+            .tower
+            .forward_with_hidden(&ids2, &[penultimate(&te2.tower)])?;
+        let pooled = te2.projection.forward(&te2.tower.pooled(&last, &ids2)?)?;
+        Ok(Conditioning {
+            context: Tensor::cat(&[&h1[0], &h2[0]], D::Minus1)?,
+            pooled: Some(pooled),
+        })
+    }
+
+    /// The negative (unconditional) conditioning: zeros shaped like `positive` when the prompt
+    /// is empty and the model says `force_zeros_for_empty_prompt` (diffusers' SDXL default for
+    /// no negative prompt), otherwise the encoded prompt.
+    pub fn encode_negative(&self, text: &str, positive: &Conditioning) -> Result<Conditioning> {
+        if text.is_empty() && self.force_zeros_for_empty_prompt {
+            positive.zeros_like()
+        } else {
+            self.encode_prompt(text)
+        }
+    }
+
+    /// The UNet's prediction for latents `x` (batch x C x h x w, model dtype) at `timestep`,
+    /// one row of `cond` per row of `x`. SDXL's time ids are (H, W, 0, 0, H, W) in pixels:
+    /// original size = target size, no crop, diffusers' defaults.
+    pub fn predict(&self, x: &Tensor, timestep: f64, cond: &Conditioning) -> Result<Tensor> {
+        let added = match (self.unet.added_cond(), &cond.pooled) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Error::Msg(format!(
+                    "{}: the UNet needs a pooled text embedding (SDXL) and none was given",
+                    self.id
+                )))
+            }
+            (Some(_), Some(pooled)) => {
+                let (b, _, h, w) = x.dims4()?;
+                let f = self.vae_spec.scale_factor;
+                let (hp, wp) = ((h * f) as f32, (w * f) as f32);
+                let ids = [hp, wp, 0.0, 0.0, hp, wp].repeat(b);
+                Some(AddedCond {
+                    text_embeds: pooled.clone(),
+                    time_ids: Tensor::from_vec(ids, (b, 6), x.device())?,
+                })
+            }
+        };
+        self.unet
+            .forward_with(x, timestep, &cond.context, added.as_ref())
     }
 
     /// Decodes latents (N x 4 x h x w, already unscaled by the pipeline) to images in [0, 1]
     /// (N x 3 x H x W, f32).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = ((latents.to_dtype(self.dtype)? / self.vae_spec.scaling_factor)?
+        let z = ((latents.to_dtype(self.vae_dtype)? / self.vae_spec.scaling_factor)?
             + self.vae_spec.shift_factor)?;
         let img = self.vae.decode(&z, Mode::Inference)?.to_dtype(DType::F32)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
@@ -278,7 +478,9 @@ impl SdModel {
     /// Encodes images in [-1, 1] (N x 3 x H x W) to scaled latents, using the latent mean so
     /// img2img is deterministic.
     pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor> {
-        let dist = self.mean_encoder()?.encode(&images.to_dtype(self.dtype)?)?;
+        let dist = self
+            .mean_encoder()?
+            .encode(&images.to_dtype(self.vae_dtype)?)?;
         // std is exactly zero, so this "sample" is the mean.
         let mean = dist.sample()?.to_dtype(DType::F32)?;
         Ok(((mean - self.vae_spec.shift_factor)? * self.vae_spec.scaling_factor)?)
@@ -307,7 +509,7 @@ impl SdModel {
         for (name, t) in overrides {
             w = w.with_override(&name, t);
         }
-        let encoder = sd::build_vae(&spec, w.into_var_builder(self.dtype, &self.device))?;
+        let encoder = sd::build_vae(&spec, w.into_var_builder(self.vae_dtype, &self.device))?;
         Ok(self.mean_encoder.get_or_init(|| encoder))
     }
 
@@ -334,18 +536,101 @@ impl SdModel {
     }
 }
 
-fn check_text_width(cfg: &ClipTextConfig, unet: &UNetSpec, path: &Path) -> Result<()> {
-    if cfg.hidden_size != unet.cross_attention_dim {
+/// The UNet's cross-attention width must be the text encoder's (SDXL: both encoders' side by
+/// side), and SDXL's pooled width must be what `add_embedding` expects beside the time ids.
+fn check_text_widths(
+    text: (&ClipTextConfig, &Path),
+    text_2: Option<(&ClipTextConfig, &Path)>,
+    unet: &UNetSpec,
+    unet_path: &Path,
+) -> Result<()> {
+    let (cfg, path) = text;
+    for (c, p) in std::iter::once(text).chain(text_2) {
+        if text_2.is_some() && c.num_hidden_layers < 2 {
+            return Err(Error::field(
+                p,
+                "num_hidden_layers",
+                format!(
+                    "{}: SDXL conditions on the penultimate layer, so at least 2 are needed",
+                    c.num_hidden_layers
+                ),
+            ));
+        }
+    }
+    match (unet.added_cond, text_2) {
+        (None, None) => {}
+        (Some(a), Some((c2, _))) if c2.projection_dim == a.pooled_dim() => {}
+        (Some(a), Some((c2, p2))) => {
+            return Err(Error::field(
+                p2,
+                "projection_dim",
+                format!(
+                    "{} does not match the {} the UNet's add_embedding takes beside its time ids",
+                    c2.projection_dim,
+                    a.pooled_dim()
+                ),
+            ))
+        }
+        (Some(_), None) => {
+            return Err(Error::field(
+                unet_path,
+                "addition_embed_type",
+                "text_time needs a second text encoder (text_encoder_2 in model_index.json)",
+            ))
+        }
+        (None, Some((_, p2))) => {
+            return Err(Error::file(
+                p2,
+                "a second text encoder needs a UNet with addition_embed_type text_time",
+            ))
+        }
+    }
+    let width = cfg.hidden_size + text_2.map_or(0, |(c, _)| c.hidden_size);
+    if width != unet.cross_attention_dim {
+        let (p, what) = match text_2 {
+            Some((_, p2)) => (
+                p2,
+                format!("{} + {}", cfg.hidden_size, width - cfg.hidden_size),
+            ),
+            None => (path, cfg.hidden_size.to_string()),
+        };
         return Err(Error::field(
-            path,
+            p,
             "hidden_size",
             format!(
-                "{} does not match the UNet's cross_attention_dim {}",
-                cfg.hidden_size, unet.cross_attention_dim
+                "{what} does not match the UNet's cross_attention_dim {}",
+                unet.cross_attention_dim
             ),
         ));
     }
     Ok(())
+}
+
+/// The VAE runs in f32 where f16 would overflow (`force_upcast`), else in the model dtype.
+fn vae_dtype(spec: &VaeSpec, dtype: DType) -> DType {
+    if spec.force_upcast && dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// A tokenizer folder (`tokenizer.json`, or `vocab.json` + `merges.txt`) of the model.
+fn load_tokenizer(repo: &ModelRepo, dir: &str) -> Result<ClipTokenizer> {
+    let first = match repo.find(&format!("{dir}/tokenizer.json"))? {
+        Some(p) => p,
+        None => repo.get(&format!("{dir}/vocab.json"))?,
+    };
+    // Pull the other tokenizer files into the cache too (hub repos).
+    for name in [
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        repo.find(&format!("{dir}/{name}"))?;
+    }
+    let folder = first.parent().map(Path::to_path_buf).unwrap_or_default();
+    ClipTokenizer::from_dir(&folder)
 }
 
 /// candle's shape errors from our weight backend already name the tensor; add the file.
@@ -355,5 +640,65 @@ fn with_file(e: Error, path: &Path) -> Error {
             Error::file(path, c.to_string())
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every published architecture's configs parse and fit together (widths, pooled size),
+    /// without building the weights.
+    #[test]
+    fn random_arch_configs_are_consistent() {
+        for name in ["sd15", "sd21", "sdxl"] {
+            let arch: RandomArch = name.parse().unwrap();
+            let ([unet_j, vae_j, text_j, sched_j], text_2_j) = arch.configs();
+            let origin = Path::new(arch.name());
+            let unet = sd::parse_json::<UNetJson>(unet_j, origin)
+                .unwrap()
+                .to_spec(origin)
+                .unwrap();
+            let vae = sd::parse_json::<VaeJson>(vae_j, origin)
+                .unwrap()
+                .to_spec(origin)
+                .unwrap();
+            let text = ClipTextConfig::from_json(&sd::parse_json(text_j, origin).unwrap(), origin)
+                .unwrap();
+            let text_2 = text_2_j.map(|j| {
+                ClipTextConfig::from_json(&sd::parse_json(j, origin).unwrap(), origin).unwrap()
+            });
+            SchedulerConfig::from_json_str(sched_j, origin).unwrap();
+            check_text_widths(
+                (&text, origin),
+                text_2.as_ref().map(|c| (c, origin)),
+                &unet,
+                origin,
+            )
+            .unwrap();
+            assert_eq!(vae.scale_factor, 8);
+            assert_eq!(unet.added_cond.is_some(), name == "sdxl", "{name}");
+            assert_eq!(vae.force_upcast, name == "sdxl", "{name}");
+        }
+        let err = "sdxl-refiner"
+            .parse::<RandomArch>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sdxl-refiner") && err.contains("sd15, sd21 or sdxl"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn force_upcast_only_lifts_f16() {
+        let origin = Path::new("random:sdxl");
+        let vae = sd::parse_json::<VaeJson>(SDXL_VAE, origin)
+            .unwrap()
+            .to_spec(origin)
+            .unwrap();
+        assert_eq!(vae_dtype(&vae, DType::F16), DType::F32);
+        assert_eq!(vae_dtype(&vae, DType::BF16), DType::BF16);
+        assert_eq!(vae_dtype(&vae, DType::F32), DType::F32);
     }
 }

@@ -27,7 +27,7 @@ use crate::kernels::conv::Conv2d;
 use crate::kernels::linear::Linear;
 use crate::kernels::norm::GroupNorm;
 
-use crate::models::sd::UNetSpec;
+use crate::models::sd::{AddedCondSpec, UNetSpec};
 use crate::Result;
 
 /// Diffusers' `Transformer2DModel` GroupNorm epsilon (hard-coded there, not `norm_eps`).
@@ -396,12 +396,63 @@ impl UpBlock {
     }
 }
 
-/// Stable Diffusion's conditional UNet (SD 1.x / 2.x layouts), diffusers-exact.
+/// SDXL's added conditioning for one batch: the pooled text embedding of the second text
+/// encoder and the six size/crop ids per row.
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    /// (batch, pooled width).
+    pub text_embeds: Tensor,
+    /// (batch, 6): original (h, w), crop (top, left), target (h, w), in pixels.
+    pub time_ids: Tensor,
+}
+
+/// `add_time_proj` + `add_embedding` (`TimestepEmbedding`: linear, SiLU, linear).
+#[derive(Debug)]
+struct AddEmbedding {
+    spec: AddedCondSpec,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+/// Diffusers' `get_timestep_embedding` in f32 for each value, `dim` wide per value: rows of
+/// `[cos | sin]` (or `[sin | cos]`), zero-padded when `dim` is odd.
+fn sinusoidal(values: &[f32], dim: usize, flip_sin_to_cos: bool, shift: f64) -> Vec<f32> {
+    let half = dim / 2;
+    // torch: exponent = -ln(10000) * arange(half, f32) / (half - shift), all in f32;
+    // timesteps.float() * exp(exponent).
+    let neg_ln = -(10000f64.ln()) as f32;
+    let denom = half as f32 - shift as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((neg_ln * i as f32) / denom).exp())
+        .collect();
+    let mut out = Vec::with_capacity(values.len() * dim);
+    for &t in values {
+        let args = freqs.iter().map(|f| t * f);
+        let (first, second): (Vec<f32>, Vec<f32>) = if flip_sin_to_cos {
+            (
+                args.clone().map(f32::cos).collect(),
+                args.map(f32::sin).collect(),
+            )
+        } else {
+            (
+                args.clone().map(f32::sin).collect(),
+                args.map(f32::cos).collect(),
+            )
+        };
+        out.extend(first);
+        out.extend(second);
+        out.extend(std::iter::repeat_n(0.0, dim - 2 * half));
+    }
+    out
+}
+
+/// Stable Diffusion's conditional UNet (SD 1.x / 2.x / XL layouts), diffusers-exact.
 #[derive(Debug)]
 pub struct UNet {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    add_embedding: Option<AddEmbedding>,
     time_channels: usize,
     flip_sin_to_cos: bool,
     freq_shift: f64,
@@ -433,6 +484,21 @@ impl UNet {
         let vt = vb.pp("time_embedding");
         let time_linear_1 = Linear::new(candle_nn::linear(c0, temb, vt.pp("linear_1"))?)?;
         let time_linear_2 = Linear::new(candle_nn::linear(temb, temb, vt.pp("linear_2"))?)?;
+        let add_embedding = match spec.added_cond {
+            Some(a) => {
+                let va = vb.pp("add_embedding");
+                Some(AddEmbedding {
+                    spec: a,
+                    linear_1: Linear::new(candle_nn::linear(
+                        a.input_dim,
+                        temb,
+                        va.pp("linear_1"),
+                    )?)?,
+                    linear_2: Linear::new(candle_nn::linear(temb, temb, va.pp("linear_2"))?)?,
+                })
+            }
+            None => None,
+        };
 
         let vd = vb.pp("down_blocks");
         let mut down_blocks = Vec::with_capacity(n);
@@ -555,6 +621,7 @@ impl UNet {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             time_channels: c0,
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,
@@ -570,24 +637,56 @@ impl UNet {
     /// Diffusers' `get_timestep_embedding` for one timestep, in f32: a (1, channels) tensor.
     fn timestep_embedding(&self, timestep: f64, device: &Device) -> Result<Tensor> {
         let dim = self.time_channels;
-        let half = dim / 2;
-        // torch: exponent = -ln(10000) * arange(half, f32) / (half - shift), all in f32;
-        // timesteps.float() * exp(exponent).
-        let t = timestep as f32;
-        let neg_ln = -(10000f64.ln()) as f32;
-        let denom = half as f32 - self.freq_shift as f32;
-        let args: Vec<f32> = (0..half)
-            .map(|i| t * ((neg_ln * i as f32) / denom).exp())
-            .collect();
-        let sin = args.iter().map(|a| a.sin());
-        let cos = args.iter().map(|a| a.cos());
-        let mut emb: Vec<f32> = if self.flip_sin_to_cos {
-            cos.chain(sin).collect()
-        } else {
-            sin.chain(cos).collect()
-        };
-        emb.resize(dim, 0.0); // odd dim: zero pad
+        let emb = sinusoidal(
+            &[timestep as f32],
+            dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        );
         Ok(Tensor::from_vec(emb, (1, dim), device)?)
+    }
+
+    /// The added-conditioning spec, when this is an SDXL-style UNet.
+    pub fn added_cond(&self) -> Option<AddedCondSpec> {
+        self.add_embedding.as_ref().map(|a| a.spec)
+    }
+
+    /// SDXL's `aug_emb`: `add_embedding(cat(text_embeds, sinusoidal(time_ids)))`, (batch, temb).
+    fn added_embedding(
+        &self,
+        a: &AddEmbedding,
+        cond: &AddedCond,
+        dtype: candle_core::DType,
+    ) -> Result<Tensor> {
+        let (b, pooled) = cond.text_embeds.dims2()?;
+        let (bt, nids) = cond.time_ids.dims2()?;
+        if pooled != a.spec.pooled_dim() || bt != b || nids != AddedCondSpec::TIME_IDS {
+            return Err(crate::Error::Msg(format!(
+                "UNet added conditioning: text_embeds {:?} and time_ids {:?}, expected (b, {}) and (b, {})",
+                cond.text_embeds.dims(),
+                cond.time_ids.dims(),
+                a.spec.pooled_dim(),
+                AddedCondSpec::TIME_IDS
+            )));
+        }
+        let ids: Vec<f32> = cond
+            .time_ids
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let d = a.spec.time_embed_dim;
+        let emb = sinusoidal(&ids, d, self.flip_sin_to_cos, self.freq_shift);
+        let time_embeds = Tensor::from_vec(emb, (b, nids * d), cond.text_embeds.device())?;
+        let add = Tensor::cat(
+            &[
+                cond.text_embeds.to_dtype(candle_core::DType::F32)?,
+                time_embeds,
+            ],
+            1,
+        )?
+        .to_dtype(dtype)?;
+        let h = a.linear_1.forward(&add)?.silu()?;
+        Ok(a.linear_2.forward(&h)?)
     }
 
     /// Predicts noise (or v) for `sample` (batch, in_channels, h, w) at `timestep`, applied to
@@ -597,6 +696,18 @@ impl UNet {
         sample: &Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`UNet::forward`] with SDXL's added conditioning, which an SDXL-style UNet requires
+    /// and any other refuses.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
     ) -> Result<Tensor> {
         let (_, _, height, width) = sample.dims4()?;
         let dtype = sample.dtype();
@@ -616,6 +727,21 @@ impl UNet {
             .to_dtype(dtype)?;
         let emb = self.time_linear_1.forward(&t_emb)?.silu()?;
         let emb = self.time_linear_2.forward(&emb)?;
+        let emb = match (&self.add_embedding, added) {
+            (Some(a), Some(cond)) => emb.broadcast_add(&self.added_embedding(a, cond, dtype)?)?,
+            (None, None) => emb,
+            (Some(_), None) => {
+                return Err(crate::Error::Msg(
+                    "this UNet needs SDXL added conditioning (pooled text embeds and time ids)"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(crate::Error::Msg(
+                    "this UNet has no add_embedding; it takes no added conditioning".into(),
+                ))
+            }
+        };
         let temb_act = emb.silu()?;
 
         let context = encoder_hidden_states.to_dtype(dtype)?;

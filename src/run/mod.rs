@@ -580,7 +580,8 @@ pub fn estimate(
         .randn(&[batch, c, lh, lw])?
         .to_dtype(sd.dtype)?
         .to_device(&sd.device)?;
-    let ctx = candle_core::Tensor::cat(&vec![sd.encode_prompt("")?; batch], 0)?;
+    let one = sd.encode_prompt("")?;
+    let ctx = crate::models::stable_diffusion::Conditioning::cat(&vec![&one; batch])?;
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         f()?; // warm-up
         let t = std::time::Instant::now();
@@ -589,7 +590,7 @@ pub fn estimate(
         Ok(t.elapsed().as_secs_f64())
     };
     let step_s = time(&mut || {
-        sd.unet.forward(&x, 500.0, &ctx)?;
+        sd.predict(&x, 500.0, &ctx)?;
         Ok(())
     })?;
     let steps_per_item = match &g.init_image {

@@ -1025,9 +1025,11 @@ def main():
     t0 = time.time()
     torch.manual_seed(0)
     FIXTURES.mkdir(parents=True, exist_ok=True)
-    if REF_DIR.exists():
-        shutil.rmtree(REF_DIR)
-    REF_DIR.mkdir(parents=True)
+    # reference/ is shared with the TAESD and SDXL scripts: replace only this script's files.
+    REF_DIR.mkdir(parents=True, exist_ok=True)
+    for stem in list(MODELS) + ["schedulers", "clip_tokenizer_cases"]:
+        for p in REF_DIR.glob(f"{stem}.*"):
+            p.unlink()
     log(f"versions: {VERSIONS}")
 
     encoder, merges = build_clip_vocab()
