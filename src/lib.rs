@@ -10,6 +10,7 @@ pub mod generate;
 pub mod guidance;
 pub mod interrupt;
 pub mod kernels;
+pub mod memory;
 pub mod models;
 pub mod noise;
 pub mod output;

@@ -4,6 +4,7 @@ use clap::Parser;
 
 fn main() {
     let cli = artguide::cli::Cli::parse();
+    artguide::memory::tune_allocator();
     artguide::interrupt::install();
     if let Err(e) = artguide::commands::run(cli) {
         eprintln!("error: {e:#}");

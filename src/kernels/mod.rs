@@ -7,6 +7,7 @@ pub mod attention;
 pub mod conv;
 pub mod linear;
 pub mod norm;
+pub mod sgemm;
 pub mod vmath;
 pub mod winograd;
 
