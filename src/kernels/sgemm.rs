@@ -76,11 +76,71 @@ const ROW_TASKS_PER_THREAD: usize = 2;
 /// Below this many rows, packing B costs more than it saves: the unpacked kernel runs.
 pub const PACK_MIN_ROWS: usize = 192;
 
-/// [`gemm_nt`] over every core, for `m` rows of A: B is packed block by block into 16-column
-/// panels (shared by all tasks) and a 6 x 16 outer-product micro-kernel runs over them when
-/// `m >= PACK_MIN_ROWS`; fewer rows go through the unpacked kernel, split over the columns.
-/// The summation order of an element is fixed by k alone, as in [`gemm_nt`] (but differs
-/// from it, so the path taken depends only on `m`).
+/// Raw pointers shared by the parallel tasks.
+#[derive(Clone, Copy)]
+struct P(*const f32, *mut f32);
+// SAFETY: tasks read through the const pointer and write disjoint ranges through the mut one.
+unsafe impl Send for P {}
+unsafe impl Sync for P {}
+impl P {
+    fn r(self) -> *const f32 {
+        self.0
+    }
+    fn w(self) -> *mut f32 {
+        self.1
+    }
+}
+
+/// B (`n x k`) packed for the outer-product kernel: panel q holds columns 16q..16q+16 as k
+/// rows of 16 floats, zero-padded past n. Same memory as B, so a layer can keep only this.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    n: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs `b` (n rows of k, row stride `ldb`) over every core.
+    pub fn pack(b: &[f32], (n, k): (usize, usize), ldb: usize) -> Self {
+        use rayon::prelude::*;
+        assert!(
+            n == 0 || b.len() >= (n - 1) * ldb + k,
+            "PackedB: b is too short"
+        );
+        let panels = n.div_ceil(PNR);
+        let mut data = vec![0f32; panels * k * PNR];
+        data.par_chunks_mut((k * PNR).max(1))
+            .enumerate()
+            .for_each(|(q, panel)| {
+                let cols = PNR.min(n - q * PNR);
+                let rows: Vec<&[f32]> = (0..cols)
+                    .map(|jj| &b[(q * PNR + jj) * ldb..][..k])
+                    .collect();
+                // 8 k-values of each row at a time: sequential reads of 16 rows, and each
+                // written 16-float row of the panel is one cache line.
+                for p0 in (0..k).step_by(8) {
+                    let pe = (p0 + 8).min(k);
+                    for (jj, row) in rows.iter().enumerate() {
+                        for (p, v) in row[p0..pe].iter().enumerate() {
+                            panel[(p0 + p) * PNR + jj] = *v;
+                        }
+                    }
+                }
+            });
+        PackedB { n, k, data }
+    }
+
+    /// (n, k) of the packed matrix.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+}
+
+/// [`gemm_nt`] over every core, for `m` rows of A: with `m >= PACK_MIN_ROWS` B is packed
+/// ([`PackedB`]) and [`gemm_nt_packed`] runs; fewer rows go through the unpacked kernel,
+/// split over the columns. The summation order of an element is fixed by k alone within a
+/// path (the two paths differ, so which runs depends only on `m`).
 ///
 /// # Safety
 /// As [`gemm_nt`].
@@ -94,70 +154,59 @@ pub unsafe fn gemm_nt_par(
     ldc: usize,
 ) {
     use rayon::prelude::*;
-    #[derive(Clone, Copy)]
-    struct P(*const f32, *mut f32);
-    // SAFETY: tasks read a and b and write disjoint row (or column) ranges of c.
-    unsafe impl Send for P {}
-    unsafe impl Sync for P {}
-    impl P {
-        fn a(self) -> *const f32 {
-            self.0
-        }
-        fn c(self) -> *mut f32 {
-            self.1
-        }
+    if m >= PACK_MIN_ROWS {
+        // SAFETY: the caller guarantees n rows of k at stride ldb.
+        let bs =
+            unsafe { std::slice::from_raw_parts(b, if n == 0 { 0 } else { (n - 1) * ldb + k }) };
+        let packed = PackedB::pack(bs, (n, k), ldb);
+        // SAFETY: forwarded.
+        unsafe { gemm_nt_packed(m, a, lda, &packed, c, ldc) };
+        return;
     }
     let (pa, pb) = (P(a, c), P(b, std::ptr::null_mut()));
-    if m < PACK_MIN_ROWS {
-        let threads = rayon::current_num_threads();
-        let cols = n.div_ceil(4 * threads).next_multiple_of(NR).max(NR);
-        (0..n.div_ceil(cols)).into_par_iter().for_each(|t| {
-            let j0 = t * cols;
-            // SAFETY: column range j0..j0+nc of c is this task's alone.
-            unsafe {
-                gemm_nt(
-                    (m, cols.min(n - j0), k),
-                    pa.a(),
-                    lda,
-                    pb.a().add(j0 * ldb),
-                    ldb,
-                    pa.c().add(j0),
-                    ldc,
-                )
-            }
-        });
+    let threads = rayon::current_num_threads();
+    let cols = n.div_ceil(4 * threads).next_multiple_of(NR).max(NR);
+    (0..n.div_ceil(cols)).into_par_iter().for_each(|t| {
+        let j0 = t * cols;
+        // SAFETY: column range j0..j0+nc of c is this task's alone.
+        unsafe {
+            gemm_nt(
+                (m, cols.min(n - j0), k),
+                pa.r(),
+                lda,
+                pb.r().add(j0 * ldb),
+                ldb,
+                pa.w().add(j0),
+                ldc,
+            )
+        }
+    });
+}
+
+/// `C += A B^T` over every core with B already packed: a 6 x 16 outer-product micro-kernel,
+/// each task a long range of rows, so each core keeps a 256 x 256 block of B in its L2 for
+/// hundreds of rows. The summation order of an element is fixed by k alone.
+///
+/// # Safety
+/// `a` valid for `m` rows of `b.dims().1` floats at stride `lda`, `c` for `m` rows of
+/// `b.dims().0` at stride `ldc`, not overlapping `a`; [`available`] must be true.
+pub unsafe fn gemm_nt_packed(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+) {
+    use rayon::prelude::*;
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // All of B packed once per call (panel q = columns 16q..16q+16 as k rows of 16,
-        // zero-padded), so the row tasks below need no further synchronisation.
         let panels = n.div_ceil(PNR);
-        let mut buf = vec![0f32; panels * k * PNR];
-        buf.par_chunks_mut(k * PNR)
-            .enumerate()
-            .for_each(|(q, panel)| {
-                let cols = PNR.min(n - q * PNR);
-                // SAFETY: rows q*16 .. q*16 + cols < n of b hold k values each.
-                let rows: Vec<&[f32]> = (0..cols)
-                    .map(|jj| unsafe {
-                        std::slice::from_raw_parts(pb.a().add((q * PNR + jj) * ldb), k)
-                    })
-                    .collect();
-                // 8 k-values of each row at a time: sequential reads of 16 rows, and each
-                // written 16-float row of the panel is one cache line.
-                for p0 in (0..k).step_by(8) {
-                    let pe = (p0 + 8).min(k);
-                    for (jj, row) in rows.iter().enumerate() {
-                        for (p, v) in row[p0..pe].iter().enumerate() {
-                            panel[(p0 + p) * PNR + jj] = *v;
-                        }
-                    }
-                }
-            });
-        let packed = P(buf.as_ptr(), std::ptr::null_mut());
-        // Few long row ranges: each core keeps one 256 x 256 block of B in its L2 for
-        // hundreds of rows before moving on.
+        let (pa, packed) = (P(a, c), P(b.data.as_ptr(), std::ptr::null_mut()));
         let chunk = m
             .div_ceil(ROW_TASKS_PER_THREAD * rayon::current_num_threads())
             .next_multiple_of(PMR);
@@ -180,12 +229,12 @@ pub unsafe fn gemm_nt_par(
                             unsafe {
                                 avx2::micro_packed(
                                     kc,
-                                    pa.a().add(i * lda + k0),
+                                    pa.r().add(i * lda + k0),
                                     lda,
                                     mr,
-                                    packed.a().add(q * k * PNR + k0 * PNR),
+                                    packed.r().add(q * k * PNR + k0 * PNR),
                                     nr,
-                                    pa.c().add(i * ldc + q * PNR),
+                                    pa.w().add(i * ldc + q * PNR),
                                     ldc,
                                 )
                             };
@@ -197,6 +246,11 @@ pub unsafe fn gemm_nt_par(
                 q0 = q1;
             }
         });
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, lda, c, ldc, k);
+        unreachable!("sgemm::available() is false off x86-64");
     }
 }
 

@@ -582,7 +582,7 @@ impl LayerNorm {
 /// `Differentiable`.
 fn layer(l: Linear, mode: NormMode) -> candle_core::Result<kernels::linear::Linear> {
     match mode {
-        NormMode::Fused => kernels::linear::Linear::new(l),
+        NormMode::Fused => kernels::linear::Linear::packed(l),
         NormMode::Differentiable => kernels::linear::Linear::differentiable(l),
     }
     .map_err(candle_core::Error::wrap)
