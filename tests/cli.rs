@@ -947,3 +947,31 @@ fn requests_that_cannot_fit_are_refused_with_an_estimate() {
         ],
     );
 }
+
+/// An SDXL folder through the CLI: reproducible bytes, and both text encoders' weights and
+/// configs hashed into the sidecar.
+#[test]
+fn sdxl_folder_generates_reproducibly_with_all_files_hashed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for dir in [&a, &b] {
+        let o = generate(&model, dir, &["--scheduler", "euler"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(
+        std::fs::read(a.join("00000-5.png")).unwrap(),
+        std::fs::read(b.join("00000-5.png")).unwrap()
+    );
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("00000-5.json")).unwrap()).unwrap();
+    let files = sidecar["model_files_sha256"].as_object().unwrap();
+    for rel in [
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+        "text_encoder_2/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ] {
+        assert!(files.contains_key(rel), "{rel} not hashed: {files:?}");
+    }
+}
