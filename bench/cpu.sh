@@ -18,7 +18,7 @@ PARTS=${PARTS:-unet,vae}
 for part in ${PARTS//,/ }; do
   for size in ${SIZES//,/ }; do
     "$BIN" bench --json --arch "$ARCH" --parts "$part" --sizes "$size" --reps "$REPS" | grep '"workload"' >>"$LOG"
-    "$PYTHON" bench/diffusers_cpu.py --arch "$ARCH" --parts "$part" --sizes "$size" --reps "$REPS" >>"$LOG"
+    "$PYTHON" bench/diffusers_bench.py --arch "$ARCH" --parts "$part" --sizes "$size" --reps "$REPS" >>"$LOG"
   done
 done
 "$PYTHON" - "$LOG" "$ARCH" <<'PY'
