@@ -5,7 +5,10 @@
 # LD_LIBRARY_PATH).
 #
 # Usage: bash bench/build_cuda.sh [VENV] [TARGET_DIR]
-#   defaults: VENV=/work/venv-cuda  TARGET_DIR=target-cuda; needs python3, gcc, cargo.
+#   defaults: VENV=/work/venv-cuda  TARGET_DIR=target-cuda; needs python3, gcc, cargo, xz.
+# Leaves .gpu/ (git-ignored) ready to carry to the GPU machine, where bench/gpu.sh unpacks it:
+#   .gpu/artguide-cuda.tar.xz  the binary and tests/cuda.rs's test executable, stripped;
+#   .gpu/wheels/               diffusers (and importlib_metadata) wheels for the peer.
 # Why 13.0: so nothing in the binary needs a newer driver than the oldest CUDA 13 one (PTX JIT
 # has no minor-version compatibility). CUDA_COMPUTE_CAP=90 is
 # the H100; set it for other GPUs (89 L4/4090, 86 A10/3090, 80 A100).
@@ -34,6 +37,26 @@ export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="-L $LINK" CARGO_TARGET_DIR="$TARGET"
 cargo build --release --features cuda
-# The device tool carries at most 64 MiB: the stripped binary is ~63.4 MiB (2026-11-23).
-strip -o "$TARGET/release/artguide-stripped" "$TARGET/release/artguide"
-ls -la "$TARGET/release/artguide" "$TARGET/release/artguide-stripped"
+# `cargo test --release` uses the release profile, so it reuses the build above.
+TEST_EXE=$(cargo test --release --features cuda --test cuda --no-run --message-format=json \
+  | "$VENV/bin/python" -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])')
+# The device tool carries at most 64 MiB with the working tree (~42 MB of it tracked files):
+# each stripped executable is ~65 MB, mostly candle's PTX, which xz packs to ~9 MB; one
+# archive with a dictionary larger than a binary shares what the two have in common.
+STAGE=$TARGET/gpu-stage
+rm -rf "$STAGE" && mkdir -p "$STAGE"
+strip -o "$STAGE/artguide" "$TARGET/release/artguide"
+strip -o "$STAGE/cuda-parity" "$TEST_EXE"
+mkdir -p .gpu/wheels
+tar -C "$STAGE" -cf - artguide cuda-parity | xz -9e -T1 --lzma2=preset=9e,dict=256MiB >.gpu/artguide-cuda.tar.xz.tmp
+mv .gpu/artguide-cuda.tar.xz.tmp .gpu/artguide-cuda.tar.xz
+# The GPU image has torch, transformers and diffusers' other needs but neither diffusers nor
+# importlib_metadata; pure-Python wheels, pinned as in tests/reference/requirements.txt.
+python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels \
+  "diffusers==$(sed -n 's/^diffusers==//p' tests/reference/requirements.txt)" "importlib_metadata==8.7.0"
+ls -la "$STAGE" .gpu .gpu/wheels
+echo "carried with the working tree: $(( ($(git ls-files -z | xargs -0 cat | wc -c) + $(du -cb .gpu | tail -1 | cut -f1)) / 1048576 )) MiB of 64"

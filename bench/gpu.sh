@@ -1,58 +1,130 @@
 #!/usr/bin/env bash
-# Issue 6's GPU measurements in one call: artguide (candle, CUDA, f16) and PyTorch on the same
-# GPU in the same run, each workload in a fresh process, printed as a markdown table of ratios.
+# Issue 6's GPU measurements in one call: the CUDA parity tests, then artguide (candle, CUDA)
+# and PyTorch (diffusers / transformers) on the same GPU in the same run, each workload in a
+# fresh process whose GPU memory peak nvidia-smi samples, ending with a markdown table of
+# ratios (bench/gpu_table.py; rerun it on the returned gpu.jsonl).
 #
-# Usage (on the GPU machine, from the repository root):
-#   BIN=path/to/artguide-cuda PYTHON=python3 bash bench/gpu.sh [REPS]
-# BIN: an artguide built with `--features cuda` (README, "CUDA"); the GPU machine has no Rust,
-# so it is built on the x86-64 build machine and copied. PYTHON needs torch with CUDA,
-# transformers and diffusers (diffusers is pure Python: `pip download diffusers --no-deps`
-# on a machine with network and carry the wheel).
-# Not yet measured: no GPU has been lent to this project so far (NOTES.md). The guided step is
-# timed for artguide only; a PyTorch guided-step peer is still to be written.
-set -euo pipefail
+# Usage, on the GPU machine from the repository root, after `bash bench/build_cuda.sh` here
+# (device tool: carry [".gpu"]; the machine has no Rust toolchain and no network):
+#   bash bench/gpu.sh [GROUPS] [REPS]
+#   GROUPS: comma list of parity,unet,vae,guidance,clip,variants (default: all of them)
+#   REPS:   timed repetitions per measurement after one warm-up, median reported (default 5)
+# Environment: OUT (where logs and gpu.jsonl go; the device tool sets it), BIN and PARITY (use
+# these executables instead of unpacking .gpu/artguide-cuda.tar.xz), PYTHON (default python3,
+# which needs torch with CUDA and transformers; diffusers comes from .gpu/wheels); DEVICE,
+# DTYPE, SIZE (default cuda, f16, 512: a CPU smoke test of this script sets them smaller).
+# Workloads (issue 6): SD 1.5 at 512x512, f16: a CFG UNet step (batch 2) and a VAE decode;
+# the same step with CLIP guidance (random ViT-B/32 guide, 4 cutouts) through the full VAE,
+# TAESD and the linear decoder; CLIP ViT-B/32 and ViT-L/14 image embedding, batch 64, f16.
+# Variants for diagnosis: artguide in bf16, diffusers with its classic (non-SDPA) attention.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-REPS=${1:-5}
-BIN=${BIN:-target/release/artguide}
+GROUPS_=${1:-parity,unet,vae,guidance,clip,variants}
+REPS=${2:-5}
+OUTDIR=${OUT:-$(mktemp -d)}
 PYTHON=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-LOG=$(mktemp)
-run() { "$@" | grep '"workload"' >>"$LOG"; }
-# Unguided SD 1.5 at 512x512: one CFG step (batch 2) and one VAE decode; 30 steps + a decode
-# make an image.
-run "$BIN" bench --json --device cuda --dtype f16 --arch sd15 --parts unet,vae --sizes 512 --reps "$REPS"
-run "$PYTHON" bench/diffusers_cpu.py --device cuda --dtype f16 --arch sd15 --parts unet,vae --sizes 512 --reps "$REPS"
-# Guided step: ViT-B/32 guide, 4 cutouts, through the full VAE and the cheap decoders.
-run "$BIN" bench --json --device cuda --dtype f16 --parts guidance --sizes 512 --guide-clip vit-b32 --cutouts 4 --reps "$REPS"
-# Probe throughput, batch 64, f16.
-for arch in vit-b32 vit-l14; do
-  run "$BIN" bench --json --device cuda --dtype f16 --parts clip --clip-arch "$arch" --clip-batch 64 --reps "$REPS"
-  run "$PYTHON" bench/transformers_clip.py --device cuda --dtype f16 --arch "$arch" --batch 64 --reps "$REPS"
-done
-cat "$LOG"
-"$PYTHON" - "$LOG" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-by = {}
-for r in rows:
-    by.setdefault((r["workload"], r["size"]), {})[r.get("tool", "artguide")] = r
-print("| workload | size | artguide | peer | artguide/peer (time; for images/s, peer/artguide) | peer GPU peak |")
-print("| --- | --- | --- | --- | --- | --- |")
-for (w, s), d in sorted(by.items()):
-    a = d.get("artguide")
-    p = d.get("diffusers") or d.get("transformers")
-    if a is None:
-        continue
-    if p is None:
-        print(f'| {w} | {s} | {a["seconds"]:.4f} | - | - | - |')
-        continue
-    ratio = p["seconds"] / a["seconds"] if "images_per_s" in w else a["seconds"] / p["seconds"]
-    gpu = f'{p["peak_gpu_bytes"] / 2**30:.2f} GiB' if "peak_gpu_bytes" in p else "n/a"
-    print(f'| {w} | {s} | {a["seconds"]:.4f} | {p["seconds"]:.4f} | {ratio:.2f} | {gpu} |')
-if ("unet_step_cfg_batch2", 512) in by:
-    d = by[("unet_step_cfg_batch2", 512)]
-    for tool, r in d.items():
-        dec = by.get(("vae_decode", 512), {}).get(tool)
-        if dec:
-            print(f'{tool}: one 512x512 image, 30 DDIM steps + decode: {30 * r["seconds"] + dec["seconds"]:.2f} s')
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-f16}
+SIZE=${SIZE:-512}
+LOG=$OUTDIR/gpu.jsonl
+: >"$LOG"
+want() { [[ ",$GROUPS_," == *",$1,"* ]]; }
+say() { echo "== $*" | tee -a "$OUTDIR/gpu.log"; }
+
+if [ -z "${BIN:-}" ]; then
+  [ -f .gpu/artguide-cuda.tar.xz ] || { echo "no .gpu/artguide-cuda.tar.xz: run bench/build_cuda.sh and carry .gpu" >&2; exit 2; }
+  "$PYTHON" - .gpu/artguide-cuda.tar.xz /tmp/artguide-cuda <<'PY' || exit 2
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    try:
+        t.extractall(sys.argv[2], filter="data")
+    except TypeError:  # Python < 3.12
+        t.extractall(sys.argv[2])
 PY
+  BIN=/tmp/artguide-cuda/artguide
+  PARITY=${PARITY:-/tmp/artguide-cuda/cuda-parity}
+fi
+if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu/wheels/*.whl || exit 2
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# cuBLAS / cuRAND / NVRTC / cudart 13 from PyTorch's CUDA wheels (the driver's libcuda is on
+# the system path).
+for d in $("$PYTHON" -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null); do
+  [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
+say "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUTDIR/gpu.log"
+"$PYTHON" -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)' | tee -a "$OUTDIR/gpu.log"
+if ldd "$BIN" | grep "not found"; then
+  echo "$BIN: shared libraries not found (LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-})" >&2
+  exit 3
+fi
+"$BIN" --version | tee -a "$OUTDIR/gpu.log"
+
+if want parity && [ -z "${PARITY:-}" ]; then
+  say "parity: skipped, no PARITY executable given"
+elif want parity; then
+  say "parity: tests/cuda.rs (CPU f32 vs CUDA f16)"
+  "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity.log"
+  echo "parity rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+fi
+
+N=0
+# run LABEL COMMAND...: runs one workload process, samples the GPU's used memory meanwhile, and
+# appends its JSON lines to gpu.jsonl with `variant` and `peak_gpu_smi_mib` (the sampled peak
+# above the level before the process started: its context, weights and activations).
+run() {
+  local label=$1; shift
+  N=$((N + 1))
+  local smi=$OUTDIR/smi.$N.txt raw=$OUTDIR/run.$N.out
+  local base
+  base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >"$smi" 2>/dev/null &
+  local spid=$! t0=$SECONDS
+  timeout 400 "$@" >"$raw" 2>"$OUTDIR/run.$N.err"
+  local rc=$?
+  kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
+  local peak
+  peak=$(sort -n "$smi" | tail -1)
+  echo "[$N] $label rc=$rc $((SECONDS - t0)) s, GPU peak $((${peak:-0} - base)) MiB: $*" | tee -a "$OUTDIR/gpu.log"
+  [ "$rc" = 0 ] || tail -5 "$OUTDIR/run.$N.err"
+  "$PYTHON" -c '
+import json, sys
+label, peak = sys.argv[1], int(sys.argv[2])
+for line in open(sys.argv[3]):
+    if "\"workload\"" in line:
+        r = json.loads(line)
+        r["variant"], r["peak_gpu_smi_mib"] = label, peak
+        print(json.dumps(r))' "$label" "$((${peak:-0} - base))" "$raw" >>"$LOG"
+}
+AG=("$BIN" bench --json --device "$DEVICE" --arch sd15 --sizes "$SIZE" --reps "$REPS")
+PY=("$PYTHON" bench/diffusers_bench.py --device "$DEVICE" --arch sd15 --sizes "$SIZE" --reps "$REPS")
+for part in unet vae; do
+  if want $part; then
+    say "$part"
+    run artguide "${AG[@]}" --dtype "$DTYPE" --parts $part
+    run diffusers "${PY[@]}" --dtype "$DTYPE" --parts $part
+  fi
+done
+if want guidance; then
+  say "guidance"
+  for d in vae taesd linear; do
+    run artguide "${AG[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders $d
+    run diffusers "${PY[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders $d
+  done
+fi
+if want clip; then
+  say "clip"
+  for arch in vit-b32 vit-l14; do
+    run artguide "$BIN" bench --json --device "$DEVICE" --dtype "$DTYPE" --parts clip --clip-arch $arch --clip-batch 64 --reps "$REPS"
+    run transformers "$PYTHON" bench/transformers_clip.py --device "$DEVICE" --dtype "$DTYPE" --arch $arch --batch 64 --reps "$REPS"
+  done
+fi
+if want variants; then
+  say "variants"
+  run artguide-bf16 "${AG[@]}" --dtype bf16 --parts unet,vae
+  run diffusers-classic-attention "${PY[@]}" --dtype "$DTYPE" --parts unet --attention classic
+fi
+"$PYTHON" bench/gpu_table.py "$LOG" | tee "$OUTDIR/table.md"

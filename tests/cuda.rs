@@ -1,32 +1,53 @@
-//! The CUDA path against the CPU path: the same tiny model and initial latents, CPU f32 vs
-//! CUDA f16, images within f16 tolerance. Needs a binary built with `--features cuda` and a
-//! GPU; without the feature the test is listed as ignored (a visible skip), and with the
-//! feature but no GPU it fails saying so.
+//! The CUDA path against the CPU path: the same tiny models and initial latents, CPU f32 vs
+//! CUDA f16 (generation with every scheduler, the CLIP-guidance gradient through every
+//! guidance decoder, CLIP probe embeddings), within f16 tolerance. Needs a build with
+//! `--features cuda` and a GPU; without the feature the tests are listed as ignored (a visible
+//! skip), and with the feature but no GPU they fail saying so.
+//!
+//! The GPU machine has no Rust toolchain, so `bench/build_cuda.sh` also builds this test's
+//! executable for carrying there; it finds the fixtures under `tests/fixtures` of the
+//! directory it runs in when the source tree it was built from is absent.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use artguide::generate::{generate, GenerateOptions};
+use artguide::guidance::{DecoderKind, GuidanceConfig, Guide, TextTarget};
 use artguide::models::hub::HubOptions;
 use artguide::models::stable_diffusion::{LoadOptions, SdModel};
 use artguide::noise::{NoiseGen, Stream};
+use artguide::probe::embed::ClipEncoder;
 use artguide::progress::{Progress, ProgressMode};
 use artguide::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
 
-fn image(device: Device, dtype: DType, scheduler: SchedulerKind, latents: &Tensor) -> Tensor {
-    let model = SdModel::load(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tiny-sd-a")
-            .to_str()
-            .unwrap(),
+fn fixture(rel: &str) -> String {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let root = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    };
+    root.join(rel).to_str().unwrap().to_string()
+}
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("built with --features cuda but no CUDA device 0")
+}
+
+fn model(device: Device, dtype: DType) -> SdModel {
+    SdModel::load(
+        &fixture("tiny-sd-a"),
         &LoadOptions {
             device,
             dtype,
             hub: HubOptions::from_env(),
         },
     )
-    .unwrap();
-    let opts = GenerateOptions {
+    .unwrap()
+}
+
+fn options(scheduler: SchedulerKind, latents: &Tensor) -> GenerateOptions {
+    GenerateOptions {
         prompt: "a lighthouse at dusk".into(),
         negative_prompt: String::new(),
         steps: 4,
@@ -41,11 +62,14 @@ fn image(device: Device, dtype: DType, scheduler: SchedulerKind, latents: &Tenso
         strength: 1.0,
         latents: Some(latents.clone()),
         guide: None,
-    };
+    }
+}
+
+fn image(model: &SdModel, opts: &GenerateOptions) -> Tensor {
     let mut out = None;
     generate(
-        &model,
-        &opts,
+        model,
+        opts,
         &Progress::new(ProgressMode::Quiet, 0, ""),
         |g| {
             out = Some(g.image);
@@ -56,32 +80,134 @@ fn image(device: Device, dtype: DType, scheduler: SchedulerKind, latents: &Tenso
     out.unwrap()
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn latents() -> Tensor {
+    NoiseGen::new(3, Stream::InitialLatents)
+        .randn(&[1, 4, 16, 16])
+        .unwrap()
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "needs a build with --features cuda and a GPU (see README, CUDA)"
 )]
 fn cuda_f16_matches_cpu_f32_for_the_same_latents() {
-    let gpu = Device::new_cuda(0).expect("built with --features cuda but no CUDA device 0");
-    let latents = NoiseGen::new(3, Stream::InitialLatents)
-        .randn(&[1, 4, 16, 16])
-        .unwrap();
+    let (cpu, cuda) = (model(Device::Cpu, DType::F32), model(gpu(), DType::F16));
+    let latents = latents();
     for kind in SchedulerKind::ALL {
-        let cpu = image(Device::Cpu, DType::F32, kind, &latents);
-        let cuda = image(gpu.clone(), DType::F16, kind, &latents);
-        let d = (cpu - cuda)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let a = image(&cpu, &options(kind, &latents));
+        let b = image(&cuda, &options(kind, &latents));
+        let d = max_abs_diff(&a, &b);
         eprintln!("{kind}: max |cpu f32 - cuda f16| = {d:.2e}");
         // f16 keeps ~3 decimal digits through 4 steps of a tiny UNet and the VAE; images are in
         // [0, 1], so 2e-2 is about 5 of 255 levels.
         assert!(d < 2e-2, "{kind}: {d}");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs a build with --features cuda and a GPU (see README, CUDA)"
+)]
+fn cuda_guidance_gradient_matches_cpu_through_every_decoder() {
+    let (cpu, cuda) = (model(Device::Cpu, DType::F32), model(gpu(), DType::F16));
+    let x0 = NoiseGen::new(5, Stream::InitialLatents)
+        .randn(&[1, 4, 16, 16])
+        .unwrap();
+    for decoder in [DecoderKind::Vae, DecoderKind::Taesd, DecoderKind::Linear] {
+        let grad = |m: &SdModel| {
+            let cfg = GuidanceConfig {
+                clip: Some(fixture("clip/tiny-clip-a")),
+                prompts: vec![TextTarget {
+                    text: "an oil painting of a storm at sea".into(),
+                    weight: 1.0,
+                }],
+                cutouts: 2,
+                decoder,
+                taesd: fixture("tiny-taesd"),
+                ..Default::default()
+            };
+            let guide = Guide::load(cfg, m, &HubOptions::from_env(), 1 << 24).unwrap();
+            // The cutouts come from the same seeded stream on both devices.
+            let mut rng = NoiseGen::new(0, Stream::Guidance);
+            let x = x0.to_device(&m.device).unwrap();
+            let g = guide.gradient(m, &x, &mut rng, None, 0).unwrap();
+            (g.grad.unwrap().to_device(&Device::Cpu).unwrap(), g.total)
+        };
+        let ((a, la), (b, lb)) = (grad(&cpu), grad(&cuda));
+        let norm = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let rel = norm(&(&a - &b.to_dtype(DType::F32).unwrap()).unwrap()) / norm(&a);
+        eprintln!(
+            "guidance through {decoder}: loss cpu {la:.6} cuda {lb:.6}, gradient relative L2 error {rel:.2e}"
+        );
+        assert!(norm(&a) > 0.0, "{decoder}: zero gradient on the CPU");
+        assert!(
+            (la - lb).abs() < 1e-2 * la.abs().max(1e-3),
+            "{decoder}: loss {la} vs {lb}"
+        );
+        // f16 through the decoder's and CLIP's backward keeps about 2-3 digits.
+        assert!(rel < 5e-2, "{decoder}: gradient relative error {rel}");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs a build with --features cuda and a GPU (see README, CUDA)"
+)]
+fn cuda_f16_probe_embeddings_match_cpu_f32() {
+    let hub = HubOptions::from_env();
+    let spec = fixture("clip/tiny-clip-a");
+    let cpu = ClipEncoder::load(&spec, &hub, DType::F32, &Device::Cpu).unwrap();
+    let cuda = ClipEncoder::load(&spec, &hub, DType::F16, &gpu()).unwrap();
+    let dir = PathBuf::from(fixture("clip/images"));
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 2, "no fixture images in {}", dir.display());
+    for p in names {
+        let img = image::open(&p).unwrap().to_rgb8();
+        let (w, h) = img.dimensions();
+        let embed = |enc: &ClipEncoder| {
+            let pix = enc
+                .preprocessor
+                .preprocess_rgb(img.as_raw(), w as usize, h as usize)
+                .unwrap();
+            enc.embed_pixels(&[pix]).unwrap()
+        };
+        let d = max_abs_diff(&embed(&cpu), &embed(&cuda));
+        eprintln!(
+            "{}: max |cpu f32 - cuda f16| of the unit embedding = {d:.2e}",
+            p.display()
+        );
+        assert!(d < 1e-2, "{}: {d}", p.display());
     }
 }
