@@ -578,16 +578,28 @@ impl Guide {
         rng: &mut NoiseGen,
         content: Option<&Tensor>,
     ) -> Result<(Tensor, LossParts)> {
+        let (total, terms) = self.loss_terms(model, x0, rng, content)?;
+        let values = read_scalars(terms.iter().map(|(_, v)| v))?;
+        let parts = terms.into_iter().map(|(n, _)| n).zip(values).collect();
+        Ok((total, parts))
+    }
+
+    /// The weighted total and each unweighted term, all still on the device: reading them back
+    /// waits for the GPU, so `gradient` does it once, after the backward pass is queued.
+    fn loss_terms(
+        &self,
+        model: &SdModel,
+        x0: &Tensor,
+        rng: &mut NoiseGen,
+        content: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         let cfg = &self.config;
         let image = self.decoder.decode(model, x0, self.dtype)?;
-        let mut parts = LossParts::new();
+        let mut parts: Vec<(String, Tensor)> = Vec::new();
         let mut terms: Vec<Tensor> = Vec::new();
         let mut add = |name: &str, value: Tensor, weight: f64| -> Result<()> {
-            parts.insert(
-                name.to_string(),
-                value.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            );
-            terms.push((value * weight)?);
+            terms.push((&value * weight)?);
+            parts.push((name.to_string(), value));
             Ok(())
         };
         if let Some(clip) = &self.clip {
@@ -688,17 +700,25 @@ impl Guide {
         step: usize,
     ) -> Result<StepGradient> {
         let var = Var::from_tensor(&x0.to_dtype(self.dtype)?.detach())?;
-        let (loss, losses) = self.loss(model, var.as_tensor(), rng, content)?;
-        let total = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (loss, terms) = self.loss_terms(model, var.as_tensor(), rng, content)?;
         let grads = loss.backward()?;
         let grad = grads.get(var.as_tensor()).cloned().ok_or_else(|| {
             Error::Msg("guidance loss has no gradient path to the latents (internal error)".into())
         })?;
-        let magnitude = grad
-            .abs()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        // One read-back per guided step (loss, gradient size, terms): each read waits for the
+        // device, so reading before the backward would leave the GPU idle while it is queued.
+        let magnitude = grad.abs()?.sum_all()?;
+        let values = read_scalars(
+            [&loss, &magnitude]
+                .into_iter()
+                .chain(terms.iter().map(|(_, v)| v)),
+        )?;
+        let (total, magnitude) = (values[0], values[1]);
+        let losses: LossParts = terms
+            .into_iter()
+            .map(|(n, _)| n)
+            .zip(values[2..].iter().copied())
+            .collect();
         if !(magnitude.is_finite() && total.is_finite()) {
             return match self.config.on_nonfinite {
                 OnNonFinite::Error => Err(Error::Msg(format!(
@@ -723,6 +743,18 @@ impl Guide {
             total,
         })
     }
+}
+
+/// Scalar tensors (any shape with one element) read back to the host in one transfer.
+fn read_scalars<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Result<Vec<f64>> {
+    let flat = ts
+        .into_iter()
+        .map(|t| t.flatten_all()?.to_dtype(DType::F64))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if flat.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(Tensor::cat(&flat, 0)?.to_vec1::<f64>()?)
 }
 
 /// Losses are computed in f32 (f64 when the model is f64).

@@ -455,10 +455,9 @@ impl SdModel {
                 let (b, _, h, w) = x.dims4()?;
                 let f = self.vae_spec.scale_factor;
                 let (hp, wp) = ((h * f) as f32, (w * f) as f32);
-                let ids = [hp, wp, 0.0, 0.0, hp, wp].repeat(b);
                 Some(AddedCond {
                     text_embeds: pooled.clone(),
-                    time_ids: Tensor::from_vec(ids, (b, 6), x.device())?,
+                    time_ids: vec![[hp, wp, 0.0, 0.0, hp, wp]; b],
                 })
             }
         };

@@ -402,8 +402,9 @@ impl UpBlock {
 pub struct AddedCond {
     /// (batch, pooled width).
     pub text_embeds: Tensor,
-    /// (batch, 6): original (h, w), crop (top, left), target (h, w), in pixels.
-    pub time_ids: Tensor,
+    /// One row per batch row: original (h, w), crop (top, left), target (h, w), in pixels.
+    /// Host values, because their sinusoidal embedding is computed on the host.
+    pub time_ids: Vec<[f32; crate::models::sd::AddedCondSpec::TIME_IDS]>,
 }
 
 /// `add_time_proj` + `add_embedding` (`TimestepEmbedding`: linear, SiLU, linear).
@@ -659,21 +660,16 @@ impl UNet {
         dtype: candle_core::DType,
     ) -> Result<Tensor> {
         let (b, pooled) = cond.text_embeds.dims2()?;
-        let (bt, nids) = cond.time_ids.dims2()?;
-        if pooled != a.spec.pooled_dim() || bt != b || nids != AddedCondSpec::TIME_IDS {
+        let nids = AddedCondSpec::TIME_IDS;
+        if pooled != a.spec.pooled_dim() || cond.time_ids.len() != b {
             return Err(crate::Error::Msg(format!(
-                "UNet added conditioning: text_embeds {:?} and time_ids {:?}, expected (b, {}) and (b, {})",
+                "UNet added conditioning: text_embeds {:?} and {} rows of time ids, expected (b, {}) and b rows",
                 cond.text_embeds.dims(),
-                cond.time_ids.dims(),
+                cond.time_ids.len(),
                 a.spec.pooled_dim(),
-                AddedCondSpec::TIME_IDS
             )));
         }
-        let ids: Vec<f32> = cond
-            .time_ids
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let ids: Vec<f32> = cond.time_ids.iter().flatten().copied().collect();
         let d = a.spec.time_embed_dim;
         let emb = sinusoidal(&ids, d, self.flip_sin_to_cos, self.freq_shift);
         let time_embeds = Tensor::from_vec(emb, (b, nids * d), cond.text_embeds.device())?;
