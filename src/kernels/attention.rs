@@ -26,8 +26,8 @@ const MAX_ROWS: usize = 256;
 
 /// Attention over `q: (b, n, heads*d)`, `k, v: (b, m, heads*d)`; returns `(b, n, heads*d)`.
 ///
-/// No mask. `scale` multiplies the logits (usually `1/sqrt(d)`). In f16/bf16 the softmax runs
-/// in f32, as diffusers' `upcast_softmax` does.
+/// No mask. `scale` multiplies the logits (usually `1/sqrt(d)`). In f16/bf16 the softmax
+/// accumulates in f32, as diffusers' `upcast_softmax` does.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let op = BlockedAttention {
@@ -43,7 +43,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
 
 /// The plain composition: head-major copies, `Q K^T`, softmax, `P V`.
 pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    composed_with(q, k, v, heads, scale, |s| {
+    // candle's CUDA softmax kernel sums f16/bf16 rows in f32 already; converting
+    // the (b*heads, n, m) score tensor to f32 and back would move it through memory three more
+    // times, the largest cost of this composition at 64x64 latents.
+    let half_kernel = q.device().is_cuda();
+    composed_with(q, k, v, heads, scale, half_kernel, |s| {
         candle_nn::ops::softmax_last_dim(s)
     })
 }
@@ -57,7 +61,7 @@ pub fn differentiable(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    composed_with(q, k, v, heads, scale, |s| {
+    composed_with(q, k, v, heads, scale, false, |s| {
         candle_nn::ops::softmax(s, D::Minus1)
     })
 }
@@ -68,6 +72,7 @@ fn composed_with(
     v: &Tensor,
     heads: usize,
     scale: f64,
+    half_softmax: bool,
     softmax: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) -> Result<Tensor> {
     let (b, n, hd) = q.dims3()?;
@@ -86,7 +91,9 @@ fn composed_with(
     let scores = q.matmul(&k.t()?)?;
     let dtype = scores.dtype();
     let probs = match dtype {
-        DType::F16 | DType::BF16 => softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
+        DType::F16 | DType::BF16 if !half_softmax => {
+            softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+        }
         _ => softmax(&scores)?,
     };
     Ok(probs
