@@ -65,6 +65,8 @@ pub struct Conv2d {
     padding: usize,
     /// Winograd-transformed weights, made on first use.
     winograd: std::sync::Arc<std::sync::OnceLock<Tensor>>,
+    /// The layer computing this one's input gradient (stride 1), made on first backward.
+    transposed: std::sync::Arc<std::sync::OnceLock<Conv2d>>,
 }
 
 /// Below this many output pixels (16x16) the 16 small GEMMs of Winograd lose to one im2col
@@ -97,19 +99,51 @@ impl Conv2d {
             stride,
             padding,
             winograd: Default::default(),
+            transposed: Default::default(),
         }
     }
 
-    /// The forward pass through candle's own convolution, whose backward is right: for
-    /// paths that need gradients.
-    pub fn forward_differentiable(&self, xs: &Tensor) -> Result<Tensor> {
-        composed(
-            xs,
-            &self.weight,
-            self.bias.as_ref(),
-            self.stride,
-            self.padding,
-        )
+    /// `dL/dy -> dL/dx` for input height/width `(h, w)`. Stride 1: the convolution of
+    /// `dL/dy` with the kernel flipped in space and transposed in channels, padded
+    /// `k - 1 - p` (so the fast kernels run it); otherwise candle's transposed convolution.
+    fn input_grad(&self, h: usize, w: usize) -> Result<super::frozen::InputGrad> {
+        let (_, _, kh, kw) = self.weight.dims4()?;
+        let (stride, padding) = (self.stride, self.padding);
+        if stride == 1 && kh == kw && padding < kh {
+            let t = match self.transposed.get() {
+                Some(t) => t.clone(),
+                None => {
+                    let rev = Tensor::from_vec(
+                        (0..kh as u32).rev().collect::<Vec<_>>(),
+                        kh,
+                        self.weight.device(),
+                    )?;
+                    let flipped = self
+                        .weight
+                        .index_select(&rev, 2)?
+                        .index_select(&rev, 3)?
+                        .transpose(0, 1)?
+                        .contiguous()?;
+                    let t = Conv2d::from_parts(flipped, None, 1, kh - 1 - padding);
+                    self.transposed.get_or_init(|| t).clone()
+                }
+            };
+            return Ok(Box::new(move |g: &Tensor| {
+                t.forward_fast(g).map_err(candle_core::Error::wrap)
+            }));
+        }
+        let weight = self.weight.clone();
+        Ok(Box::new(move |g: &Tensor| {
+            let (_, _, gh, gw) = g.dims4()?;
+            let full = |gi: usize, k: usize| (gi - 1) * stride + k - 2 * padding;
+            let (out_h, out_w) = (full(gh, kh), full(gw, kw));
+            if h < out_h || w < out_w || h - out_h != w - out_w {
+                candle_core::bail!(
+                    "conv2d backward: input {h}x{w} from output {gh}x{gw} needs unequal output padding"
+                );
+            }
+            g.conv_transpose2d(&weight, padding, h - out_h, stride, 1)
+        }))
     }
 
     fn use_winograd(&self, xs: &Tensor) -> Result<bool> {
@@ -150,8 +184,12 @@ impl Conv2d {
 }
 
 impl candle_core::Module for Conv2d {
+    /// Inside a differentiated graph (guidance) the weights are constants: the backward
+    /// computes only the input's gradient ([`super::frozen`]).
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_fast(xs).map_err(candle_core::Error::wrap)
+        let (_, _, h, w) = xs.dims4()?;
+        super::frozen::input_only(xs, |x| self.forward_fast(x), || self.input_grad(h, w))
+            .map_err(candle_core::Error::wrap)
     }
 }
 
@@ -356,8 +394,51 @@ mod tests {
                 assert!(rel_err_vs_f64(&got, &want) < 2e-6, "case {i}");
             }
             assert_eq!(layer.winograd.get().is_some(), i == 0, "case {i}");
-            let grad_path = layer.forward_differentiable(&x).unwrap();
-            assert!(rel_err_vs_f64(&grad_path, &want) < 2e-6);
+        }
+    }
+
+    /// In a graph, the layer's value is the same and its backward gives candle's input
+    /// gradient (computed in f64) without ever computing the weight's.
+    #[test]
+    fn backward_gives_the_input_gradient_only() {
+        use candle_core::Module;
+        // (side, kernel, stride, padding): Winograd-sized 3x3, strips 3x3, stride 2 (candle's
+        // transposed convolution), 1x1, CLIP's patch embedding, an unpadded 3x3.
+        let cases = [
+            (20usize, 3usize, 1usize, 1usize),
+            (8, 3, 1, 1),
+            (9, 3, 2, 1),
+            (7, 1, 1, 0),
+            (12, 4, 4, 0),
+            (10, 3, 1, 0),
+        ];
+        for (i, (hw, k, stride, pad)) in cases.into_iter().enumerate() {
+            let wt = randn(&[6, 5, k, k], 1.0, 20 + i as u64);
+            let bias = randn(&[6], 1.0, 30);
+            let layer = Conv2d::from_parts(wt.clone(), Some(bias.clone()), stride, pad);
+            let x0 = randn(&[2, 5, hw, hw], 1.0, 40 + i as u64);
+            let x = candle_core::Var::from_tensor(&x0).unwrap();
+            let y = layer.forward(x.as_tensor()).unwrap();
+            let r = randn(y.dims(), 1.0, 50);
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let got = grads.get(x.as_tensor()).unwrap();
+            assert!(
+                grads.get(&wt).is_none(),
+                "case {i}: a weight gradient was computed"
+            );
+
+            let xd = candle_core::Var::from_tensor(&f64(&x0)).unwrap();
+            let yd = composed(xd.as_tensor(), &f64(&wt), Some(&f64(&bias)), stride, pad).unwrap();
+            assert!(rel_err_vs_f64(&y, &yd) < 2e-6, "case {i}: value");
+            let gd = (&yd * &f64(&r))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let want = gd.get(xd.as_tensor()).unwrap();
+            let e = rel_err_vs_f64(got, want);
+            assert!(e < 2e-6, "case {i}: input gradient rel err {e}");
         }
     }
 

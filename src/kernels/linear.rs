@@ -27,8 +27,6 @@ pub struct Linear {
     packed: Option<Arc<sgemm::PackedB>>,
     /// The bias, or zeros: the kernel always starts from it.
     bias: Tensor,
-    /// False: always candle's `Linear`, whose backward is right (the kernel has none).
-    fast: bool,
 }
 
 impl Linear {
@@ -46,7 +44,6 @@ impl Linear {
             inner: Some(inner),
             packed: None,
             bias,
-            fast: true,
         })
     }
 
@@ -69,17 +66,8 @@ impl Linear {
         })
     }
 
-    /// Wraps a candle layer that must stay differentiable: forward is candle's own.
-    pub fn differentiable(inner: candle_nn::Linear) -> Result<Self> {
-        Ok(Linear {
-            fast: false,
-            ..Self::new(inner)?
-        })
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// The value `x W^T + b`, without a graph.
+    fn value(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let inner = match (&self.inner, &self.packed) {
             (_, Some(p)) => {
                 return xs.contiguous()?.apply_op2_no_bwd(
@@ -93,12 +81,31 @@ impl Module for Linear {
             (None, None) => unreachable!("a Linear keeps its weight in one form"),
         };
         let w = inner.weight();
-        if self.fast && xs.device().is_cpu() && xs.dtype() == DType::F32 && w.dtype() == DType::F32
-        {
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 && w.dtype() == DType::F32 {
             xs.contiguous()?.apply_op3_no_bwd(w, &self.bias, &Gemm)
         } else {
             inner.forward(xs)
         }
+    }
+}
+
+impl Module for Linear {
+    /// Inside a differentiated graph (guidance) the weights are constants: the backward
+    /// computes only the input's gradient, `dL/dy W` ([`super::frozen`]).
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if !xs.track_op() {
+            return self.value(xs);
+        }
+        let Some(inner) = &self.inner else {
+            candle_core::bail!("a packed Linear has no backward: build it with Linear::new")
+        };
+        let w = inner.weight().clone();
+        super::frozen::input_only(
+            xs,
+            |x| Ok(self.value(x)?),
+            || Ok(Box::new(move |g: &Tensor| g.broadcast_matmul(&w))),
+        )
+        .map_err(candle_core::Error::wrap)
     }
 }
 
@@ -265,6 +272,52 @@ mod tests {
                 .unwrap();
             assert_eq!(got.dims(), want.dims());
             assert!(rel_err_vs_f64(&got, &want) < 1e-6, "case {i}");
+        }
+    }
+
+    /// In a graph: candle's input gradient (in f64), no weight gradient; a packed layer,
+    /// which no longer has its weight, refuses.
+    #[test]
+    fn backward_gives_the_input_gradient_only() {
+        for (i, (shape, inp, out)) in [(vec![2usize, 5, 7], 7usize, 3usize), (vec![9, 16], 16, 33)]
+            .into_iter()
+            .enumerate()
+        {
+            let w = randn(&[out, inp], 1.0, i as u64);
+            let b = randn(&[out], 1.0, 10 + i as u64);
+            let x0 = randn(&shape, 1.0, 20 + i as u64);
+            let layer = Linear::new(candle_nn::Linear::new(w.clone(), Some(b.clone()))).unwrap();
+            let x = candle_core::Var::from_tensor(&x0).unwrap();
+            let y = layer.forward(x.as_tensor()).unwrap();
+            let r = randn(y.dims(), 1.0, 30);
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(
+                grads.get(&w).is_none(),
+                "case {i}: a weight gradient was computed"
+            );
+
+            let xd = candle_core::Var::from_tensor(&f64(&x0)).unwrap();
+            let yd = candle_nn::Linear::new(f64(&w), Some(f64(&b)))
+                .forward(xd.as_tensor())
+                .unwrap();
+            assert!(rel_err_vs_f64(&y, &yd) < 1e-6, "case {i}: value");
+            let gd = (&yd * &f64(&r))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let e = rel_err_vs_f64(
+                grads.get(x.as_tensor()).unwrap(),
+                gd.get(xd.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-6, "case {i}: input gradient rel err {e}");
+        }
+        if sgemm::available() {
+            let w = randn(&[3, 4], 1.0, 1);
+            let packed = Linear::packed(candle_nn::Linear::new(w, None)).unwrap();
+            let x = candle_core::Var::from_tensor(&randn(&[2, 4], 1.0, 2)).unwrap();
+            assert!(packed.forward(x.as_tensor()).is_err());
         }
     }
 

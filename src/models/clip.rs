@@ -578,12 +578,12 @@ impl LayerNorm {
     }
 }
 
-/// A linear layer for `mode`: the CPU kernel for inference, candle's (with backward) for
-/// `Differentiable`.
+/// A linear layer for `mode`: weights packed once for inference, kept as they are for
+/// `Differentiable` (its backward multiplies by them).
 fn layer(l: Linear, mode: NormMode) -> candle_core::Result<kernels::linear::Linear> {
     match mode {
         NormMode::Fused => kernels::linear::Linear::packed(l),
-        NormMode::Differentiable => kernels::linear::Linear::differentiable(l),
+        NormMode::Differentiable => kernels::linear::Linear::new(l),
     }
     .map_err(candle_core::Error::wrap)
 }

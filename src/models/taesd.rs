@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::kernels::conv::Conv2d;
 use serde::Deserialize;
 
 use super::hub::{HubOptions, ModelRepo};
@@ -209,7 +211,7 @@ impl Block {
         let cfg = conv3x3();
         let vb = vb.pp("conv");
         // nn.Sequential indices: the ReLUs sit at 1 and 3.
-        let conv = |i: usize| candle_nn::conv2d(channels, channels, 3, cfg, vb.pp(i));
+        let conv = |i: usize| fast(candle_nn::conv2d(channels, channels, 3, cfg, vb.pp(i))?);
         Ok(Block {
             convs: [conv(0)?, conv(2)?, conv(4)?],
         })
@@ -230,6 +232,11 @@ struct Stage {
     blocks: Vec<Block>,
     upsample: bool,
     conv: Conv2d,
+}
+
+/// candle's layer as the kernel layer (Winograd on the CPU; input-only backward).
+fn fast(layer: candle_nn::Conv2d) -> candle_core::Result<Conv2d> {
+    Conv2d::new(layer).map_err(candle_core::Error::wrap)
 }
 
 fn conv3x3() -> Conv2dConfig {
@@ -285,7 +292,13 @@ impl TaesdDecoder {
         let dtype = vb.dtype();
         let vb = vb.pp("decoder").pp("layers");
         let width = config.decoder_block_out_channels[0];
-        let conv_in = candle_nn::conv2d(config.latent_channels, width, 3, conv3x3(), vb.pp(0))?;
+        let conv_in = fast(candle_nn::conv2d(
+            config.latent_channels,
+            width,
+            3,
+            conv3x3(),
+            vb.pp(0),
+        )?)?;
         // Indices follow DecoderTiny's nn.Sequential, where the activation after conv_in and
         // each nn.Upsample also take an index.
         let mut index = 2;
@@ -307,9 +320,21 @@ impl TaesdDecoder {
                 index += 1;
             }
             let conv = if is_final {
-                candle_nn::conv2d(channels, config.out_channels, 3, conv3x3(), vb.pp(index))?
+                fast(candle_nn::conv2d(
+                    channels,
+                    config.out_channels,
+                    3,
+                    conv3x3(),
+                    vb.pp(index),
+                )?)?
             } else {
-                candle_nn::conv2d_no_bias(channels, channels, 3, conv3x3(), vb.pp(index))?
+                fast(candle_nn::conv2d_no_bias(
+                    channels,
+                    channels,
+                    3,
+                    conv3x3(),
+                    vb.pp(index),
+                )?)?
             };
             index += 1;
             stages.push(Stage {
