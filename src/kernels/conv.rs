@@ -128,12 +128,12 @@ impl Conv2d {
                     self.transposed.get_or_init(|| t).clone()
                 }
             };
-            return Ok(Box::new(move |g: &Tensor| {
+            return Ok(Box::new(move |_: &Tensor, g: &Tensor| {
                 t.forward_fast(g).map_err(candle_core::Error::wrap)
             }));
         }
         let weight = self.weight.clone();
-        Ok(Box::new(move |g: &Tensor| {
+        Ok(Box::new(move |_: &Tensor, g: &Tensor| {
             let (_, _, gh, gw) = g.dims4()?;
             let full = |gi: usize, k: usize| (gi - 1) * stride + k - 2 * padding;
             let (out_h, out_w) = (full(gh, kh), full(gw, kw));

@@ -9,12 +9,12 @@
 //! it to the input with a backward that computes `dL/dx` alone.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 use crate::Result;
 
-/// The input gradient of a layer: `dL/dy -> dL/dx`.
-pub type InputGrad = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+/// The input gradient of a layer: `(x, dL/dy) -> dL/dx`.
+pub type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
 /// `value(x)` for a layer whose weights are constants. When `x` is part of a graph, the result
 /// is too, with `grad` as the whole backward of the layer; otherwise it is just `value(x)`.
@@ -27,11 +27,28 @@ pub fn input_only(
         return value(x);
     }
     let y = value(&x.detach())?;
-    Ok(x.apply_op2(&y, InputOnly { grad: grad()? })?)
+    let op = InputOnly {
+        value: std::sync::Mutex::new(Some(y)),
+        grad: grad()?,
+    };
+    Ok(x.apply_op1(op)?)
 }
 
+/// The op holds the value only until its forward has copied it, so the graph keeps one copy
+/// of each layer output, as candle's own layers do.
 struct InputOnly {
+    value: std::sync::Mutex<Option<Tensor>>,
     grad: InputGrad,
+}
+
+impl InputOnly {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        match self.value.lock() {
+            Ok(mut v) => v.take(),
+            Err(_) => None,
+        }
+        .ok_or_else(|| candle_core::Error::Msg("frozen layer: forward ran twice".into()))
+    }
 }
 
 /// The op's output: a contiguous copy of the value (a custom op must return new storage).
@@ -46,19 +63,18 @@ where
     Ok((dst, l.shape().clone()))
 }
 
-impl CustomOp2 for InputOnly {
+impl CustomOp1 for InputOnly {
     fn name(&self) -> &'static str {
         "frozen-layer"
     }
 
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_of(y, yl)
+    fn cpu_fwd(&self, _x: &CpuStorage, _xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => copy_of(s, layout),
+            _ => candle_core::bail!("frozen layer: value and input on different devices"),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -66,19 +82,21 @@ impl CustomOp2 for InputOnly {
         &self,
         _x: &candle_core::CudaStorage,
         _xl: &Layout,
-        y: &candle_core::CudaStorage,
-        yl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        copy_of(y, yl)
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => copy_of(s, layout),
+            _ => candle_core::bail!("frozen layer: value and input on different devices"),
+        }
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        _y: &Tensor,
+        x: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.grad)(grad_res)?), None))
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.grad)(x, grad_res)?))
     }
 }

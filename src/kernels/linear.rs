@@ -103,7 +103,11 @@ impl Module for Linear {
         super::frozen::input_only(
             xs,
             |x| Ok(self.value(x)?),
-            || Ok(Box::new(move |g: &Tensor| g.broadcast_matmul(&w))),
+            || {
+                Ok(Box::new(move |_: &Tensor, g: &Tensor| {
+                    g.broadcast_matmul(&w)
+                }))
+            },
         )
         .map_err(candle_core::Error::wrap)
     }

@@ -50,14 +50,41 @@ impl GroupNorm {
         self.run(x, true)
     }
 
-    /// candle's composition, whose backward is right: for paths that need gradients.
+    /// For paths that need gradients: on the CPU in f32 the fused value with its own
+    /// backward (one op, instead of candle's composition keeping a dozen full-size
+    /// intermediates for its backward); elsewhere candle's composition.
     pub fn forward_differentiable(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if !self.fused_applies(x) {
+            return self.composed(x, silu);
+        }
+        let wb = Tensor::stack(&[&self.weight, &self.bias], 0)?;
+        let op = FusedGrad {
+            groups: self.groups,
+            eps: self.eps,
+            silu,
+        };
+        super::frozen::input_only(
+            x,
+            |x| self.run(x, silu),
+            || {
+                Ok(Box::new(move |x: &Tensor, g: &Tensor| {
+                    x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &wb, &op)
+                }))
+            },
+        )
+    }
+
+    fn composed(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         let y = self.reference.forward(x)?;
         Ok(if silu { candle_nn::ops::silu(&y)? } else { y })
     }
 
+    fn fused_applies(&self, x: &Tensor) -> bool {
+        x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32
+    }
+
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+        if self.fused_applies(x) {
             let op = Fused {
                 groups: self.groups,
                 eps: self.eps,
@@ -67,7 +94,129 @@ impl GroupNorm {
                 .contiguous()?
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)?);
         }
-        self.forward_differentiable(x, silu)
+        self.composed(x, silu)
+    }
+}
+
+/// Channels, spatial size and group count of a group-norm input, checked against the
+/// per-channel parameters' element count.
+fn geometry(
+    op: &str,
+    lx: &Layout,
+    params: usize,
+    groups: usize,
+) -> candle_core::Result<(usize, usize)> {
+    let dims = lx.shape().dims();
+    if dims.len() < 2 {
+        candle_core::bail!("{op}: input {:?} has no channel axis", lx.shape());
+    }
+    let c = dims[1];
+    if groups == 0 || c % groups != 0 || params != c {
+        candle_core::bail!(
+            "{op}: {c} channels, {groups} groups and {params} parameters do not fit"
+        );
+    }
+    Ok((c, dims[2..].iter().product()))
+}
+
+/// Mean and `1 / sqrt(var + eps)` of one group: the mean, then the variance of the centred
+/// values (no E[x^2] - mean^2 cancellation); f32 partial sums over short runs, f64 across them.
+fn group_stats(xs: &[f32], eps: f64) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let sum: f64 = xs.chunks(4096).map(|c| c.iter().sum::<f32>() as f64).sum();
+    let mean = sum / n;
+    let m32 = mean as f32;
+    let sq: f64 = xs
+        .chunks(4096)
+        .map(|c| c.iter().map(|&v| (v - m32) * (v - m32)).sum::<f32>() as f64)
+        .sum();
+    (mean, 1.0 / (sq / n + eps).sqrt())
+}
+
+/// `dL/dx` of `silu?(GroupNorm(x))` from `x`, `dL/dout` and the (2, C) weight-and-bias rows.
+struct FusedGrad {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl CustomOp3 for FusedGrad {
+    fn name(&self) -> &'static str {
+        "group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sp: &CpuStorage,
+        lp: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, spatial) = geometry(self.name(), lx, lp.shape().elem_count() / 2, self.groups)?;
+        if lg.shape() != lx.shape() {
+            candle_core::bail!(
+                "{}: gradient {:?} for input {:?}",
+                self.name(),
+                lg.shape(),
+                lx.shape()
+            );
+        }
+        let (x, dout, p) = (
+            contiguous_f32(sx, lx, self.name())?,
+            contiguous_f32(sg, lg, self.name())?,
+            contiguous_f32(sp, lp, self.name())?,
+        );
+        let (w, bias) = p.split_at(c);
+        let g = self.groups;
+        let cpg = c / g;
+        let per_group = (cpg * spatial).max(1);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(per_group)
+            .zip(x.par_chunks(per_group).zip(dout.par_chunks(per_group)))
+            .enumerate()
+            .for_each(|(task, (d, (xs, gs)))| {
+                let group = task % g;
+                let (mean, inv) = group_stats(xs, self.eps);
+                let (m32, i32_) = (mean as f32, inv as f32);
+                // Pass 1: d = dL/dxhat, and the group sums of d and d * xhat.
+                let (mut s1, mut s2) = (0f64, 0f64);
+                for (k, ((dc, xc), gc)) in d
+                    .chunks_mut(spatial.max(1))
+                    .zip(xs.chunks(spatial.max(1)))
+                    .zip(gs.chunks(spatial.max(1)))
+                    .enumerate()
+                {
+                    let ch = group * cpg + k;
+                    let (gamma, beta) = (w[ch], bias[ch]);
+                    let (mut a1, mut a2) = (0f32, 0f32);
+                    for ((dv, &xv), &gv) in dc.iter_mut().zip(xc).zip(gc) {
+                        let xhat = (xv - m32) * i32_;
+                        let dy = if self.silu {
+                            let y = xhat * gamma + beta;
+                            let s = 1.0 / (1.0 + vmath::exp(-y));
+                            gv * s * (1.0 + y * (1.0 - s))
+                        } else {
+                            gv
+                        };
+                        let dxhat = dy * gamma;
+                        *dv = dxhat;
+                        a1 += dxhat;
+                        a2 += dxhat * xhat;
+                    }
+                    s1 += a1 as f64;
+                    s2 += a2 as f64;
+                }
+                // Pass 2: dL/dx = inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+                let n = xs.len() as f64;
+                let (m1, m2) = ((s1 / n) as f32, (s2 / n) as f32);
+                for (dv, &xv) in d.iter_mut().zip(xs) {
+                    let xhat = (xv - m32) * i32_;
+                    *dv = i32_ * (*dv - m1 - xhat * m2);
+                }
+            });
+        Ok((CpuStorage::F32(dx), lx.shape().clone()))
     }
 }
 
@@ -91,20 +240,15 @@ impl CustomOp3 for Fused {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = lx.shape().dims();
-        if dims.len() < 2 {
-            candle_core::bail!("group norm: input {:?} has no channel axis", lx.shape());
-        }
-        let c = dims[1];
-        let spatial: usize = dims[2..].iter().product();
-        let g = self.groups;
-        if g == 0 || c % g != 0 || lw.shape().elem_count() != c || lb.shape().elem_count() != c {
+        if lw.shape().elem_count() != lb.shape().elem_count() {
             candle_core::bail!(
-                "group norm: {c} channels, {g} groups, weight {:?}, bias {:?} do not fit",
+                "group norm: weight {:?} and bias {:?} differ",
                 lw.shape(),
                 lb.shape()
             );
         }
+        let (c, spatial) = geometry(self.name(), lx, lw.shape().elem_count(), self.groups)?;
+        let g = self.groups;
         let (x, w, bias) = (
             contiguous_f32(sx, lx, self.name())?,
             contiguous_f32(sw, lw, self.name())?,
@@ -117,18 +261,7 @@ impl CustomOp3 for Fused {
             .enumerate()
             .for_each(|(task, (o, xs))| {
                 let group = task % g;
-                // Mean, then the variance of the centred values (no E[x^2] - mean^2
-                // cancellation); f32 partial sums over short runs, f64 across them.
-                let n = xs.len() as f64;
-                let sum: f64 = xs.chunks(4096).map(|c| c.iter().sum::<f32>() as f64).sum();
-                let mean = sum / n;
-                let m32 = mean as f32;
-                let sq: f64 = xs
-                    .chunks(4096)
-                    .map(|c| c.iter().map(|&v| (v - m32) * (v - m32)).sum::<f32>() as f64)
-                    .sum();
-                let var = sq / n;
-                let inv = 1.0 / (var + self.eps).sqrt();
+                let (mean, inv) = group_stats(xs, self.eps);
                 let cpg = c / g;
                 for (k, (oc, xc)) in o
                     .chunks_mut(spatial.max(1))
@@ -194,6 +327,47 @@ mod tests {
                 rel_err_vs_f64(&ours.forward_silu(&x).unwrap(), &want) < 2e-6,
                 "case {i}"
             );
+        }
+    }
+
+    /// In a graph (CPU f32): the fused value, and candle's input gradient (in f64), with and
+    /// without the SiLU; the weights get no gradient.
+    #[test]
+    fn differentiable_backward_matches_candle_in_f64() {
+        for (i, (shape, groups)) in [(vec![2usize, 8, 5, 7], 4usize), (vec![1, 6, 33], 3)]
+            .into_iter()
+            .enumerate()
+        {
+            for silu in [false, true] {
+                let (ours, reference) = layer(shape[1], groups, 10 * i as u64);
+                let x0 = (randn(&shape, 2.0, 5 + i as u64) + 3.0).unwrap();
+                let x = candle_core::Var::from_tensor(&x0).unwrap();
+                let y = ours.forward_differentiable(x.as_tensor(), silu).unwrap();
+                let r = randn(&shape, 1.0, 99);
+                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(grads.get(&ours.weight).is_none());
+
+                let xd = candle_core::Var::from_tensor(&f64(&x0)).unwrap();
+                let mut yd = reference.forward(xd.as_tensor()).unwrap();
+                if silu {
+                    yd = candle_nn::ops::silu(&yd).unwrap();
+                }
+                assert!(
+                    rel_err_vs_f64(&y, &yd) < 2e-6,
+                    "case {i} silu {silu}: value"
+                );
+                let gd = (&yd * &f64(&r))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let e = rel_err_vs_f64(
+                    grads.get(x.as_tensor()).unwrap(),
+                    gd.get(xd.as_tensor()).unwrap(),
+                );
+                assert!(e < 1e-5, "case {i} silu {silu}: input gradient rel err {e}");
+            }
         }
     }
 }
