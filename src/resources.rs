@@ -5,9 +5,10 @@
 //! they are checked): the UNet's materialised self-attention scores at the finest level that
 //! has attention, the VAE decoder's im2col buffer at full resolution, and with guidance the
 //! activations kept for the backward pass of the decoder and of the CLIP tower per cutout.
-//! The per-pixel guidance constants are calibrated on SD 1.5 at 256x256 on the CPU
-//! (BENCHMARKS.md: VAE guidance peak 13.4 GiB with 4.2 GiB of weights; TAESD 8.3 GiB at 512
-//! with 6.3 GiB for the unguided step).
+//! The per-pixel guidance constants are calibrated on SD 1.5 on the CPU, from the guided
+//! step's peak above the unguided step's in the same process (BENCHMARKS.md, session 5: VAE
+//! 2.8 GiB more at 256x256 and 7.4 GiB at 512, i.e. ~25 kB per pixel plus ~1.3 GB of flipped
+//! weights; TAESD 8.3 GiB at 512 with 6.3 GiB for the unguided step, session 2).
 
 use crate::generate::GenerateOptions;
 use crate::guidance::DecoderKind;
@@ -16,7 +17,9 @@ use crate::{Error, Result};
 
 /// Guidance backward through the SD VAE decoder, bytes per output pixel, for the SD VAE's
 /// channel sum (128 + 256 + 512 + 512); scaled by a model's own channel sum.
-const VAE_BACKWARD_BYTES_PER_PIXEL: f64 = 147_000.0;
+/// 36 kB covers the measured 512x512 total (7.97 GB) with ~18% to spare; before the layers
+/// back-propagated to their inputs only (session 5) it was 147 kB.
+const VAE_BACKWARD_BYTES_PER_PIXEL: f64 = 36_000.0;
 const SD_VAE_CHANNEL_SUM: f64 = 1408.0;
 /// Guidance backward through TAESD (64 channels), bytes per output pixel.
 const TAESD_BACKWARD_BYTES_PER_PIXEL: f64 = 8_000.0;
