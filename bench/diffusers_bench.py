@@ -97,13 +97,15 @@ def main():
         guidance(a, dtype)
     unet = vae = None
     if "unet" in parts:
-        unet = UNet2DConditionModel(**UNETS[a.arch][0]).eval()
+        with torch.device(a.device):  # initialise the weights where they will run
+            unet = UNet2DConditionModel(**UNETS[a.arch][0]).eval()
         unet = unet.to(a.device, dtype)
         if a.attention == "classic":
             from diffusers.models.attention_processor import AttnProcessor
             unet.set_attn_processor(AttnProcessor())
     if "vae" in parts:
-        vae = AutoencoderKL(**VAE).eval().to(a.device, dtype)
+        with torch.device(a.device):
+            vae = AutoencoderKL(**VAE).eval().to(a.device, dtype)
     for size in [int(s) for s in a.sizes.split(",")]:
         with torch.no_grad():
             if unet is not None:
@@ -142,9 +144,10 @@ def guidance(a, dtype):
     from transformers import CLIPConfig, CLIPModel
     from transformers_clip import ARCH
 
-    unet = UNet2DConditionModel(**UNETS[a.arch][0]).eval().to(a.device, dtype)
+    with torch.device(a.device):  # initialise the weights where they will run
+        unet = UNet2DConditionModel(**UNETS[a.arch][0]).eval().to(a.device, dtype)
+        clip = CLIPModel(CLIPConfig(**ARCH[a.guide_clip])).eval().to(a.device, dtype)
     unet.requires_grad_(False)
-    clip = CLIPModel(CLIPConfig(**ARCH[a.guide_clip])).eval().to(a.device, dtype)
     clip.requires_grad_(False)
     side = clip.config.vision_config.image_size
     mean = torch.tensor(CLIP_MEAN, device=a.device).view(1, 3, 1, 1)
@@ -153,10 +156,12 @@ def guidance(a, dtype):
     decoders = {}
     for kind in a.guidance_decoders.split(","):
         if kind == "vae":
-            vae = AutoencoderKL(**VAE).eval().to(a.device, dtype).requires_grad_(False)
+            with torch.device(a.device):
+                vae = AutoencoderKL(**VAE).eval().to(a.device, dtype).requires_grad_(False)
             decoders[kind] = lambda z, vae=vae: vae.decode(z.to(dtype) / 0.18215).sample
         elif kind == "taesd":
-            tiny = AutoencoderTiny(**TAESD).eval().to(a.device, dtype).requires_grad_(False)
+            with torch.device(a.device):
+                tiny = AutoencoderTiny(**TAESD).eval().to(a.device, dtype).requires_grad_(False)
             decoders[kind] = lambda z, tiny=tiny: tiny.decode(z.to(dtype)).sample
         elif kind == "linear":
             w = torch.randn(3, 4, device=a.device) * 0.2

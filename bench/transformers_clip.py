@@ -27,7 +27,8 @@ def main():
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(**ARCH[a.arch])).eval().to(a.device, dtype)
+    with torch.device(a.device):  # initialise the weights where they will run
+        model = CLIPModel(CLIPConfig(**ARCH[a.arch])).eval().to(a.device, dtype)
     x = torch.randn(a.batch, 3, 224, 224).to(a.device, dtype)
     with torch.no_grad():
         model.get_image_features(pixel_values=x)
