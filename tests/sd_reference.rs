@@ -254,6 +254,21 @@ fn sdxl_runs_match_diffusers() {
     }
 }
 
+/// SDXL img2img: the init image through the VAE encoder (its mean), DDIM from the strength's
+/// start step, time ids from the image size, against StableDiffusionXLImg2ImgPipeline.
+#[test]
+fn sdxl_img2img_matches_diffusers() {
+    let (model, r, meta) = load("tiny-sdxl");
+    let mut opts = options(&meta, SchedulerKind::Ddim, 7.5);
+    opts.init_image = Some(r["img2img_init"].clone());
+    opts.strength = meta["img2img_strength"].as_f64().unwrap();
+    opts.latents = Some(r["img2img_noise"].clone());
+    let g = run(&model, &opts);
+    let di = max_abs(&hwc(&g.image), &r["img2img_image"]);
+    eprintln!("tiny-sdxl img2img: image max abs diff {di:.2e}");
+    assert!(di < 1e-4, "tiny-sdxl img2img: image max abs diff {di}");
+}
+
 /// A copy of tiny-sdxl with one file rewritten by `edit`.
 fn broken_sdxl(rel: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

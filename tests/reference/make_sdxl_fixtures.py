@@ -10,7 +10,8 @@ Writes (and only writes) these paths under tests/fixtures/:
 Same pinned versions as make_sd_fixtures.py (requirements.txt); it reuses that script's
 vocabulary, tokenizer and weight-initialisation helpers. Everything is random (seeded) and
 computed on CPU in float32. Nothing is downloaded.
-Run from anywhere:  python tests/reference/make_sdxl_fixtures.py
+Run from anywhere:  python tests/reference/make_sdxl_fixtures.py [--reference-only]
+(--reference-only recomputes reference/tiny-sdxl.* from the existing tiny-sdxl/ folder.)
 """
 
 import json
@@ -28,9 +29,11 @@ from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as xl_i2i_mod  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
@@ -263,6 +266,50 @@ def reference():
             "image_stats": st,
         }
 
+    # ---- img2img (DDIM, CFG): the encoder's mean (argmax), fixed noise, as make_sd_fixtures.py
+    g = torch.Generator().manual_seed(SEED + 13)
+    T["img2img_init"] = torch.rand(1, 3, HEIGHT, WIDTH, generator=g) * 2 - 1
+    g = torch.Generator().manual_seed(SEED + 14)
+    T["img2img_noise"] = torch.randn(1, 4, HEIGHT // 2, WIDTH // 2, generator=g)
+    i2i = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    i2i.scheduler = DDIMScheduler.from_config(file_cfg)
+    orig_retrieve, orig_randn = xl_i2i_mod.retrieve_latents, xl_i2i_mod.randn_tensor
+    calls = {"randn": 0}
+
+    def retrieve_argmax(encoder_output, generator=None, sample_mode="sample"):
+        return orig_retrieve(encoder_output, generator=generator, sample_mode="argmax")
+
+    def fixed_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        assert tuple(shape) == tuple(T["img2img_noise"].shape), shape
+        calls["randn"] += 1
+        return T["img2img_noise"].clone()
+
+    xl_i2i_mod.retrieve_latents, xl_i2i_mod.randn_tensor = retrieve_argmax, fixed_randn
+    try:
+        out = i2i(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE_PROMPT,
+            image=T["img2img_init"].clone(),
+            strength=base.IMG2IMG_STRENGTH,
+            num_inference_steps=NUM_STEPS,
+            guidance_scale=CFG,
+            output_type="np",
+        ).images
+    finally:
+        xl_i2i_mod.retrieve_latents, xl_i2i_mod.randn_tensor = orig_retrieve, orig_randn
+    assert calls["randn"] == 1
+    T["img2img_image"] = torch.from_numpy(out[0].copy())
+    meta["img2img_strength"] = base.IMG2IMG_STRENGTH
+    meta["runs"]["img2img"] = {
+        "scheduler_class": "DDIMScheduler",
+        "guidance_scale": CFG,
+        "negative_prompt": NEGATIVE_PROMPT,
+        "strength": base.IMG2IMG_STRENGTH,
+        "timesteps": base.fl(i2i.scheduler.timesteps),
+        "image_stats": base.check_image("img2img_image", out),
+    }
+
     for k, v in T.items():
         T[k] = v.detach().contiguous()
         if not k.startswith("cond_ids"):
@@ -278,8 +325,9 @@ def main():
     t0 = time.time()
     torch.manual_seed(0)
     base.REF_DIR.mkdir(parents=True, exist_ok=True)
-    encoder, merges = base.build_clip_vocab()
-    build(encoder, merges)
+    if "--reference-only" not in sys.argv[1:]:
+        encoder, merges = base.build_clip_vocab()
+        build(encoder, merges)
     reference()
     total = 0
     for p in sorted(OUT.rglob("*")) + sorted(base.REF_DIR.glob(f"{NAME}.*")):
