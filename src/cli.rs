@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// artguide: Stable Diffusion, CLIP guidance and CLIP perceptual probes for AI-art research.
 #[derive(Debug, Parser)]
-#[command(name = "artguide", version, about, args_override_self = true)]
+#[command(name = "artguide", version = crate::BUILD_VERSION, about, args_override_self = true)]
 pub struct Cli {
     /// No progress output.
     #[arg(long, global = true)]
@@ -296,8 +296,9 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (1 or less disables it, as for SD-Turbo).
     #[arg(long, default_value_t = 7.5)]
     pub guidance_scale: f64,
-    /// ddim, euler, euler-a or dpmpp-2m.
-    #[arg(long, default_value = "ddim")]
+    /// auto (the model's own scheduler class; ddim when artguide lacks it), ddim, euler, euler-a
+    /// or dpmpp-2m.
+    #[arg(long, default_value = "auto")]
     pub scheduler: String,
     /// DDIM eta (0 is deterministic DDIM).
     #[arg(long, default_value_t = 0.0)]

@@ -17,7 +17,7 @@ use crate::models::hub::HubOptions;
 use crate::models::stable_diffusion::{LoadOptions, RandomArch, SdModel};
 use crate::output::{self, OutputSet};
 use crate::progress::{Progress, ProgressMode};
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::SchedulerChoice;
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -488,7 +488,7 @@ fn load_options(run: &RunArgs) -> Result<LoadOptions> {
 }
 
 fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
-    let scheduler: SchedulerKind = args.scheduler.parse()?;
+    let scheduler: SchedulerChoice = args.scheduler.parse()?;
     let opts = load_options(&args.run)?;
     // Read every input before loading the model, so bad input fails fast and writes nothing.
     let init_image = match &args.init_image {
@@ -510,6 +510,13 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         (Some(m), None) => SdModel::load(m, &opts)?,
         (None, None) => anyhow::bail!("--model is required"),
     };
+    let scheduler = scheduler.resolve(&model.scheduler_config);
+    if let Some(reason) = &scheduler.reason {
+        loading.event(
+            &format!("scheduler {reason}"),
+            serde_json::json!({"event": "scheduler", "scheduler": scheduler.kind.cli_name(), "reason": reason}),
+        );
+    }
     let (iw, ih) = match &init_image {
         Some(t) => (Some(t.dim(3)?), Some(t.dim(2)?)),
         None => (None, None),
@@ -531,7 +538,7 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
         guidance_scale: args.guidance_scale,
-        scheduler,
+        scheduler: scheduler.kind,
         eta: args.eta,
         seed: args.seed,
         width,

@@ -24,3 +24,26 @@ pub mod run;
 pub mod schedulers;
 
 pub use error::{Error, Result};
+
+#[cfg(not(feature = "cuda"))]
+macro_rules! build_features {
+    () => {
+        " (CPU only)"
+    };
+}
+#[cfg(all(feature = "cuda", not(feature = "cudnn")))]
+macro_rules! build_features {
+    () => {
+        " (features: cuda)"
+    };
+}
+#[cfg(feature = "cudnn")]
+macro_rules! build_features {
+    () => {
+        " (features: cuda, cudnn)"
+    };
+}
+
+/// `--version`'s text: the crate version and the compiled-in GPU features, so a copied binary
+/// says what it was built with.
+pub const BUILD_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), build_features!());

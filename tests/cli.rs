@@ -173,7 +173,7 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
     assert_user_error(
         generate(&tiny(), &out, &["--scheduler", "plms"]),
         &out,
-        &["plms", "ddim, euler, euler-a, dpmpp-2m"],
+        &["plms", "expected auto, ddim, euler, euler-a or dpmpp-2m"],
     );
     assert_user_error(
         generate(&tiny(), &out, &["--width", "33"]),
@@ -948,17 +948,43 @@ fn requests_that_cannot_fit_are_refused_with_an_estimate() {
     );
 }
 
-/// An SDXL folder through the CLI: reproducible bytes, and both text encoders' weights and
-/// configs hashed into the sidecar.
+/// An SDXL folder through the CLI: reproducible bytes, the folder's own scheduler (Euler) by
+/// default, and both text encoders' weights and configs hashed into the sidecar.
 #[test]
 fn sdxl_folder_generates_reproducibly_with_all_files_hashed() {
     let tmp = tempfile::tempdir().unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    for dir in [&a, &b] {
-        let o = generate(&model, dir, &["--scheduler", "euler"]);
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
+    let o = generate(&model, &a, &["--scheduler", "euler"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // No --scheduler: `auto` takes the folder's EulerDiscreteScheduler and says so.
+    let o = bin()
+        .args(["--json", "generate", "--model"])
+        .arg(&model)
+        .args([
+            "--prompt",
+            "a lighthouse at dusk",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+        ])
+        .args(["--height", "32", "--seed", "5", "--out"])
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let events = String::from_utf8_lossy(&o.stdout);
+    let picked: serde_json::Value = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "scheduler")
+        .unwrap_or_else(|| panic!("no scheduler event in {events}"));
+    assert_eq!(picked["scheduler"], "euler", "{picked}");
+    assert!(picked["reason"]
+        .as_str()
+        .unwrap()
+        .contains("EulerDiscreteScheduler"));
     assert_eq!(
         std::fs::read(a.join("00000-5.png")).unwrap(),
         std::fs::read(b.join("00000-5.png")).unwrap()
@@ -974,4 +1000,23 @@ fn sdxl_folder_generates_reproducibly_with_all_files_hashed() {
     ] {
         assert!(files.contains_key(rel), "{rel} not hashed: {files:?}");
     }
+}
+
+#[test]
+fn version_names_the_compiled_gpu_features() {
+    let o = bin().arg("--version").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let expected = if cfg!(feature = "cudnn") {
+        "(features: cuda, cudnn)"
+    } else if cfg!(feature = "cuda") {
+        "(features: cuda)"
+    } else {
+        "(CPU only)"
+    };
+    assert!(
+        text.starts_with(&format!("artguide {}", env!("CARGO_PKG_VERSION")))
+            && text.contains(expected),
+        "{text}"
+    );
 }

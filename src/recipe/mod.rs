@@ -45,7 +45,8 @@ pub struct Recipe {
 pub struct Generation {
     pub steps: usize,
     pub guidance_scale: f64,
-    /// ddim, euler, euler-a or dpmpp-2m.
+    /// auto (the model's own scheduler class; ddim when artguide lacks it), ddim, euler, euler-a
+    /// or dpmpp-2m.
     pub scheduler: String,
     pub eta: f64,
     /// Image size; default: the model's native size.
@@ -62,7 +63,7 @@ impl Default for Generation {
         Generation {
             steps: 30,
             guidance_scale: 7.5,
-            scheduler: "ddim".into(),
+            scheduler: "auto".into(),
             eta: 0.0,
             width: None,
             height: None,
@@ -313,7 +314,7 @@ impl LoadedRecipe {
             ));
         }
         g.scheduler
-            .parse::<crate::schedulers::SchedulerKind>()
+            .parse::<crate::schedulers::SchedulerChoice>()
             .map_err(|e| self.field_err("generation.scheduler", e.to_string()))?;
         if let Some(p) = &g.init_image {
             self.must_exist("generation.init_image", p)?;

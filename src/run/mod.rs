@@ -24,6 +24,7 @@ use crate::probe::runner::{ProbeAnswer, Prober};
 use crate::probe::suite::Suite;
 use crate::progress::Progress;
 use crate::recipe::{LoadedRecipe, Plan, PlanItem};
+use crate::schedulers::SchedulerChoice;
 use crate::{Error, Result};
 use results::{RunItem, RunResults, SuiteProbe, RESULTS_FILE};
 
@@ -366,7 +367,11 @@ fn make_item(
         negative_prompt: g.negative_prompt.clone(),
         steps: g.steps,
         guidance_scale: g.guidance_scale,
-        scheduler: g.scheduler.parse()?,
+        scheduler: g
+            .scheduler
+            .parse::<SchedulerChoice>()?
+            .resolve(&m.sd.scheduler_config)
+            .kind,
         eta: g.eta,
         seed: item.seed,
         width: g.width.or(iw).unwrap_or_else(|| m.sd.default_size()),

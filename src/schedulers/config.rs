@@ -155,6 +155,8 @@ pub struct SchedulerConfig {
     pub lambda_min_clipped: f64,
     /// DPM: `learned`/`learned_range` models (DeepFloyd IF) are not supported.
     pub variance_type: Option<String>,
+    /// `_class_name`: the diffusers scheduler class the model ships with (what `auto` picks).
+    pub class_name: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -190,6 +192,7 @@ impl Default for SchedulerConfig {
             euler_at_final: false,
             lambda_min_clipped: f64::NEG_INFINITY,
             variance_type: None,
+            class_name: None,
         }
     }
 }
@@ -326,6 +329,7 @@ impl SchedulerConfig {
                 .f64_nonfinite("lambda_min_clipped")?
                 .unwrap_or(d.lambda_min_clipped),
             variance_type: f.string("variance_type")?,
+            class_name: f.string("_class_name")?,
         };
         if config.num_train_timesteps == 0 {
             return Err(Error::field(

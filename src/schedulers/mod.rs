@@ -125,6 +125,97 @@ impl FromStr for SchedulerKind {
     }
 }
 
+/// A requested scheduler: `auto` (the model's own, as diffusers' pipelines do) or a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerChoice {
+    /// The class the model folder's `scheduler_config.json` names, or DDIM when artguide does not
+    /// have that class (SD 1.5 ships PNDM).
+    Auto,
+    /// This kind, configured from the model's file whatever class the file names.
+    Kind(SchedulerKind),
+}
+
+/// The scheduler a [`SchedulerChoice`] came to for one model, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedScheduler {
+    pub kind: SchedulerKind,
+    /// For `auto`: how the kind was chosen, e.g. "euler-a: the model's
+    /// EulerAncestralDiscreteScheduler"; None when the kind was asked for by name.
+    pub reason: Option<String>,
+}
+
+impl SchedulerKind {
+    /// The kind mirroring a diffusers scheduler class, if artguide has it.
+    pub fn from_diffusers_class(class: &str) -> Option<SchedulerKind> {
+        SchedulerKind::ALL
+            .into_iter()
+            .find(|k| k.diffusers_class() == class)
+    }
+}
+
+impl SchedulerChoice {
+    /// What `auto` falls back to when the model's class is missing or not implemented.
+    pub const FALLBACK: SchedulerKind = SchedulerKind::Ddim;
+
+    /// The kind to build for a model whose scheduler config is `config`.
+    pub fn resolve(self, config: &SchedulerConfig) -> ResolvedScheduler {
+        let kind = match self {
+            SchedulerChoice::Kind(kind) => return ResolvedScheduler { kind, reason: None },
+            SchedulerChoice::Auto => config
+                .class_name
+                .as_deref()
+                .and_then(SchedulerKind::from_diffusers_class),
+        };
+        let (kind, reason) = match (kind, config.class_name.as_deref()) {
+            (Some(k), Some(class)) => (k, format!("{k}: the model's {class}")),
+            (_, Some(class)) => (
+                Self::FALLBACK,
+                format!(
+                    "{}: the model's {class} is not implemented (ddim, euler, euler-a, dpmpp-2m are)",
+                    Self::FALLBACK
+                ),
+            ),
+            (_, None) => (
+                Self::FALLBACK,
+                format!(
+                    "{}: the model's scheduler_config.json names no _class_name",
+                    Self::FALLBACK
+                ),
+            ),
+        };
+        ResolvedScheduler {
+            kind,
+            reason: Some(reason),
+        }
+    }
+}
+
+impl fmt::Display for SchedulerChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SchedulerChoice::Auto => f.write_str("auto"),
+            SchedulerChoice::Kind(k) => k.fmt(f),
+        }
+    }
+}
+
+impl FromStr for SchedulerChoice {
+    type Err = Error;
+
+    /// `auto`, or a [`SchedulerKind`] name, ignoring case.
+    fn from_str(s: &str) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(SchedulerChoice::Auto);
+        }
+        s.parse().map(SchedulerChoice::Kind).map_err(|_| {
+            Error::value(
+                "scheduler",
+                format!("unknown scheduler `{s}`: expected auto, ddim, euler, euler-a or dpmpp-2m"),
+            )
+        })
+    }
+}
+
 /// Options that are not part of the model's scheduler config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerOptions {

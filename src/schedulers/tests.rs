@@ -761,3 +761,55 @@ fn half_precision_inputs_work() {
         }
     }
 }
+
+#[test]
+fn auto_picks_the_model_class_or_falls_back_to_ddim() {
+    let with_class = |class: Option<&str>| SchedulerConfig {
+        class_name: class.map(String::from),
+        ..sd15()
+    };
+    for kind in SchedulerKind::ALL {
+        let r = SchedulerChoice::Auto.resolve(&with_class(Some(kind.diffusers_class())));
+        assert_eq!(r.kind, kind);
+        let reason = r.reason.unwrap();
+        assert!(reason.contains(kind.diffusers_class()), "{reason}");
+    }
+    // SD 1.5 ships PNDM, which artguide lacks.
+    assert_eq!(sd15().class_name.as_deref(), Some("PNDMScheduler"));
+    let r = SchedulerChoice::Auto.resolve(&sd15());
+    assert_eq!(r.kind, SchedulerKind::Ddim);
+    assert!(r
+        .reason
+        .unwrap()
+        .contains("PNDMScheduler is not implemented"));
+    let r = SchedulerChoice::Auto.resolve(&with_class(None));
+    assert_eq!(r.kind, SchedulerKind::Ddim);
+    assert!(r.reason.unwrap().contains("no _class_name"));
+    // A kind asked for by name wins over the file's class, and needs no explanation.
+    let named = SchedulerChoice::Kind(SchedulerKind::DpmPlusPlus2M)
+        .resolve(&with_class(Some("EulerDiscreteScheduler")));
+    assert_eq!(named.kind, SchedulerKind::DpmPlusPlus2M);
+    assert_eq!(named.reason, None);
+}
+
+#[test]
+fn scheduler_choice_parses_auto_and_names() {
+    assert_eq!(
+        "auto".parse::<SchedulerChoice>().unwrap(),
+        SchedulerChoice::Auto
+    );
+    assert_eq!(
+        " AUTO ".parse::<SchedulerChoice>().unwrap(),
+        SchedulerChoice::Auto
+    );
+    assert_eq!(
+        "Euler a".parse::<SchedulerChoice>().unwrap(),
+        SchedulerChoice::Kind(SchedulerKind::EulerAncestral)
+    );
+    let e = err_text("plms".parse::<SchedulerChoice>());
+    assert!(
+        e.contains("`plms`") && e.contains("expected auto, ddim"),
+        "{e}"
+    );
+    assert_eq!(SchedulerChoice::Auto.to_string(), "auto");
+}
