@@ -7,7 +7,8 @@
 # Usage: bash bench/build_cuda.sh [VENV] [TARGET_DIR]
 #   defaults: VENV=/work/venv-cuda  TARGET_DIR=target-cuda; needs python3, gcc, cargo, xz.
 # Leaves .gpu/ (git-ignored) ready to carry to the GPU machine, where bench/gpu.sh unpacks it:
-#   .gpu/artguide-cuda.tar.xz  the binary and tests/cuda.rs's test executable, stripped;
+#   .gpu/artguide-cuda.tar.xz  the binary and tests/cuda.rs's test executable, stripped, each
+#                              built twice: `--features cuda` and `--features cudnn` (-cudnn);
 #   .gpu/wheels/               diffusers (and importlib_metadata) wheels for the peer.
 # Why 13.0: so nothing in the binary needs a newer driver than the oldest CUDA 13 one (PTX JIT
 # has no minor-version compatibility). CUDA_COMPUTE_CAP=90 is
@@ -33,26 +34,40 @@ CUDARC=$(cargo metadata --format-version 1 --features cuda | "$VENV/bin/python" 
 grep -o "fn cu[A-Za-z0-9_]*" "$CUDARC/src/driver/sys/mod.rs" | sort -u \
   | sed 's/fn \(.*\)/void \1(void) {}/' >"$LINK/libcuda_stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/libcuda_stub.c"
+# The same for cuDNN (the `cudnn` build): the GPU machine's PyTorch brings libcudnn.so.9
+# (nvidia-cudnn-cu13); a 600 MB wheel is not needed to link against it.
+grep -o "fn cudnn[A-Za-z0-9_]*" "$CUDARC/src/cudnn/sys/mod.rs" | sort -u \
+  | sed 's/fn \(.*\)/void \1(void) {}/' >"$LINK/libcudnn_stub.c"
+gcc -shared -fPIC -Wl,-soname,libcudnn.so.9 -o "$LINK/libcudnn.so" "$LINK/libcudnn_stub.c"
 export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="-L $LINK" CARGO_TARGET_DIR="$TARGET"
-cargo build --release --features cuda
-# `cargo test --release` uses the release profile, so it reuses the build above.
-TEST_EXE=$(cargo test --release --features cuda --test cuda --no-run --message-format=json \
-  | "$VENV/bin/python" -c 'import json,sys
+STAGE=$TARGET/gpu-stage
+rm -rf "$STAGE" && mkdir -p "$STAGE"
+# build FEATURES SUFFIX: the binary and tests/cuda.rs's test executable (`cargo test --release`
+# uses the release profile, so it reuses the build), stripped into the stage. Both feature
+# sets share one target directory: cargo keeps each one's artifacts, and candle's kernels
+# (the slow part) do not depend on cuDNN.
+build() {
+  cargo build --release --features "$1"
+  local exe
+  exe=$(cargo test --release --features "$1" --test cuda --no-run --message-format=json \
+    | "$VENV/bin/python" -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
         print(m["executable"])')
+  strip -o "$STAGE/artguide$2" "$TARGET/release/artguide"
+  strip -o "$STAGE/cuda-parity$2" "$exe"
+}
+build cuda ""
+build cudnn -cudnn
 # The device tool carries at most 64 MiB with the working tree (~42 MB of it tracked files):
 # each stripped executable is ~65 MB, mostly candle's PTX, which xz packs to ~9 MB; one
-# archive with a dictionary larger than a binary shares what the two have in common.
-STAGE=$TARGET/gpu-stage
-rm -rf "$STAGE" && mkdir -p "$STAGE"
-strip -o "$STAGE/artguide" "$TARGET/release/artguide"
-strip -o "$STAGE/cuda-parity" "$TEST_EXE"
+# archive with a dictionary larger than all four shares what they have in common.
 mkdir -p .gpu/wheels
-tar -C "$STAGE" -cf - artguide cuda-parity | xz -9e -T1 --lzma2=preset=9e,dict=256MiB >.gpu/artguide-cuda.tar.xz.tmp
+tar -C "$STAGE" -cf - artguide cuda-parity artguide-cudnn cuda-parity-cudnn \
+  | xz -9e -T1 --lzma2=preset=9e,dict=384MiB >.gpu/artguide-cuda.tar.xz.tmp
 mv .gpu/artguide-cuda.tar.xz.tmp .gpu/artguide-cuda.tar.xz
 # The GPU image has torch, transformers and diffusers' other needs but neither diffusers nor
 # importlib_metadata; pure-Python wheels, pinned as in tests/reference/requirements.txt.

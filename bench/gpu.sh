@@ -16,7 +16,8 @@
 # Workloads (issue 6): SD 1.5 at 512x512, f16: a CFG UNet step (batch 2) and a VAE decode;
 # the same step with CLIP guidance (random ViT-B/32 guide, 4 cutouts) through the full VAE,
 # TAESD and the linear decoder; CLIP ViT-B/32 and ViT-L/14 image embedding, batch 64, f16.
-# Variants for diagnosis: artguide in bf16, diffusers with its classic (non-SDPA) attention.
+# Variants for diagnosis: artguide in bf16, artguide built with cuDNN convolutions (BIN_CUDNN,
+# PARITY_CUDNN; unpacked from .gpu when there), diffusers with its classic (non-SDPA) attention.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GROUPS_=${1:-parity,unet,vae,guidance,clip,variants}
@@ -43,15 +44,19 @@ with tarfile.open(sys.argv[1]) as t:
 PY
   BIN=/tmp/artguide-cuda/artguide
   PARITY=${PARITY:-/tmp/artguide-cuda/cuda-parity}
+  if [ -x /tmp/artguide-cuda/artguide-cudnn ]; then
+    BIN_CUDNN=${BIN_CUDNN:-/tmp/artguide-cuda/artguide-cudnn}
+    PARITY_CUDNN=${PARITY_CUDNN:-/tmp/artguide-cuda/cuda-parity-cudnn}
+  fi
 fi
 if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .gpu/wheels/*.whl || exit 2
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# cuBLAS / cuRAND / NVRTC / cudart 13 from PyTorch's CUDA wheels (the driver's libcuda is on
-# the system path).
-for d in $("$PYTHON" -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null); do
+# cuBLAS / cuRAND / NVRTC / cudart 13 and cuDNN 9 from PyTorch's CUDA wheels (the driver's
+# libcuda is on the system path).
+for d in $("$PYTHON" -c 'import nvidia, os; print(" ".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in ("cu13", "cudnn")))' 2>/dev/null); do
   [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 done
 say "device"
@@ -62,6 +67,13 @@ if ldd "$BIN" | grep "not found"; then
   exit 3
 fi
 "$BIN" --version | tee -a "$OUTDIR/gpu.log"
+# The cuDNN build is a variant: without a loadable libcudnn 9 the rest still runs.
+if [ -n "${BIN_CUDNN:-}" ] && ! "$BIN_CUDNN" --version | tee -a "$OUTDIR/gpu.log"; then
+  ldd "$BIN_CUDNN" | grep -i "cudnn\|not found" | tee -a "$OUTDIR/gpu.log"
+  say "cudnn build does not start: its variants are skipped"
+  BIN_CUDNN=
+  PARITY_CUDNN=
+fi
 
 if want parity && [ -z "${PARITY:-}" ]; then
   say "parity: skipped, no PARITY executable given"
@@ -69,6 +81,11 @@ elif want parity; then
   say "parity: tests/cuda.rs (CPU f32 vs CUDA f16)"
   "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity.log"
   echo "parity rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+  if [ -n "${PARITY_CUDNN:-}" ]; then
+    say "parity, cudnn build"
+    "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-cudnn.log"
+    echo "parity (cudnn) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+  fi
 fi
 
 N=0
@@ -126,5 +143,10 @@ if want variants; then
   say "variants"
   run artguide-bf16 "${AG[@]}" --dtype bf16 --parts unet,vae
   run diffusers-classic-attention "${PY[@]}" --dtype "$DTYPE" --parts unet --attention classic
+  if [ -n "${BIN_CUDNN:-}" ]; then
+    AGC=("$BIN_CUDNN" "${AG[@]:1}")
+    run artguide-cudnn "${AGC[@]}" --dtype "$DTYPE" --parts unet,vae
+    run artguide-cudnn "${AGC[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders vae
+  fi
 fi
 "$PYTHON" bench/gpu_table.py "$LOG" | tee "$OUTDIR/table.md"

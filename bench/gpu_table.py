@@ -47,11 +47,14 @@ def main():
               if k not in ("artguide",) + PEERS]
     if others:
         print()
-        print("| variant | workload | size | seconds | GPU peak |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| variant | workload | size | seconds | ratio to PyTorch | GPU peak |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for k, w, s, r in sorted(others):
-            print(f'| {k} | {w} | {s} | {r["seconds"]:.4f} | {r["peak_gpu_smi_mib"] / 1024:.2f} GiB |')
-
+            p = next((by[(w, s)][q] for q in PEERS if q in by[(w, s)]), None)
+            ratio = "-"
+            if p is not None:
+                ratio = f'{p["seconds"] / r["seconds"] if "images_per_s" in w else r["seconds"] / p["seconds"]:.2f}'
+            print(f'| {k} | {w} | {s} | {r["seconds"]:.4f} | {ratio} | {r["peak_gpu_smi_mib"] / 1024:.2f} GiB |')
 
 if __name__ == "__main__":
     main()
