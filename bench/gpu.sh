@@ -7,7 +7,8 @@
 # Usage, on the GPU machine from the repository root, after `bash bench/build_cuda.sh` here
 # (device tool: carry [".gpu"]; the machine has no Rust toolchain and no network):
 #   bash bench/gpu.sh [GROUPS] [REPS]
-#   GROUPS: comma list of parity,unet,vae,guidance,clip,variants (default: all of them)
+#   GROUPS: comma list of parity,unet,vae,guidance,clip,variants (default: all of them);
+#           parity runs tests/cuda.rs and a same-seed-same-bytes check at real size
 #   REPS:   timed repetitions per measurement after one warm-up, median reported (default 5)
 # Environment: OUT (where logs and gpu.jsonl go; the device tool sets it), BIN and PARITY (use
 # these executables instead of unpacking .gpu/artguide-cuda.tar.xz), PYTHON (default python3,
@@ -86,6 +87,31 @@ elif want parity; then
     "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-cudnn.log"
     echo "parity (cudnn) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
   fi
+fi
+
+# repro LABEL BIN: the same real-size generation twice (random SD 1.5 weights, euler-a's
+# per-step noise, CLIP guidance through the VAE with the tiny fixture CLIP) must give the same
+# PNG bytes: the product's reproducibility promise, on this device.
+repro() {
+  local label=$1 bin=$2 sums=()
+  for i in 1 2; do
+    rm -rf "/tmp/repro-$label-$i"
+    timeout 300 "$bin" --quiet generate --random-weights sd15 --device "$DEVICE" --dtype "$DTYPE" \
+      --prompt "a harbour at dusk" --steps 3 --scheduler euler-a --seed 1 --width "$SIZE" \
+      --height "$SIZE" --clip tests/fixtures/clip/tiny-clip-a --clip-prompt "a storm at sea" \
+      --guidance-decoder vae --skip-nonfinite-guidance --out "/tmp/repro-$label-$i" \
+      2>>"$OUTDIR/repro.err" || { say "repro $label: run $i failed (repro.err)"; return; }
+    sums+=("$(cat /tmp/repro-$label-$i/*.png | sha256sum | cut -c1-16)")
+  done
+  if [ "${sums[0]}" = "${sums[1]}" ]; then
+    say "repro $label: same PNG bytes in two runs (${sums[0]})"
+  else
+    say "repro $label: DIFFERENT PNG bytes in two runs (${sums[0]} vs ${sums[1]})"
+  fi
+}
+if want parity; then
+  repro cuda "$BIN"
+  [ -n "${BIN_CUDNN:-}" ] && repro cudnn "$BIN_CUDNN"
 fi
 
 N=0
