@@ -80,11 +80,11 @@ if want parity && [ -z "${PARITY:-}" ]; then
   say "parity: skipped, no PARITY executable given"
 elif want parity; then
   say "parity: tests/cuda.rs (CPU f32 vs CUDA f16)"
-  "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity.log"
+  timeout 240 "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity.log"
   echo "parity rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
   if [ -n "${PARITY_CUDNN:-}" ]; then
     say "parity, cudnn build"
-    "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-cudnn.log"
+    timeout 240 "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-cudnn.log"
     echo "parity (cudnn) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
   fi
 fi

@@ -510,3 +510,42 @@ fn symlinks_inside_a_run_are_not_followed() {
         "wrote through the link"
     );
 }
+
+/// A run resumes only with the scheduler it was started with: the manifest records what
+/// `auto` resolved to, and a mismatch (another artguide resolving it differently, simulated
+/// by editing the record) is one clear line that changes nothing.
+#[test]
+fn a_resumed_run_keeps_its_scheduler() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = run(&smoke("probeset"), &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = out.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    // tiny-sd-a ships a DDIMScheduler config, which `auto` takes.
+    assert_eq!(manifest["scheduler"], "ddim");
+
+    // Resuming with nothing left to do, or with the same scheduler, is fine.
+    let image = out.join("images/pastiche/s00-t01-seed0/baseline.png");
+    let _ = std::fs::remove_file(out.join("results.json"));
+    let first = std::fs::read(&image).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+    std::fs::remove_file(&image).unwrap();
+    let o = run(&smoke("probeset"), &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&image).unwrap(), first);
+
+    manifest["scheduler"] = "euler".into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    std::fs::remove_file(&image).unwrap();
+    let before = tree(&out);
+    let o = run(&smoke("probeset"), &out, &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "resumed with another scheduler");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("manifest.json") && err.contains("scheduler euler") && err.contains("ddim"),
+        "{err}"
+    );
+    assert!(tree(&out) == before, "the refused resume changed the run folder");
+}

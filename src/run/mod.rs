@@ -24,7 +24,7 @@ use crate::probe::runner::{ProbeAnswer, Prober};
 use crate::probe::suite::Suite;
 use crate::progress::Progress;
 use crate::recipe::{LoadedRecipe, Plan, PlanItem};
-use crate::schedulers::SchedulerChoice;
+use crate::schedulers::{SchedulerChoice, SchedulerKind};
 use crate::{Error, Result};
 use results::{RunItem, RunResults, SuiteProbe, RESULTS_FILE};
 
@@ -49,6 +49,10 @@ pub struct Manifest {
     pub model: String,
     pub probe_clip: String,
     pub guide_clip: Option<String>,
+    /// The scheduler the items were made with (what `auto` resolved to for the model); empty
+    /// in manifests written before it was recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scheduler: String,
     pub items: BTreeMap<String, ManifestEntry>,
 }
 
@@ -185,6 +189,14 @@ fn image_matches(out: &Path, id: &str, entry: &ManifestEntry) -> bool {
     crate::output::sha256_file(&out.join(image_rel(id))).is_ok_and(|h| h == entry.sha256)
 }
 
+/// The scheduler a recipe's generation settings give for a loaded model.
+fn scheduler_kind(g: &crate::recipe::Generation, sd: &SdModel) -> Result<SchedulerKind> {
+    Ok(g.scheduler
+        .parse::<SchedulerChoice>()?
+        .resolve(&sd.scheduler_config)
+        .kind)
+}
+
 /// Writes `results.json` into a run folder (atomically).
 fn write_results(out: &Path, results: &RunResults) -> Result<()> {
     let text = serde_json::to_string_pretty(results).map_err(|e| Error::Msg(e.to_string()))?;
@@ -260,6 +272,25 @@ pub fn execute(
         )?);
     }
     if let Some(m) = &models {
+        // A resumed run must finish with the scheduler it started with: `auto` resolves from
+        // the model folder, and a different artguide may resolve it differently.
+        let kind = scheduler_kind(&r.generation, &m.sd)?;
+        if !manifest.items.is_empty()
+            && !manifest.scheduler.is_empty()
+            && manifest.scheduler != kind.cli_name()
+        {
+            return Err(Error::file(
+                out.join(MANIFEST_FILE),
+                format!(
+                    "was made with scheduler {}, but generation.scheduler `{}` now gives {}; \
+                     choose another --out, or pass --force to make the run again",
+                    manifest.scheduler,
+                    r.generation.scheduler,
+                    kind.cli_name()
+                ),
+            ));
+        }
+        manifest.scheduler = kind.cli_name().to_string();
         manifest.model = m.sd.id.clone();
         manifest.probe_clip = m.probers[0].encoder.id.clone();
         // The guide CLIP's prober follows the probe CLIP's (see load_models).
@@ -367,11 +398,7 @@ fn make_item(
         negative_prompt: g.negative_prompt.clone(),
         steps: g.steps,
         guidance_scale: g.guidance_scale,
-        scheduler: g
-            .scheduler
-            .parse::<SchedulerChoice>()?
-            .resolve(&m.sd.scheduler_config)
-            .kind,
+        scheduler: scheduler_kind(g, &m.sd)?,
         eta: g.eta,
         seed: item.seed,
         width: g.width.or(iw).unwrap_or_else(|| m.sd.default_size()),
@@ -493,6 +520,7 @@ pub fn merge(
             manifest.model = m.model.clone();
             manifest.probe_clip = m.probe_clip.clone();
             manifest.guide_clip = m.guide_clip.clone();
+            manifest.scheduler = m.scheduler.clone();
         } else if (m.model.as_str(), m.probe_clip.as_str(), &m.guide_clip)
             != (
                 manifest.model.as_str(),
@@ -504,6 +532,18 @@ pub fn merge(
             return Err(Error::file(
                 dir.join(MANIFEST_FILE),
                 "was made with different models",
+            ));
+        } else if m.scheduler != manifest.scheduler
+            && !m.scheduler.is_empty()
+            && !manifest.scheduler.is_empty()
+            && !m.items.is_empty()
+        {
+            return Err(Error::file(
+                dir.join(MANIFEST_FILE),
+                format!(
+                    "was made with scheduler {}, the other shards with {}",
+                    m.scheduler, manifest.scheduler
+                ),
             ));
         }
         for (id, e) in m.items {
