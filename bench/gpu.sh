@@ -89,9 +89,10 @@ elif want parity; then
   fi
 fi
 
-# repro LABEL BIN: the same real-size generation twice (random SD 1.5 weights, euler-a's
-# per-step noise, CLIP guidance through the VAE with the tiny fixture CLIP) must give the same
-# PNG bytes: the product's reproducibility promise, on this device.
+# repro LABEL BIN (run after the timings): the same real-size generation twice (random
+# SD 1.5 weights, euler-a's per-step noise, CLIP guidance through the VAE with the tiny
+# fixture CLIP) must give the same PNG bytes: the product's reproducibility promise, on
+# this device.
 repro() {
   local label=$1 bin=$2 sums=()
   for i in 1 2; do
@@ -109,10 +110,6 @@ repro() {
     say "repro $label: DIFFERENT PNG bytes in two runs (${sums[0]} vs ${sums[1]})"
   fi
 }
-if want parity; then
-  repro cuda "$BIN"
-  [ -n "${BIN_CUDNN:-}" ] && repro cudnn "$BIN_CUDNN"
-fi
 
 N=0
 # run LABEL COMMAND...: runs one workload process, samples the GPU's used memory meanwhile, and
@@ -176,3 +173,8 @@ if want variants; then
   fi
 fi
 "$PYTHON" bench/gpu_table.py "$LOG" | tee "$OUTDIR/table.md"
+# Last, so a call that runs out of time has its timings already.
+if want parity; then
+  repro cuda "$BIN"
+  [ -n "${BIN_CUDNN:-}" ] && repro cudnn "$BIN_CUDNN"
+fi
