@@ -547,5 +547,8 @@ fn a_resumed_run_keeps_its_scheduler() {
         err.contains("manifest.json") && err.contains("scheduler euler") && err.contains("ddim"),
         "{err}"
     );
-    assert!(tree(&out) == before, "the refused resume changed the run folder");
+    assert!(
+        tree(&out) == before,
+        "the refused resume changed the run folder"
+    );
 }
