@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// artguide: Stable Diffusion, CLIP guidance and CLIP perceptual probes for AI-art research.
 #[derive(Debug, Parser)]
@@ -16,6 +16,25 @@ pub struct Cli {
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process's arguments, exiting with clap's message on bad ones.
+    pub fn parse_args() -> Self {
+        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (the program name first). A negative number after a numeric option is
+    /// read as its value, so `--width -64` is refused by `--width` itself rather than
+    /// reported as an unknown flag `-6`.
+    pub fn try_parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cmd = Self::command().mut_subcommands(|c| c.allow_negative_numbers(true));
+        Self::from_arg_matches(&cmd.try_get_matches_from(args)?)
+    }
 }
 
 /// The subcommands.
@@ -445,4 +464,26 @@ pub struct BenchArgs {
     pub cutouts: usize,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_negative_number_is_refused_by_its_own_option() {
+        let err = Cli::try_parse_args(["artguide", "generate", "--prompt", "x", "--width", "-64"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'-64'") && err.contains("--width"), "{err}");
+        let err = Cli::try_parse_args(["artguide", "generate", "--prompt", "x", "--steps", "-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'-1'") && err.contains("--steps"), "{err}");
+        // A negative float reaches the option's own checks instead of the flag parser.
+        let cli = Cli::try_parse_args([
+            "artguide", "generate", "--model", "m", "--prompt", "x", "--eta", "-1",
+        ]);
+        assert!(cli.is_ok(), "{:?}", cli.err());
+    }
 }

@@ -2,6 +2,7 @@
 //! edge, where errors gain context for the user.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -19,6 +20,15 @@ use crate::output::{self, OutputSet};
 use crate::progress::{Progress, ProgressMode};
 use crate::schedulers::SchedulerChoice;
 
+/// `println!` for a command's result on stdout that returns the write error instead of
+/// panicking, so a reader that stops early (`| head`) ends the command quietly (see
+/// [`is_broken_pipe`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let mode = if cli.quiet {
@@ -30,8 +40,12 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::Generate(args) => run_generate(&args, mode),
+        Command::Inspect { image } if mode == ProgressMode::Json => {
+            out!("{}", output::inspect_json(&image)?);
+            Ok(())
+        }
         Command::Inspect { image } => {
-            print!("{}", output::inspect(&image)?);
+            write!(std::io::stdout(), "{}", output::inspect(&image)?)?;
             Ok(())
         }
         Command::Bench(args) => run_bench(&args, mode),
@@ -113,10 +127,10 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
             "experiments": experiments, "images": items, "guided_images": guided,
             "steps_per_image": steps, "unet_steps": items * steps, "out": out});
         if mode == ProgressMode::Json {
-            println!("{summary}");
+            out!("{summary}");
             return Ok(None);
         }
-        println!(
+        out!(
             "{}: {experiments} experiments, {items} images ({guided} guided), {steps} steps each = {} UNet steps -> {}",
             recipe.recipe.name,
             items * steps,
@@ -124,7 +138,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         );
         for e in &recipe.recipe.experiments {
             let n = plan.items.iter().filter(|i| i.experiment == e.name).count();
-            println!(
+            out!(
                 "  {}: {n} images, arms: {}",
                 e.name,
                 e.arms
@@ -137,7 +151,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         let opts = load_options(&args.run)?;
         // The estimate needs the model; a plan is still worth printing without it.
         match crate::run::estimate(&recipe, &shard_items, &opts, args.max_pixels) {
-            Ok(est) => println!(
+            Ok(est) => out!(
                 "estimated time: {:.1} min ({} steps x {:.2} s measured{})",
                 est.total_s / 60.0,
                 est.steps,
@@ -149,7 +163,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
                     ))
                     .unwrap_or_default()
             ),
-            Err(e) => println!("estimated time: unavailable ({e})"),
+            Err(e) => out!("estimated time: unavailable ({e})"),
         }
         return Ok(None);
     }
@@ -174,15 +188,22 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
                                "image": out.join(crate::run::image_rel(&item.id))}),
         );
     })
-    .map_err(|e| match e {
-        crate::Error::Interrupted => anyhow::Error::new(e).context(format!(
-            "run stopped; finished images are kept in {}: run the same command to resume",
-            out.display()
-        )),
-        e => anyhow::Error::new(e).context(format!(
-            "run stopped; finished images are kept in {}: fix the cause and run the same command to resume",
-            out.display()
-        )),
+    .map_err(|e| {
+        // The resume advice only where the folder holds this recipe's run: errors found
+        // before it was claimed (bad settings, a folder of another run) wrote nothing.
+        let started = std::fs::read_to_string(out.join(crate::run::RECIPE_FILE))
+            .is_ok_and(|t| t == recipe.text);
+        match e {
+            e if !started => anyhow::Error::new(e),
+            crate::Error::Interrupted => anyhow::Error::new(e).context(format!(
+                "run stopped; finished images are kept in {}: run the same command to resume",
+                out.display()
+            )),
+            e => anyhow::Error::new(e).context(format!(
+                "run stopped; finished images are kept in {}: fix the cause and run the same command to resume",
+                out.display()
+            )),
+        }
     })?;
     progress.finish();
     progress.event(
@@ -201,7 +222,7 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
     use crate::compare::{compare, write_outputs, CompareOptions, Loaded};
     let loaded = Loaded::load(&args.runs)?;
     let opts = CompareOptions {
-        resamples: args.resamples.max(1),
+        resamples: args.resamples,
         seed: args.seed,
         ..Default::default()
     };
@@ -209,16 +230,14 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
     let out = args.out.clone().unwrap_or_else(|| args.runs[0].clone());
     let files = write_outputs(&loaded, &summary, &out)?;
     if mode == ProgressMode::Json {
-        println!("{}", serde_json::to_string(&summary)?);
+        out!("{}", serde_json::to_string(&summary)?);
         return Ok(());
     }
     if mode == ProgressMode::Bar {
-        println!(
-            "| experiment | arm | probe | model | n | mean shift [95% CI] | flip | Wilcoxon p |"
-        );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        out!("| experiment | arm | probe | model | n | mean shift [95% CI] | flip | Wilcoxon p |");
+        out!("| --- | --- | --- | --- | --- | --- | --- | --- |");
         for r in summary.rows.iter().filter(|r| r.targeted) {
-            println!(
+            out!(
                 "| {} | {} | {} | {} | {} | {:+.4} [{:+.4}, {:+.4}] | {:.2} | {:.4} |",
                 r.experiment,
                 r.arm,
@@ -233,7 +252,7 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
             );
         }
         for f in files {
-            println!("wrote {}", f.display());
+            out!("wrote {}", f.display());
         }
     }
     Ok(())
@@ -325,7 +344,12 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
         }
         results.evaluation = Some(ev);
     }
-    let json = serde_json::to_string_pretty(&results)?;
+    // One line for --json, so stdout stays JSON lines; indented for a person otherwise.
+    let json = if mode == ProgressMode::Json && args.out.is_none() {
+        serde_json::to_string(&results)?
+    } else {
+        serde_json::to_string_pretty(&results)?
+    };
     if let Some(csv) = &args.csv {
         let (header, rows) = results.csv_table();
         crate::probe::table::write_csv(csv, &header, &rows)?;
@@ -338,7 +362,7 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
                 serde_json::json!({"event": "done", "out": p, "images": results.images.len(), "cached": results.cached}),
             );
         }
-        None => println!("{json}"),
+        None => out!("{json}"),
     }
     Ok(())
 }
@@ -392,9 +416,9 @@ fn run_separate(args: &SeparateArgs, mode: ProgressMode) -> Result<()> {
         sep.write_scores_csv(path, &args.label_a, &args.label_b)?;
     }
     if mode == ProgressMode::Json {
-        println!("{}", serde_json::to_string(&sep)?);
+        out!("{}", serde_json::to_string(&sep)?);
     } else {
-        println!(
+        out!(
             "{} ({}) vs {} ({}), {} dims, {}-fold CV, seed {}",
             args.class_a.display(),
             sep.n_a,
@@ -404,11 +428,12 @@ fn run_separate(args: &SeparateArgs, mode: ProgressMode) -> Result<()> {
             sep.folds,
             args.seed
         );
-        println!(
+        out!(
             "accuracy {:.4} ± {:.4} (std over folds)",
-            sep.accuracy, sep.accuracy_std
+            sep.accuracy,
+            sep.accuracy_std
         );
-        println!("AUC {:.4} (pooled out-of-fold)", sep.auc);
+        out!("AUC {:.4} (pooled out-of-fold)", sep.auc);
     }
     Ok(())
 }
@@ -426,19 +451,23 @@ fn run_agree(args: &AgreeArgs, mode: ProgressMode) -> Result<()> {
     }
     let a = crate::probe::agree::agree_files(&args.scores, &args.ratings, &opts)?;
     if mode == ProgressMode::Json {
-        println!("{}", serde_json::to_string(&a)?);
+        out!("{}", serde_json::to_string(&a)?);
     } else {
         let c = &a.correlations;
-        println!(
+        out!(
             "{} vs {} on key `{}`: n = {} ({} skipped)",
-            args.score_column, args.rating_column, a.key, c.n, a.skipped
+            args.score_column,
+            args.rating_column,
+            a.key,
+            c.n,
+            a.skipped
         );
         for (name, r) in [
             ("Spearman", &c.spearman),
             ("Kendall tau-b", &c.kendall),
             ("Pearson", &c.pearson),
         ] {
-            println!(
+            out!(
                 "{name:<14} {:+.4}  [{:+.4}, {:+.4}] ({:.0}% bootstrap, {} resamples)",
                 r.estimate,
                 r.ci_low,
@@ -466,20 +495,25 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
-/// The dtype a `--dtype` flag names; defaults to f32 on CPU and f16 on CUDA.
-pub fn dtype(arg: Option<DtypeArg>, device: &Device) -> DType {
-    match arg {
+/// The dtype a `--dtype` flag names; defaults to f32 on CPU and f16 on CUDA. bf16 is refused
+/// on the CPU up front: candle's CPU matrix product has no bf16 kernel, so it would fail only
+/// after the model loads.
+pub fn dtype(arg: Option<DtypeArg>, device: &Device) -> Result<DType> {
+    Ok(match arg {
         Some(DtypeArg::F32) => DType::F32,
         Some(DtypeArg::F16) => DType::F16,
+        Some(DtypeArg::Bf16) if device.is_cpu() => {
+            anyhow::bail!("--dtype bf16: not supported on the CPU; use f32 or f16 there, or bf16 with --device cuda")
+        }
         Some(DtypeArg::Bf16) => DType::BF16,
         None if device.is_cuda() => DType::F16,
         None => DType::F32,
-    }
+    })
 }
 
 fn load_options(run: &RunArgs) -> Result<LoadOptions> {
     let device = device(run.device)?;
-    let dtype = dtype(run.dtype, &device);
+    let dtype = dtype(run.dtype, &device)?;
     Ok(LoadOptions {
         device,
         dtype,
@@ -491,6 +525,15 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
     let scheduler: SchedulerChoice = args.scheduler.parse()?;
     let opts = load_options(&args.run)?;
     // Read every input before loading the model, so bad input fails fast and writes nothing.
+    output::check_output_dir(&args.out).context("--out")?;
+    generate::check_counts(
+        args.steps,
+        args.num_images.unwrap_or(1),
+        args.guidance_scale,
+    )?;
+    if args.init_image.is_some() {
+        crate::schedulers::img2img_start_index(args.steps, args.strength)?;
+    }
     let init_image = match &args.init_image {
         Some(p) => Some(generate::load_init_image(p, args.max_pixels)?),
         None => None,
@@ -726,7 +769,19 @@ fn write_image(
 
 fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
     let opts = load_options(&args.run)?;
-    let arch: RandomArch = args.arch.parse()?;
+    let arch: RandomArch = args
+        .arch
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--arch `{}`: expected sd15, sd21 or sdxl", args.arch))?;
+    // Every architecture here has an 8x VAE: other sizes would fail deep inside the model.
+    if let Some(bad) = args.sizes.iter().find(|&&s| s == 0 || s % 8 != 0) {
+        anyhow::bail!("--sizes {bad}: expected a positive multiple of 8");
+    }
+    for (flag, v) in [("--reps", args.reps), ("--clip-batch", args.clip_batch)] {
+        if v == 0 {
+            anyhow::bail!("{flag} 0: expected at least 1");
+        }
+    }
     for p in &args.parts {
         if !["unet", "vae", "clip", "guidance"].contains(&p.as_str()) {
             anyhow::bail!("--parts: unknown part `{p}`: expected unet, vae, clip or guidance");
@@ -742,34 +797,40 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
         dtype: opts.dtype,
     };
     let device_name = if opts.device.is_cuda() { "cuda" } else { "cpu" };
-    if mode == ProgressMode::Bar {
-        println!(
+    // The table is the command's result, so --quiet keeps it (with its header) and drops only
+    // progress.
+    if mode != ProgressMode::Json {
+        out!(
             "| workload | size | seconds, or images/s for clip (median of {}) | peak RSS | guided / unguided |",
             args.reps
         );
-        println!("| --- | --- | --- | --- | --- |");
+        out!("| --- | --- | --- | --- | --- |");
     }
-    let report = |m: &crate::bench::Measurement| match mode {
-        ProgressMode::Json => {
-            let mut v = serde_json::to_value(m).unwrap_or_default();
-            v["tool"] = "artguide".into();
-            v["arch"] = args.arch.clone().into();
-            v["device"] = device_name.into();
-            v["dtype"] = generate::dtype_name(plan.dtype).into();
-            println!("{v}");
-        }
-        _ => println!(
-            "| {} | {} | {:.3} | {} | {} |",
-            m.workload,
-            m.size,
-            m.seconds,
-            m.peak_rss_bytes
-                .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-                .unwrap_or_else(|| "n/a".into()),
-            m.ratio_to_unguided
-                .map(|r| format!("{r:.2}x"))
-                .unwrap_or_default()
-        ),
+    // Each row is printed as soon as it is measured; a closed stdout only loses the rows.
+    let report = |m: &crate::bench::Measurement| {
+        let line = match mode {
+            ProgressMode::Json => {
+                let mut v = serde_json::to_value(m).unwrap_or_default();
+                v["tool"] = "artguide".into();
+                v["arch"] = args.arch.clone().into();
+                v["device"] = device_name.into();
+                v["dtype"] = generate::dtype_name(plan.dtype).into();
+                v.to_string()
+            }
+            _ => format!(
+                "| {} | {} | {:.3} | {} | {} |",
+                m.workload,
+                m.size,
+                m.seconds,
+                m.peak_rss_bytes
+                    .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                    .unwrap_or_else(|| "n/a".into()),
+                m.ratio_to_unguided
+                    .map(|r| format!("{r:.2}x"))
+                    .unwrap_or_default()
+            ),
+        };
+        let _ = writeln!(std::io::stdout(), "{line}");
     };
     if plan.unet || plan.vae {
         crate::bench::run(&plan, report)?;
@@ -804,4 +865,48 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a failure is only stdout's reader having gone away (`artguide ... | head`): the
+/// command then ends quietly, as Unix tools do.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The one line a failed command prints: the error and its causes, each cause left out when
+/// the line already says it (an I/O error's text is usually part of the message that wraps
+/// it).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(crate::Error::io("nope.png", io)).context("--init-image");
+        assert_eq!(
+            error_line(&e),
+            "--init-image: nope.png: No such file or directory"
+        );
+        let e = anyhow::anyhow!("inner cause").context("outer");
+        assert_eq!(error_line(&e), "outer: inner cause");
+    }
 }

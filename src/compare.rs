@@ -271,6 +271,9 @@ fn answer<'a>(it: &'a RunItem, model: &str, probe: &str) -> Option<&'a ProbeAnsw
 
 /// Compares every guided arm with its baseline.
 pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
+    if opts.resamples == 0 {
+        return Err(Error::value("resamples", "0 (at least 1 is needed)"));
+    }
     let items: Vec<&RunItem> = loaded.runs.iter().flat_map(|r| &r.1.items).collect();
     let first = loaded
         .runs

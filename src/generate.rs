@@ -80,18 +80,7 @@ pub fn load_latents(path: &Path, expect: (usize, usize, usize)) -> Result<Tensor
 
 /// Checks options against the model before any work starts.
 pub fn validate(model: &SdModel, opts: &GenerateOptions) -> Result<(usize, usize, usize)> {
-    if opts.steps == 0 {
-        return Err(Error::value("steps", "0: expected at least 1"));
-    }
-    if opts.num_images == 0 {
-        return Err(Error::value("num-images", "0: expected at least 1"));
-    }
-    if !opts.guidance_scale.is_finite() || opts.guidance_scale < 0.0 {
-        return Err(Error::value(
-            "guidance-scale",
-            format!("{}: expected a finite number >= 0", opts.guidance_scale),
-        ));
-    }
+    check_counts(opts.steps, opts.num_images, opts.guidance_scale)?;
     let shape = model.latent_shape(opts.width, opts.height)?;
     if let Some(l) = &opts.latents {
         if l.dim(0)? < opts.num_images {
@@ -116,6 +105,24 @@ pub fn validate(model: &SdModel, opts: &GenerateOptions) -> Result<(usize, usize
         schedulers::img2img_start_index(opts.steps, opts.strength)?;
     }
     Ok(shape)
+}
+
+/// The checks that need no model (steps, image count, CFG scale), so a command can make them
+/// before the slow model load.
+pub fn check_counts(steps: usize, num_images: usize, guidance_scale: f64) -> Result<()> {
+    if steps == 0 {
+        return Err(Error::value("steps", "0: expected at least 1"));
+    }
+    if num_images == 0 {
+        return Err(Error::value("num-images", "0: expected at least 1"));
+    }
+    if !guidance_scale.is_finite() || guidance_scale < 0.0 {
+        return Err(Error::value(
+            "guidance-scale",
+            format!("{guidance_scale}: expected a finite number >= 0"),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs the sampling loop, handing each finished image to `on_image` as soon as it exists.

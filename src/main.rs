@@ -1,13 +1,21 @@
 //! The `artguide` command: parses arguments and dispatches; the work is in the library.
 
-use clap::Parser;
+use std::io::Write as _;
 
 fn main() {
-    let cli = artguide::cli::Cli::parse();
+    let cli = artguide::cli::Cli::parse_args();
     artguide::memory::tune_allocator();
     artguide::interrupt::install();
     if let Err(e) = artguide::commands::run(cli) {
-        eprintln!("error: {e:#}");
+        if artguide::commands::is_broken_pipe(&e) {
+            return;
+        }
+        // A closed stderr must not turn a clean failure into a panic.
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: {}",
+            artguide::commands::error_line(&e)
+        );
         let interrupted = e
             .chain()
             .any(|c| matches!(c.downcast_ref(), Some(artguide::Error::Interrupted)));

@@ -80,7 +80,11 @@ impl Progress {
             // indicatif drops println on a hidden bar (stderr not a terminal): print directly.
             ProgressMode::Bar => match self.bar.as_ref().filter(|b| !b.is_hidden()) {
                 Some(b) => b.println(text),
-                None => eprintln!("{text}"),
+                // Progress is not the result: a closed stderr (`2>&1 | head`) must not
+                // stop the work, so write errors are ignored.
+                None => {
+                    let _ = writeln!(std::io::stderr(), "{text}");
+                }
             },
             ProgressMode::Quiet => {}
             ProgressMode::Json => self.json(&json),
@@ -92,7 +96,9 @@ impl Progress {
         match (self.mode, &self.bar) {
             (ProgressMode::Json, _) => self.json(&json),
             (ProgressMode::Bar, Some(b)) if !b.is_hidden() => b.println(format!("warning: {text}")),
-            _ => eprintln!("warning: {text}"),
+            _ => {
+                let _ = writeln!(std::io::stderr(), "warning: {text}");
+            }
         }
     }
 

@@ -135,6 +135,21 @@ fn inspect_prints_the_parameters_back() {
     assert!(text.contains("Steps: 2, Sampler: Euler"), "{text}");
     assert!(text.contains("Seed: 5"), "{text}");
     assert!(text.contains("Size: 32x32"), "{text}");
+    // --json: one JSON line with the settings taken apart.
+    let o = bin()
+        .args(["--json", "inspect"])
+        .arg(tmp.path().join("00000-5.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["prompt"], "a lighthouse at dusk");
+    assert_eq!(j["negative_prompt"], "blurry, dark");
+    assert_eq!(j["settings"]["Seed"], "5");
+    assert_eq!(j["settings"]["Sampler"], "Euler");
+    assert!(j["sidecar"].as_str().unwrap().ends_with("00000-5.json"));
     let side: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("00000-5.json")).unwrap())
             .unwrap();
@@ -238,6 +253,95 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
         &out,
         &["lat.safetensors"],
     );
+}
+
+/// Mistakes that would otherwise surface only after minutes of work (or as an internal
+/// message) are one line naming the flag, before any model runs.
+#[test]
+fn cheap_mistakes_are_named_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    // --out is a file: named as such, and the file is untouched.
+    let afile = tmp.path().join("afile");
+    std::fs::write(&afile, b"keep me").unwrap();
+    let o = generate(&tiny(), &afile, &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--out") && err.contains("afile: exists and is not a folder"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&afile).unwrap(), b"keep me");
+
+    let out = tmp.path().join("out");
+    assert_user_error(
+        generate(&tiny(), &out, &["--dtype", "bf16"]),
+        &out,
+        &["--dtype bf16", "not supported on the CPU"],
+    );
+    // An I/O cause is said once, not repeated by the error chain.
+    let o = generate(&tiny(), &out, &["--init-image", "nope.png"]);
+    let err = stderr(&o);
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    assert_user_error(o, &out, &["nope.png"]);
+
+    let bench = |extra: &[&str]| {
+        bin()
+            .args(["--quiet", "bench", "--parts", "unet"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (args, needle) in [
+        (
+            &["--sizes", "65"][..],
+            "--sizes 65: expected a positive multiple of 8",
+        ),
+        (&["--sizes", "0"][..], "--sizes 0"),
+        (&["--reps", "0"][..], "--reps 0"),
+        (&["--arch", "sd16"][..], "--arch `sd16`"),
+    ] {
+        let o = bench(args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(o.stdout.is_empty(), "{args:?}: a table was started");
+    }
+}
+
+/// A reader that goes away (`artguide ... | head`) ends a result printout quietly, and a
+/// closed stderr never stops the work: progress is not the result.
+#[test]
+fn a_closed_pipe_is_not_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(tiny())
+        .args([
+            "--prompt", "x", "--steps", "2", "--width", "32", "--height", "32",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .stdout(closed())
+        .stderr(closed())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}", o.status);
+    assert_eq!(files_in(&out), ["00000-0.json", "00000-0.png"]);
+    let o = bin()
+        .args(["--json", "inspect"])
+        .arg(out.join("00000-0.png"))
+        .stdout(closed())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}: {}", o.status, stderr(&o));
+    assert!(o.stderr.is_empty(), "{}", stderr(&o));
 }
 
 fn emb(name: &str) -> PathBuf {
@@ -553,6 +657,24 @@ fn probe_matches_transformers_zero_shot_and_caches() {
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(r2["cached"], 5);
     assert_eq!(r2["images"], r["images"]);
+
+    // --json without --out: stdout is JSON lines, the last one the results.
+    let o = bin()
+        .args(["--json", "probe", "--clip"])
+        .arg(clip_fixture("tiny-clip-b"))
+        .arg("--suite")
+        .arg(&suite)
+        .arg("--no-cache")
+        .arg(clip_fixture("images"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.last().unwrap()["images"], r["images"]);
 
     // A malformed suite is named with its field, before any model is loaded.
     std::fs::write(

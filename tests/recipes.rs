@@ -277,6 +277,20 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             ),
             vec!["arms", "baseline"],
         ),
+        // Found only once the model is loaded, still before anything is written.
+        (
+            "size off the latent grid",
+            good.replace("width: 32", "width: 33"),
+            vec!["width", "33"],
+        ),
+        (
+            "not a model folder",
+            good.replace(
+                "model: ../../tests/fixtures/tiny-sd-a",
+                "model: ../../tests/fixtures/tiny-taesd",
+            ),
+            vec!["tiny-taesd", "model_index.json"],
+        ),
     ];
     for (what, text, needles) in cases {
         let path = dir.join(format!(".test-bad-{}.yaml", what.replace(' ', "-")));
@@ -295,6 +309,8 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         for n in needles {
             assert!(err.contains(n), "{what}: `{n}` missing from: {err}");
         }
+        // Nothing ran, so there is nothing to resume.
+        assert!(!err.contains("resume"), "{what}: {err}");
         assert!(!out.exists(), "{what}: the output folder was created");
     }
     // A folder holding another recipe's run is not reused without --force.
@@ -303,7 +319,9 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(&smoke("period-shift"), &out, &[]);
     assert!(
-        !o.status.success() && stderr(&o).contains("different recipe"),
+        !o.status.success()
+            && stderr(&o).contains("different recipe")
+            && !stderr(&o).contains("resume"),
         "{}",
         stderr(&o)
     );

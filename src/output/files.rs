@@ -210,6 +210,45 @@ pub fn next_free_stem(dir: &Path, label: &str) -> Result<String> {
     Ok(stem_for(next_counter(dir)?, label))
 }
 
+/// Checks, without creating anything, that `dir` is or can become a folder: it and its
+/// nearest existing ancestor must be folders. Run before long work, so a bad output path
+/// fails at once instead of after the images are made.
+pub fn check_output_dir(dir: &Path) -> Result<()> {
+    let mut p = dir;
+    loop {
+        match fs::metadata(p) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) if p == dir => {
+                return Err(Error::file(
+                    dir,
+                    "exists and is not a folder; expected a folder for the output files",
+                ))
+            }
+            Ok(_) => {
+                return Err(Error::file(
+                    dir,
+                    format!("cannot be created: {} is not a folder", p.display()),
+                ))
+            }
+            // A file among the ancestors reads as "not a directory": keep walking up to it.
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                match p.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+                    _ => return Ok(()),
+                }
+            }
+            Err(e) => return Err(Error::io(p, e)),
+        }
+    }
+}
+
+/// Creates the output folder `dir` (and its parents), with the error of
+/// [`check_output_dir`] when a file is in the way.
+fn create_output_dir(dir: &Path) -> Result<()> {
+    check_output_dir(dir)?;
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
 /// Computes the sha256 of a file, streaming; lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -274,7 +313,7 @@ impl OutputSet {
     /// of the set never overwrite anything.
     pub fn reserve(dir: &Path, label: &str) -> Result<OutputSet> {
         check_name_part("output name label", label)?;
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        create_output_dir(dir)?;
         for _ in 0..1000 {
             let counter = next_counter(dir)?;
             let lock = dir.join(format!(".{counter:05}.reserve"));
@@ -305,7 +344,7 @@ impl OutputSet {
             return Err(Error::value("output name", "empty"));
         }
         check_name_part("output name", stem)?;
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        create_output_dir(dir)?;
         Ok(OutputSet {
             dir: dir.to_path_buf(),
             stem: stem.to_string(),
@@ -489,6 +528,26 @@ mod tests {
         fs::write(dir.path().join("123456-1.png"), b"").unwrap();
         assert_eq!(next_free_stem(dir.path(), "3").unwrap(), "123457-3");
         assert!(next_free_stem(dir.path(), "a/b").is_err());
+    }
+
+    #[test]
+    fn an_output_path_through_a_file_is_refused_before_anything_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("afile");
+        fs::write(&file, b"x").unwrap();
+        let err = check_output_dir(&file).unwrap_err().to_string();
+        assert!(err.contains("afile: exists and is not a folder"), "{err}");
+        let err = check_output_dir(&file.join("sub/deeper"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("afile is not a folder"), "{err}");
+        let err = OutputSet::reserve(&file, "1").unwrap_err().to_string();
+        assert!(err.contains("is not a folder"), "{err}");
+        // Missing folders are fine and are not created by the check.
+        check_output_dir(&dir.path().join("new/sub")).unwrap();
+        assert!(!dir.path().join("new").exists());
+        check_output_dir(Path::new("relative-missing")).unwrap();
+        assert_eq!(fs::read(&file).unwrap(), b"x");
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! Conversions between image tensors, 8-bit pixels, image files and the tensors file.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -82,15 +81,48 @@ pub fn tensors_safetensors(image: &Tensor, latents: &Tensor) -> Result<Vec<u8>> 
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .contiguous()?;
-    let mut meta = HashMap::new();
-    meta.insert("tool".to_string(), TOOL_NAME.to_string());
-    meta.insert("version".to_string(), TOOL_VERSION.to_string());
-    meta.insert(
-        "image".to_string(),
-        "H x W x 3, RGB, f32 in [0, 1]".to_string(),
-    );
-    safetensors::tensor::serialize([("image", &img), ("latents", &lat)], Some(meta))
-        .map_err(|e| Error::value("tensors", format!("cannot serialize to safetensors: {e}")))
+    let meta = [
+        ("image", "H x W x 3, RGB, f32 in [0, 1]"),
+        ("tool", TOOL_NAME),
+        ("version", TOOL_VERSION),
+    ];
+    f32_safetensors(&[("image", &img), ("latents", &lat)], &meta)
+}
+
+/// The safetensors bytes of contiguous f32 CPU tensors (in the order given, which must be
+/// name order, as the format's writers use) and string metadata (in the order given). Written
+/// here rather than by the safetensors crate, which writes metadata from a `HashMap` in a
+/// random order, so the same tensors would not give the same bytes.
+fn f32_safetensors(tensors: &[(&str, &Tensor)], meta: &[(&str, &str)]) -> Result<Vec<u8>> {
+    let json = |s: &str| serde_json::Value::from(s).to_string();
+    let entries: Vec<String> = meta
+        .iter()
+        .map(|(k, v)| format!("{}:{}", json(k), json(v)))
+        .collect();
+    let mut header = format!("{{\"__metadata__\":{{{}}}", entries.join(","));
+    let mut data = Vec::new();
+    for (name, t) in tensors {
+        let start = data.len();
+        for x in t.flatten_all()?.to_vec1::<f32>()? {
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        let shape = serde_json::Value::from(t.dims().to_vec()).to_string();
+        header.push_str(&format!(
+            ",{}:{{\"dtype\":\"F32\",\"shape\":{shape},\"data_offsets\":[{start},{}]}}",
+            json(name),
+            data.len()
+        ));
+    }
+    header.push('}');
+    // Readers expect the data to start 8-byte aligned; the format pads with spaces.
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + data.len());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&data);
+    Ok(out)
 }
 
 fn open_reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
@@ -262,6 +294,16 @@ mod tests {
             }
         }
         assert!(v.iter().flatten().flatten().any(|&x| x == 1.0));
+        // The same tensors give the same bytes: the metadata is written in a fixed order
+        // (the safetensors crate's HashMap order differs from call to call).
+        for _ in 0..8 {
+            assert_eq!(tensors_safetensors(&img, &lat).unwrap(), bytes);
+        }
+        let header = String::from_utf8_lossy(&bytes[8..64]).to_string();
+        assert!(
+            header.starts_with(r#"{"__metadata__":{"image":"H x W x 3"#),
+            "{header}"
+        );
         // Metadata.
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();

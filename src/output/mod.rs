@@ -21,14 +21,17 @@ mod params;
 mod pngio;
 mod sidecar;
 
-pub use files::{next_free_stem, sha256_file, short_hash, write_atomic, OutputSet};
+pub use files::{
+    check_output_dir, next_free_stem, sha256_file, short_hash, write_atomic, OutputSet,
+};
 pub use images::{load_image_rgb, load_image_rgb8, tensor_to_rgb8, tensors_safetensors};
 pub use params::{
     format_webui_parameters, is_valid_webui_key, parse_webui_parameters, webui_parameters,
     webui_sampler_name, GenerationParams, ParsedParameters, TOOL_NAME, TOOL_VERSION,
 };
 pub use pngio::{
-    encode_png, inspect, read_png, read_png_parameters, save_png, PngImage, PARAMETERS_KEY,
+    encode_png, inspect, inspect_json, read_png, read_png_parameters, save_png, PngImage,
+    PARAMETERS_KEY,
 };
 pub use sidecar::{SavedImage, Sidecar};
 

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::files::write_atomic;
 use crate::{Error, Result};
@@ -176,28 +176,33 @@ pub fn read_png(path: &Path) -> Result<PngImage> {
     })
 }
 
-/// What `artguide inspect IMG.png` prints: the `parameters` text, then a note naming the JSON
-/// sidecar (`IMG.json`) and the tensors file (`IMG.safetensors`) when they sit beside the
-/// image. A PNG without the text is an error.
-pub fn inspect(path: &Path) -> Result<String> {
+/// The generation record of a PNG: its `parameters` text and the files beside it.
+fn read_record(path: &Path) -> Result<(String, Option<PathBuf>, Option<PathBuf>)> {
     let text = read_png_parameters(path)?.ok_or_else(|| {
         Error::file(
             path,
             "no `parameters` text chunk: not written by artguide or a web UI",
         )
     })?;
+    let beside = |ext: &str| Some(path.with_extension(ext)).filter(|p| p.is_file());
+    Ok((text, beside("json"), beside("safetensors")))
+}
+
+/// What `artguide inspect IMG.png` prints: the `parameters` text, then a note naming the JSON
+/// sidecar (`IMG.json`) and the tensors file (`IMG.safetensors`) when they sit beside the
+/// image. A PNG without the text is an error.
+pub fn inspect(path: &Path) -> Result<String> {
+    let (text, sidecar, tensors) = read_record(path)?;
     let mut out = text;
     if !out.ends_with('\n') {
         out.push('\n');
     }
-    let sidecar = path.with_extension("json");
-    let tensors = path.with_extension("safetensors");
     let mut notes = Vec::new();
-    if sidecar.is_file() {
-        notes.push(format!("Sidecar: {}", sidecar.display()));
+    if let Some(s) = sidecar {
+        notes.push(format!("Sidecar: {}", s.display()));
     }
-    if tensors.is_file() {
-        notes.push(format!("Tensors: {}", tensors.display()));
+    if let Some(t) = tensors {
+        notes.push(format!("Tensors: {}", t.display()));
     }
     if !notes.is_empty() {
         out.push('\n');
@@ -207,6 +212,29 @@ pub fn inspect(path: &Path) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// The same record as [`inspect`] for a script: the raw text, the prompt, negative prompt
+/// and settings taken apart (null when the text is not in the web UI format), and the
+/// sidecar and tensor paths (null when absent).
+pub fn inspect_json(path: &Path) -> Result<serde_json::Value> {
+    let (text, sidecar, tensors) = read_record(path)?;
+    let parsed = crate::output::params::parse_webui_parameters(&text).ok();
+    let settings = parsed.as_ref().map(|p| {
+        p.settings
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+            .collect::<serde_json::Map<_, _>>()
+    });
+    Ok(serde_json::json!({
+        "image": path,
+        "parameters": text,
+        "prompt": parsed.as_ref().map(|p| p.prompt.clone()),
+        "negative_prompt": parsed.as_ref().map(|p| p.negative_prompt.clone()),
+        "settings": settings,
+        "sidecar": sidecar,
+        "tensors": tensors,
+    }))
 }
 
 #[cfg(test)]
@@ -349,5 +377,14 @@ mod tests {
             out.ends_with(&format!("\nSidecar: {}\n", sidecar.display())),
             "{out}"
         );
+        let j = inspect_json(&p).unwrap();
+        assert_eq!(j["prompt"], "cat");
+        assert_eq!(j["negative_prompt"], "");
+        assert_eq!(j["settings"]["Sampler"], "DDIM");
+        assert_eq!(j["settings"]["Seed"], "42");
+        assert_eq!(j["sidecar"], sidecar.display().to_string());
+        assert!(j["tensors"].is_null());
+        // One line: stdout stays JSON lines.
+        assert!(!j.to_string().contains('\n'));
     }
 }

@@ -91,41 +91,70 @@ pub fn image_rel(item_id: &str) -> String {
     format!("images/{item_id}.png")
 }
 
-/// Claims `out` for this recipe: creates it, refuses a folder holding another recipe's run
-/// (unless `force`), writes the recipe copy and removes temporaries a killed run left.
-pub fn prepare(recipe: &LoadedRecipe, out: &Path, force: bool) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+/// What claiming a run folder for a recipe will do, decided before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The folder already holds this recipe's run: resume it.
+    Resume,
+    /// A new (or empty, or with `force` a foreign) folder: write the recipe copy.
+    Start,
+    /// With `force`, a folder holding another recipe's run: replace its recipe, manifest and
+    /// results.
+    Replace,
+}
+
+/// Checks, without writing anything, that `out` can hold this recipe's run, and says how.
+pub fn check_folder(recipe: &LoadedRecipe, out: &Path, force: bool) -> Result<Claim> {
+    crate::output::check_output_dir(out)?;
     let copy = out.join(RECIPE_FILE);
     match std::fs::read_to_string(&copy) {
-        Ok(old) if old == recipe.text => {}
-        Ok(_) if !force => {
-            return Err(Error::file(
-                out,
-                "holds a run of a different recipe; choose another --out or pass --force",
-            ))
-        }
-        Ok(_) => {
-            crate::output::write_atomic(&copy, recipe.text.as_bytes(), true)?;
-            for f in [MANIFEST_FILE, RESULTS_FILE] {
-                let _ = std::fs::remove_file(out.join(f));
-            }
-        }
+        Ok(old) if old == recipe.text => Ok(Claim::Resume),
+        Ok(_) if !force => Err(Error::file(
+            out,
+            "holds a run of a different recipe; choose another --out or pass --force",
+        )),
+        Ok(_) => Ok(Claim::Replace),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let nonempty = std::fs::read_dir(out)
-                .map_err(|e| Error::io(out, e))?
-                .next()
-                .is_some();
+            let nonempty = match std::fs::read_dir(out) {
+                Ok(mut entries) => entries.next().is_some(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(Error::io(out, e)),
+            };
             if nonempty && !force {
                 return Err(Error::file(
                     out,
                     "is not empty and holds no artguide run; choose another --out or pass --force",
                 ));
             }
-            crate::output::write_atomic(&copy, recipe.text.as_bytes(), true)?;
+            Ok(Claim::Start)
         }
-        Err(e) => return Err(Error::io(&copy, e)),
+        Err(e) => Err(Error::io(&copy, e)),
+    }
+}
+
+/// Claims `out` for this recipe as `check_folder` decided: creates it, writes the recipe
+/// copy and removes temporaries a killed run left.
+fn claim_folder(recipe: &LoadedRecipe, out: &Path, claim: Claim) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let copy = out.join(RECIPE_FILE);
+    match claim {
+        Claim::Resume => {}
+        Claim::Start => crate::output::write_atomic(&copy, recipe.text.as_bytes(), true)?,
+        Claim::Replace => {
+            crate::output::write_atomic(&copy, recipe.text.as_bytes(), true)?;
+            for f in [MANIFEST_FILE, RESULTS_FILE] {
+                let _ = std::fs::remove_file(out.join(f));
+            }
+        }
     }
     remove_stale_temporaries(out)
+}
+
+/// Claims `out` for this recipe: creates it, refuses a folder holding another recipe's run
+/// (unless `force`), writes the recipe copy and removes temporaries a killed run left.
+pub fn prepare(recipe: &LoadedRecipe, out: &Path, force: bool) -> Result<()> {
+    let claim = check_folder(recipe, out, force)?;
+    claim_folder(recipe, out, claim)
 }
 
 /// Deletes hidden `*.tmp` files (a killed writer's temporaries) under `dir`, never following
@@ -236,23 +265,22 @@ pub fn execute(
     mut on_item: impl FnMut(&PlanItem, ItemStatus),
 ) -> Result<RunResults> {
     let out = &opts.out;
-    prepare(recipe, out, opts.force)?;
+    // Nothing is written until the folder, the models and the generation settings have been
+    // checked, so a bad recipe leaves no half-made run folder behind.
+    let claim = check_folder(recipe, out, opts.force)?;
     let items: Vec<&PlanItem> = match opts.shard {
         Some((i, n)) => plan.shard(i, n),
         None => plan.items.iter().collect(),
     };
-    let mut manifest = Manifest::load(out)?;
+    let mut manifest = match claim {
+        Claim::Replace => Manifest::default(),
+        Claim::Resume | Claim::Start => Manifest::load(out)?,
+    };
     let todo: Vec<&PlanItem> = items
         .iter()
         .copied()
         .filter(|it| !is_done(out, &manifest, &it.id))
         .collect();
-    for it in items.iter().filter(|it| is_done(out, &manifest, &it.id)) {
-        on_item(it, ItemStatus::Skipped);
-        for _ in 0..recipe.recipe.generation.steps {
-            progress.tick("done before");
-        }
-    }
     let r = &recipe.recipe;
     let probe_spec = recipe.resolve_model("probe_clip", &r.probe_clip)?;
     // From the whole plan, not the shard: every shard probes with the same CLIPs, so shards
@@ -272,6 +300,16 @@ pub fn execute(
         )?);
     }
     if let Some(m) = &models {
+        // The settings every item shares (size, steps, strength, memory) are checked on the
+        // first item, and on the first guided one, whose memory need is larger.
+        let guided = todo
+            .iter()
+            .find(|it| it.guidance.as_ref().is_some_and(|g| g.is_active()));
+        for it in todo.first().into_iter().chain(guided) {
+            let gopts = item_options(recipe, m, it, opts)?;
+            generate::validate(&m.sd, &gopts)?;
+            crate::resources::check(&m.sd, &gopts)?;
+        }
         // A resumed run must finish with the scheduler it started with: `auto` resolves from
         // the model folder, and a different artguide may resolve it differently.
         let kind = scheduler_kind(&r.generation, &m.sd)?;
@@ -295,6 +333,13 @@ pub fn execute(
         manifest.probe_clip = m.probers[0].encoder.id.clone();
         // The guide CLIP's prober follows the probe CLIP's (see load_models).
         manifest.guide_clip = m.probers.get(1).map(|p| p.encoder.id.clone());
+    }
+    claim_folder(recipe, out, claim)?;
+    for it in items.iter().filter(|it| is_done(out, &manifest, &it.id)) {
+        on_item(it, ItemStatus::Skipped);
+        for _ in 0..recipe.recipe.generation.steps {
+            progress.tick("done before");
+        }
     }
     for item in todo {
         let m = models.as_ref().expect("loaded when there is work");
@@ -367,13 +412,13 @@ fn load_models(
     })
 }
 
-fn make_item(
+/// The generation settings of one plan item.
+fn item_options(
     recipe: &LoadedRecipe,
     m: &Models,
     item: &PlanItem,
     opts: &RunOptions,
-    progress: &Progress,
-) -> Result<ManifestEntry> {
+) -> Result<GenerateOptions> {
     let g = &recipe.recipe.generation;
     let (iw, ih) = match &m.init_image {
         Some(t) => (Some(t.dim(3)?), Some(t.dim(2)?)),
@@ -393,7 +438,7 @@ fn make_item(
         }
         None => None,
     };
-    let gopts = GenerateOptions {
+    Ok(GenerateOptions {
         prompt: item.prompt.clone(),
         negative_prompt: g.negative_prompt.clone(),
         steps: g.steps,
@@ -408,7 +453,18 @@ fn make_item(
         strength: g.strength,
         latents: None,
         guide,
-    };
+    })
+}
+
+fn make_item(
+    recipe: &LoadedRecipe,
+    m: &Models,
+    item: &PlanItem,
+    opts: &RunOptions,
+    progress: &Progress,
+) -> Result<ManifestEntry> {
+    let g = &recipe.recipe.generation;
+    let gopts = item_options(recipe, m, item, opts)?;
     let mut entry = None;
     generate::generate(&m.sd, &gopts, progress, |gen| {
         let mut params = generate::generation_params(
