@@ -560,13 +560,35 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
             serde_json::json!({"event": "scheduler", "scheduler": scheduler.kind.cli_name(), "reason": reason}),
         );
     }
+    if args.eta != 0.0 && scheduler.kind != crate::schedulers::SchedulerKind::Ddim {
+        loading.warn(
+            &format!(
+                "--eta {} is ignored: it applies to DDIM only, and the scheduler is {}",
+                args.eta,
+                scheduler.kind.cli_name()
+            ),
+            serde_json::json!({"event": "ignored", "option": "eta", "scheduler": scheduler.kind.cli_name()}),
+        );
+    }
     let (iw, ih) = match &init_image {
         Some(t) => (Some(t.dim(3)?), Some(t.dim(2)?)),
         None => (None, None),
     };
     let width = args.width.or(iw).unwrap_or_else(|| model.default_size());
     let height = args.height.or(ih).unwrap_or_else(|| model.default_size());
-    let (c, h, w) = model.latent_shape(width, height)?;
+    let (c, h, w) = match (model.latent_shape(width, height), &args.init_image) {
+        (Ok(shape), _) => shape,
+        // The size came from the init image (which is not resized): say so.
+        (Err(e), Some(p)) if args.width.is_none() || args.height.is_none() => {
+            anyhow::bail!(
+                "--init-image {}: {}x{} does not fit the model ({e}); crop or resize the image",
+                p.display(),
+                iw.unwrap_or(width),
+                ih.unwrap_or(height)
+            )
+        }
+        (Err(e), _) => return Err(e.into()),
+    };
     let latents = match &args.latents {
         Some(p) => Some(generate::load_latents(p, (c, h, w))?),
         None => None,
@@ -687,6 +709,15 @@ fn guidance_config(a: &GuidanceArgs) -> Result<Option<GuidanceConfig>> {
         || a.range_weight != 0.0;
     if !any {
         return Ok(None);
+    }
+    if a.clip.is_some()
+        && a.clip_prompts.is_empty()
+        && a.clip_image.is_none()
+        && a.style_image.is_none()
+    {
+        anyhow::bail!(
+            "--clip: nothing to guide toward; add --clip-prompt, --clip-image or --style-image"
+        );
     }
     let prompts = a
         .clip_prompts

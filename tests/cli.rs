@@ -284,6 +284,37 @@ fn cheap_mistakes_are_named_before_any_work() {
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
     assert_user_error(o, &out, &["nope.png"]);
 
+    assert_user_error(
+        generate(&tiny(), &out, &["--clip", "some/clip"]),
+        &out,
+        &["--clip: nothing to guide toward"],
+    );
+    assert_user_error(
+        generate(
+            &tiny(),
+            &out,
+            &["--clip", "some/clip", "--clip-prompt", "blurry:-0.5x"],
+        ),
+        &out,
+        &["weight `-0.5x` is not a number"],
+    );
+
+    // An option the chosen scheduler ignores is said, not silently dropped.
+    let o = generate(&tiny(), &out, &["--scheduler", "euler", "--eta", "0.5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--eta 0.5 is ignored: it applies to DDIM only"),
+        "{}",
+        stderr(&o)
+    );
+    // compare on a run that has not finished says how to finish it.
+    let unfinished = tmp.path().join("unfinished");
+    std::fs::create_dir_all(&unfinished).unwrap();
+    std::fs::write(unfinished.join("recipe.yaml"), "name: x\n").unwrap();
+    let o = bin().arg("compare").arg(&unfinished).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("has not finished"), "{}", stderr(&o));
+
     let bench = |extra: &[&str]| {
         bin()
             .args(["--quiet", "bench", "--parts", "unet"])
@@ -415,6 +446,29 @@ fn separate_then_agree_pipeline() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A filter that matches nothing says so, with the values that are there.
+    let o = bin()
+        .args(["agree", "--scores"])
+        .arg(&scores)
+        .arg("--ratings")
+        .arg(emb("ratings.csv"))
+        .args([
+            "--where",
+            "class=robot",
+            "--score-column",
+            "p_a",
+            "--rating-column",
+            "authenticity",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("`class=robot` matches no row") && err.contains("values there: "),
+        "{err}"
+    );
 }
 
 /// A hub repo id resolves from the standard cache layout with HF_HUB_OFFLINE=1, and

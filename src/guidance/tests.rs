@@ -12,6 +12,14 @@ fn text_targets_parse_with_optional_weight() {
     assert_eq!((t.text.as_str(), t.weight), ("style: baroque", 1.0));
     let e = "x:inf".parse::<TextTarget>().unwrap_err().to_string();
     assert!(e.contains("clip-prompt") && e.contains("finite"), "{e}");
+    // A mistyped weight is an error, not text that would pull the other way.
+    let e = "blurry:-0.5x"
+        .parse::<TextTarget>()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("weight `-0.5x` is not a number"), "{e}");
+    let t: TextTarget = "storm:abc".parse().unwrap();
+    assert_eq!((t.text.as_str(), t.weight), ("storm:abc", 1.0));
 }
 
 #[test]

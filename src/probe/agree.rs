@@ -257,6 +257,25 @@ pub fn agree_tables(scores: &Table, ratings: &Table, opts: &AgreeOptions) -> Res
         }
     }
     let unmatched_ratings = rating_of.keys().filter(|k| !seen.contains_key(*k)).count();
+    if let (Some((c, v)), true) = (filter, filtered_out == scores.rows.len()) {
+        let values: std::collections::BTreeSet<&str> =
+            scores.rows.iter().map(|r| r[c].trim()).take(1000).collect();
+        let shown: Vec<&str> = values.iter().take(8).copied().collect();
+        return Err(Error::value(
+            "where",
+            format!(
+                "`{}={v}` matches no row of {} (values there: {}{})",
+                scores.headers[c],
+                scores.path.display(),
+                shown.join(", "),
+                if values.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
     if xs.len() < 3 {
         return Err(Error::value(
             "matched rows",

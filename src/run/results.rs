@@ -84,7 +84,21 @@ impl RunResults {
     /// Reads `results.json` from a run folder.
     pub fn load(run_dir: &Path) -> Result<Self> {
         let path = run_dir.join(RESULTS_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            // A run folder whose run has not finished: say what to do about it.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && run_dir.join(crate::run::RECIPE_FILE).is_file() =>
+            {
+                return Err(Error::file(
+                    &path,
+                    "missing: the run in this folder has not finished; run the same recipe \
+                     with --out naming this folder to resume it",
+                ))
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
         serde_json::from_str(&text)
             .map_err(|e| Error::file(&path, format!("not a valid artguide results file: {e}")))
     }
