@@ -560,6 +560,17 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
             serde_json::json!({"event": "scheduler", "scheduler": scheduler.kind.cli_name(), "reason": reason}),
         );
     }
+    for (flag, text) in [
+        ("--prompt", &args.prompt),
+        ("--negative-prompt", &args.negative_prompt),
+    ] {
+        if let Some((tokens, room)) = model.prompt_overflow(text)? {
+            loading.warn(
+                &format!("{flag} is {tokens} tokens; the text encoder reads the first {room}, the rest is ignored"),
+                serde_json::json!({"event": "truncated", "option": &flag[2..], "tokens": tokens, "kept": room}),
+            );
+        }
+    }
     if args.eta != 0.0 && scheduler.kind != crate::schedulers::SchedulerKind::Ddim {
         loading.warn(
             &format!(
@@ -598,6 +609,18 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         (None, Some(l)) => l.dim(0)?,
         (None, None) => 1,
     };
+    // Image i uses seed + i; wrapping past the largest seed would reuse seed 0's noise.
+    if args
+        .seed
+        .checked_add((num_images as u64).saturating_sub(1))
+        .is_none()
+    {
+        anyhow::bail!(
+            "--seed {}: image i uses seed + i, so seed + num-images - 1 must be at most {}",
+            args.seed,
+            u64::MAX
+        );
+    }
     let gopts = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),

@@ -256,13 +256,12 @@ pub fn generate(
             };
             latents = scheduler.step(&pred, i, &latents, n.as_ref())?;
             crate::interrupt::check()?;
-            progress.tick(&format!(
-                "image {}/{} step {}/{}",
-                index + 1,
-                opts.num_images,
-                i + 1 - start,
-                timesteps.len() - start
-            ));
+            let step = format!("step {}/{}", i + 1 - start, timesteps.len() - start);
+            progress.tick(&if opts.num_images > 1 {
+                format!("image {}/{} {step}", index + 1, opts.num_images)
+            } else {
+                step
+            });
         }
         timings.insert("denoise".into(), t_loop.elapsed().as_secs_f64());
         if guide.is_some() {

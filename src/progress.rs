@@ -25,6 +25,8 @@ pub struct Progress {
     start: Instant,
     total: u64,
     done: AtomicU64,
+    /// What the current unit belongs to (a run's item id), put before each tick's label.
+    context: std::sync::Mutex<String>,
 }
 
 impl Progress {
@@ -48,12 +50,28 @@ impl Progress {
             start: Instant::now(),
             total,
             done: AtomicU64::new(0),
+            context: std::sync::Mutex::new(String::new()),
+        }
+    }
+
+    /// Names what the following ticks belong to (a recipe run's item); empty for nothing.
+    pub fn set_context(&self, context: &str) {
+        if let Ok(mut c) = self.context.lock() {
+            *c = context.to_string();
         }
     }
 
     /// Marks one unit done; `label` says where (e.g. "image 2/4 step 7/30").
     pub fn tick(&self, label: &str) {
         let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        let context = self.context.lock().map(|c| c.clone()).unwrap_or_default();
+        let owned;
+        let label = if context.is_empty() {
+            label
+        } else {
+            owned = format!("{context}: {label}");
+            owned.as_str()
+        };
         match self.mode {
             ProgressMode::Bar => {
                 if let Some(b) = &self.bar {

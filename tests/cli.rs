@@ -278,6 +278,15 @@ fn cheap_mistakes_are_named_before_any_work() {
         &out,
         &["--dtype bf16", "not supported on the CPU"],
     );
+    assert_user_error(
+        generate(
+            &tiny(),
+            &out,
+            &["--seed", "18446744073709551615", "--num-images", "2"],
+        ),
+        &out,
+        &["--seed 18446744073709551615", "seed + num-images - 1"],
+    );
     // An I/O cause is said once, not repeated by the error chain.
     let o = generate(&tiny(), &out, &["--init-image", "nope.png"]);
     let err = stderr(&o);
@@ -304,6 +313,15 @@ fn cheap_mistakes_are_named_before_any_work() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("--eta 0.5 is ignored: it applies to DDIM only"),
+        "{}",
+        stderr(&o)
+    );
+    // A prompt longer than the text encoder reads is said to be cut.
+    let long = "a lighthouse at dusk, ".repeat(40);
+    let o = generate(&tiny(), &out, &["--prompt", &long]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--prompt is ") && stderr(&o).contains("the rest is ignored"),
         "{}",
         stderr(&o)
     );

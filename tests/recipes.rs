@@ -72,8 +72,29 @@ fn every_smoke_recipe_runs_and_records_each_image() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["compare", "style-transfer", "period-shift", "probeset"] {
         let out = tmp.path().join(name);
-        let o = run(&smoke(name), &out, &[]);
+        let o = if name == "probeset" {
+            bin()
+                .args(["--json", "run"])
+                .arg(smoke(name))
+                .arg("--out")
+                .arg(&out)
+                .output()
+                .unwrap()
+        } else {
+            run(&smoke(name), &out, &[])
+        };
         assert!(o.status.success(), "{name}: {}", stderr(&o));
+        if name == "probeset" {
+            // Progress names the item each step belongs to.
+            let labels: Vec<String> = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|v| v["event"] == "progress")
+                .map(|v| v["label"].as_str().unwrap().to_string())
+                .collect();
+            assert!(!labels.is_empty());
+            assert!(labels.iter().all(|l| l.contains(": step ")), "{labels:?}");
+        }
         let r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
         let items = r["items"].as_array().unwrap();

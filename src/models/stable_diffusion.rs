@@ -398,6 +398,17 @@ impl SdModel {
         Ok(Tensor::from_vec(ids, (1, n), &self.device)?)
     }
 
+    /// `(tokens, room)` when `text` has more tokens than the text encoder reads (`room`,
+    /// the sequence length less the start and end tokens): the rest is cut off, as
+    /// diffusers does. None when it fits.
+    pub fn prompt_overflow(&self, text: &str) -> Result<Option<(usize, usize)>> {
+        let (tokens, room) = match &self.tokenizer {
+            PromptTokenizer::Clip(t) => (t.tokens(text)?.len(), t.max_length() - 2),
+            PromptTokenizer::Bytes { max_len } => (text.len(), max_len - 2),
+        };
+        Ok((tokens > room).then_some((tokens, room)))
+    }
+
     /// What the UNet is conditioned on for a prompt: the text encoder's last hidden state
     /// (1 x 77 x width, model dtype); for SDXL both encoders' penultimate hidden states side by
     /// side plus the second encoder's pooled projection, as diffusers' SDXL pipeline does.

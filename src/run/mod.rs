@@ -343,11 +343,13 @@ pub fn execute(
     }
     for item in todo {
         let m = models.as_ref().expect("loaded when there is work");
+        progress.set_context(&item.id);
         let entry = make_item(recipe, m, item, opts, progress)?;
         manifest.items.insert(item.id.clone(), entry);
         manifest.save(out)?;
         on_item(item, ItemStatus::Made);
     }
+    progress.set_context("");
     let results = assemble(recipe, suite, &manifest, &items)?;
     write_results(out, &results)?;
     Ok(results)
