@@ -298,6 +298,11 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             ),
             vec!["arms", "baseline"],
         ),
+        (
+            "strength without an init image",
+            good.replace("  steps: 4\n", "  steps: 4\n  strength: 0.5\n"),
+            vec!["generation.strength", "only to img2img"],
+        ),
         // Found only once the model is loaded, still before anything is written.
         (
             "size off the latent grid",

@@ -55,7 +55,19 @@ pub struct Generation {
     pub negative_prompt: String,
     /// img2img init image (also the content image of style transfer).
     pub init_image: Option<PathBuf>,
-    pub strength: f64,
+    /// img2img strength; only with `init_image` (default: [`DEFAULT_STRENGTH`], via
+    /// [`Generation::strength`]).
+    pub strength: Option<f64>,
+}
+
+/// img2img strength when a recipe with an init image gives none (diffusers' default).
+pub const DEFAULT_STRENGTH: f64 = 0.75;
+
+impl Generation {
+    /// The img2img strength to use.
+    pub fn strength(&self) -> f64 {
+        self.strength.unwrap_or(DEFAULT_STRENGTH)
+    }
 }
 
 impl Default for Generation {
@@ -69,7 +81,7 @@ impl Default for Generation {
             height: None,
             negative_prompt: String::new(),
             init_image: None,
-            strength: 0.75,
+            strength: None,
         }
     }
 }
@@ -318,12 +330,18 @@ impl LoadedRecipe {
             .map_err(|e| self.field_err("generation.scheduler", e.to_string()))?;
         if let Some(p) = &g.init_image {
             self.must_exist("generation.init_image", p)?;
-            if !(g.strength > 0.0 && g.strength <= 1.0) {
+            if !(g.strength() > 0.0 && g.strength() <= 1.0) {
                 return Err(self.field_err(
                     "generation.strength",
-                    format!("{}: expected a number in (0, 1]", g.strength),
+                    format!("{}: expected a number in (0, 1]", g.strength()),
                 ));
             }
+        } else if g.strength.is_some() {
+            // Without an init image it would be silently unused.
+            return Err(self.field_err(
+                "generation.strength",
+                "is set, but it applies only to img2img: add generation.init_image or remove it",
+            ));
         }
         if r.experiments.is_empty() {
             return Err(self.field_err("experiments", "is empty: expected at least one"));

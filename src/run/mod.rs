@@ -452,7 +452,7 @@ fn item_options(
         height: g.height.or(ih).unwrap_or_else(|| m.sd.default_size()),
         num_images: 1,
         init_image: m.init_image.clone(),
-        strength: g.strength,
+        strength: g.strength(),
         latents: None,
         guide,
     })
@@ -697,7 +697,7 @@ pub fn estimate(
         Ok(())
     })?;
     let steps_per_item = match &g.init_image {
-        Some(_) => g.steps - crate::schedulers::img2img_start_index(g.steps, g.strength)?,
+        Some(_) => g.steps - crate::schedulers::img2img_start_index(g.steps, g.strength())?,
         None => g.steps,
     };
     let mut guided_steps = 0;
