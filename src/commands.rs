@@ -77,7 +77,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-                serde_json::json!({"event": "probeset", "images": results.items.len(), "files": files}),
+                serde_json::json!({"event": "probeset", "images": results.items.len(), "files": paths_json(&files)}),
             );
             Ok(())
         }
@@ -125,7 +125,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         let experiments = recipe.recipe.experiments.len();
         let summary = serde_json::json!({"event": "plan", "recipe": recipe.recipe.name,
             "experiments": experiments, "images": items, "guided_images": guided,
-            "steps_per_image": steps, "unet_steps": items * steps, "out": out});
+            "steps_per_image": steps, "unet_steps": items * steps, "out": out.display().to_string()});
         if mode == ProgressMode::Json {
             out!("{summary}");
             return Ok(None);
@@ -185,7 +185,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         progress.event(
             &format!("{:?} {}", status, item.id),
             serde_json::json!({"event": "item", "id": item.id, "status": format!("{status:?}").to_lowercase(),
-                               "image": out.join(crate::run::image_rel(&item.id))}),
+                               "image": out.join(crate::run::image_rel(&item.id)).display().to_string()}),
         );
     })
     .map_err(|e| {
@@ -213,7 +213,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
             results.items.len(),
             out.join(crate::run::results::RESULTS_FILE).display()
         ),
-        serde_json::json!({"event": "done", "images": results.items.len(), "made": made, "skipped": skipped, "out": out}),
+        serde_json::json!({"event": "done", "images": results.items.len(), "made": made, "skipped": skipped, "out": out.display().to_string()}),
     );
     Ok(Some(out))
 }
@@ -266,7 +266,7 @@ fn run_merge(args: &crate::cli::MergeArgs, mode: ProgressMode) -> Result<()> {
     let results = crate::run::merge(&recipe, &plan, &suite, &args.shards, &args.out, args.force)?;
     Progress::new(mode, 0, "").event(
         &format!("merged {} shards: {} images -> {}", args.shards.len(), results.items.len(), args.out.display()),
-        serde_json::json!({"event": "merged", "shards": args.shards.len(), "images": results.items.len(), "out": args.out}),
+        serde_json::json!({"event": "merged", "shards": args.shards.len(), "images": results.items.len(), "out": args.out.display().to_string()}),
     );
     Ok(())
 }
@@ -346,7 +346,11 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     }
     // One line for --json, so stdout stays JSON lines; indented for a person otherwise.
     let json = if mode == ProgressMode::Json && args.out.is_none() {
-        serde_json::to_string(&results)?
+        // Spliced as text: a serde_json::Value would print the f32 values with f64 digits.
+        format!(
+            r#"{{"event":"results","results":{}}}"#,
+            serde_json::to_string(&results)?
+        )
     } else {
         serde_json::to_string_pretty(&results)?
     };
@@ -359,7 +363,7 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
             output::write_atomic(p, json.as_bytes(), true)?;
             progress.event(
                 &format!("probed {} images ({} from cache) -> {}", results.images.len(), results.cached, p.display()),
-                serde_json::json!({"event": "done", "out": p, "images": results.images.len(), "cached": results.cached}),
+                serde_json::json!({"event": "done", "out": p.display().to_string(), "images": results.images.len(), "cached": results.cached}),
             );
         }
         None => out!("{json}"),
@@ -399,7 +403,7 @@ fn run_embed(args: &EmbedArgs, mode: ProgressMode) -> Result<()> {
     crate::probe::table::write_csv(&list, &["row", "path"], &rows)?;
     progress.event(
         &format!("wrote {} ({} x {}) and {}", args.out.display(), m.rows, m.cols, list.display()),
-        serde_json::json!({"event": "done", "npy": args.out, "list": list, "rows": m.rows, "dims": m.cols, "clip": enc.id}),
+        serde_json::json!({"event": "done", "npy": args.out.display().to_string(), "list": list.display().to_string(), "rows": m.rows, "dims": m.cols, "clip": enc.id}),
     );
     Ok(())
 }
@@ -534,6 +538,9 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
     if args.init_image.is_some() {
         crate::schedulers::img2img_start_index(args.steps, args.strength)?;
     }
+    if args.latents.is_none() {
+        check_seed(args.seed, args.num_images.unwrap_or(1))?;
+    }
     let init_image = match &args.init_image {
         Some(p) => Some(generate::load_init_image(p, args.max_pixels)?),
         None => None,
@@ -543,6 +550,8 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         Some(p) => Some(crate::probe::suite::Suite::load(p)?),
         None => None,
     };
+    // The inputs are good: make sure the images can be written before the long work.
+    output::prepare_output_dir(&args.out).context("--out")?;
     let loading = Progress::new(mode, 0, "");
     loading.event(
         "loading model…",
@@ -571,6 +580,23 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
             );
         }
     }
+    // TEXT:WEIGHT is ambiguous when the text has a colon of its own (`ratio 16:9`,
+    // `blurry:-0.5x`): say how each such prompt was read.
+    for p in args
+        .guidance
+        .clip_prompts
+        .iter()
+        .filter(|p| p.contains(':'))
+    {
+        let t: TextTarget = p.parse()?;
+        loading.warn(
+            &format!(
+                "--clip-prompt `{p}` is read as text `{}` with weight {} (end it with :WEIGHT, e.g. :1, to keep a colon in the text)",
+                t.text, t.weight
+            ),
+            serde_json::json!({"event": "clip_prompt", "given": p, "text": t.text, "weight": t.weight}),
+        );
+    }
     if args.eta != 0.0 && scheduler.kind != crate::schedulers::SchedulerKind::Ddim {
         loading.warn(
             &format!(
@@ -589,13 +615,16 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
     let height = args.height.or(ih).unwrap_or_else(|| model.default_size());
     let (c, h, w) = match (model.latent_shape(width, height), &args.init_image) {
         (Ok(shape), _) => shape,
-        // The size came from the init image (which is not resized): say so.
-        (Err(e), Some(p)) if args.width.is_none() || args.height.is_none() => {
+        // The bad side came from the init image (which is not resized): say so.
+        (Err(crate::Error::Value { name, message }), Some(p))
+            if (name == "width" && args.width.is_none())
+                || (name == "height" && args.height.is_none()) =>
+        {
             anyhow::bail!(
-                "--init-image {}: {}x{} does not fit the model ({e}); crop or resize the image",
+                "--init-image {}: {}x{} does not fit the model ({name}: {message}); crop or resize the image",
                 p.display(),
-                iw.unwrap_or(width),
-                ih.unwrap_or(height)
+                width,
+                height
             )
         }
         (Err(e), _) => return Err(e.into()),
@@ -609,18 +638,7 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         (None, Some(l)) => l.dim(0)?,
         (None, None) => 1,
     };
-    // Image i uses seed + i; wrapping past the largest seed would reuse seed 0's noise.
-    if args
-        .seed
-        .checked_add((num_images as u64).saturating_sub(1))
-        .is_none()
-    {
-        anyhow::bail!(
-            "--seed {}: image i uses seed + i, so seed + num-images - 1 must be at most {}",
-            args.seed,
-            u64::MAX
-        );
-    }
+    check_seed(args.seed, num_images)?;
     let gopts = GenerateOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -714,7 +732,7 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         progress.event(
             &format!("wrote {png_s}"),
             serde_json::json!({"event": "image", "index": g.index, "seed": g.seed, "path": png_s,
-                               "files": paths, "timings": g.timings}),
+                               "files": paths_json(&paths), "timings": g.timings}),
         );
         Ok(())
     })?;
@@ -919,6 +937,25 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Image i uses seed + i; wrapping past the largest seed would reuse seed 0's noise.
+fn check_seed(seed: u64, num_images: usize) -> Result<()> {
+    if seed
+        .checked_add((num_images as u64).saturating_sub(1))
+        .is_none()
+    {
+        anyhow::bail!(
+            "--seed {seed}: image i uses seed + i, so seed + num-images - 1 must be at most {}",
+            u64::MAX
+        );
+    }
+    Ok(())
+}
+
+/// Paths as JSON strings; `json!` on a path panics when it is not UTF-8.
+fn paths_json(paths: &[PathBuf]) -> Vec<String> {
+    paths.iter().map(|p| p.display().to_string()).collect()
 }
 
 /// Whether a failure is only stdout's reader having gone away (`artguide ... | head`): the

@@ -176,6 +176,11 @@ fn shards_merge_into_the_unsharded_run() {
             "{n} differs between the merged and the unsharded run"
         );
     }
+    // A shard run in the folder of the whole run finds its items done and keeps
+    // results.json whole (it used to cut it to the shard's items).
+    let o = run(&recipe, &whole, &["--shard", "0/2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(tree(&whole) == tw, "a shard run changed the whole run's folder");
     // Merging with a shard missing is refused by name.
     let o = bin()
         .args(["--quiet", "merge"])
@@ -339,6 +344,23 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         assert!(!err.contains("resume"), "{what}: {err}");
         assert!(!out.exists(), "{what}: the output folder was created");
     }
+    // A later arm's bad setting (here its style image is over --max-pixels) fails before the
+    // first image, not after the earlier arms' images are made.
+    let style = std::fs::read_to_string(smoke("style-transfer")).unwrap();
+    let (head, arms) = style.split_once("      - name: style-image\n").unwrap();
+    let (style_arm, text_arm) = arms.split_once("      - name: text\n").unwrap();
+    let reordered =
+        format!("{head}      - name: text\n{text_arm}      - name: style-image\n{style_arm}");
+    let path = dir.join(".test-bad-late-arm.yaml");
+    std::fs::write(&path, &reordered).unwrap();
+    let out = tmp.path().join("late-arm");
+    let o = run(&path, &out, &["--max-pixels", "100"]);
+    let _ = std::fs::remove_file(&path);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "late arm: expected failure");
+    assert!(err.contains("swirls.png") && err.contains("100"), "{err}");
+    assert!(!out.exists(), "late arm: the output folder was created");
+
     // A folder holding another recipe's run is not reused without --force.
     let out = tmp.path().join("taken");
     let o = run(&smoke("probeset"), &out, &[]);

@@ -77,18 +77,6 @@ impl FromStr for TextTarget {
                     weight,
                 });
             }
-            // A suffix that starts like a number but is not one is a mistyped weight
-            // (`blurry:-0.5x`); taken as text it would pull toward what was meant to repel.
-            let w = w.trim();
-            if !w.is_empty()
-                && !w.contains(char::is_whitespace)
-                && w.starts_with(|c: char| c.is_ascii_digit() || "+-.".contains(c))
-            {
-                return Err(Error::value(
-                    "clip-prompt",
-                    format!("`{s}`: weight `{w}` is not a number (expected TEXT:WEIGHT, e.g. `blurry:-0.5`)"),
-                ));
-            }
         }
         Ok(TextTarget {
             text: s.trim().to_string(),

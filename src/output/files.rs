@@ -230,6 +230,19 @@ pub fn check_output_dir(dir: &Path) -> Result<()> {
                     format!("cannot be created: {} is not a folder", p.display()),
                 ))
             }
+            // A link to nothing: create_dir_all would fail on it after the work is done.
+            Err(e)
+                if e.kind() == ErrorKind::NotFound
+                    && fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) =>
+            {
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "cannot be created: {} is a symbolic link to a missing path",
+                        p.display()
+                    ),
+                ))
+            }
             // A file among the ancestors reads as "not a directory": keep walking up to it.
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
                 match p.parent() {
@@ -247,6 +260,16 @@ pub fn check_output_dir(dir: &Path) -> Result<()> {
 fn create_output_dir(dir: &Path) -> Result<()> {
     check_output_dir(dir)?;
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Creates the output folder `dir` and proves a file can be written there (a hidden file,
+/// removed at once), for commands that write into it only after long work.
+pub fn prepare_output_dir(dir: &Path) -> Result<()> {
+    create_output_dir(dir)?;
+    let probe = dir.join(format!(".artguide-write-test-{}.tmp", std::process::id()));
+    File::create(&probe).map_err(|e| Error::io(dir, e))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
 }
 
 /// Computes the sha256 of a file, streaming; lowercase hex.
@@ -547,6 +570,16 @@ mod tests {
         check_output_dir(&dir.path().join("new/sub")).unwrap();
         assert!(!dir.path().join("new").exists());
         check_output_dir(Path::new("relative-missing")).unwrap();
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("dangling");
+            std::os::unix::fs::symlink(dir.path().join("nowhere/zz"), &link).unwrap();
+            let err = check_output_dir(&link).unwrap_err().to_string();
+            assert!(err.contains("symbolic link to a missing path"), "{err}");
+        }
+        prepare_output_dir(&dir.path().join("made/here")).unwrap();
+        assert!(dir.path().join("made/here").is_dir());
+        assert!(names(&dir.path().join("made/here")).is_empty());
         assert_eq!(fs::read(&file).unwrap(), b"x");
     }
 

@@ -220,20 +220,23 @@ pub fn inspect(path: &Path) -> Result<String> {
 pub fn inspect_json(path: &Path) -> Result<serde_json::Value> {
     let (text, sidecar, tensors) = read_record(path)?;
     let parsed = crate::output::params::parse_webui_parameters(&text).ok();
+    // A repeated key keeps its first value, as `ParsedParameters::get` reads it.
     let settings = parsed.as_ref().map(|p| {
-        p.settings
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
-            .collect::<serde_json::Map<_, _>>()
+        let mut m = serde_json::Map::new();
+        for (k, v) in &p.settings {
+            m.entry(k.clone()).or_insert_with(|| v.clone().into());
+        }
+        m
     });
+    let show = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
     Ok(serde_json::json!({
-        "image": path,
+        "image": path.display().to_string(),
         "parameters": text,
         "prompt": parsed.as_ref().map(|p| p.prompt.clone()),
         "negative_prompt": parsed.as_ref().map(|p| p.negative_prompt.clone()),
         "settings": settings,
-        "sidecar": sidecar,
-        "tensors": tensors,
+        "sidecar": show(sidecar),
+        "tensors": show(tensors),
     }))
 }
 

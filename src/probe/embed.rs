@@ -161,7 +161,7 @@ pub fn embed_images(
                 Err(e) if on_error == OnError::Skip => {
                     progress.warn(
                         &format!("skipped {e}"),
-                        serde_json::json!({"event": "skipped", "path": p, "error": e.to_string()}),
+                        serde_json::json!({"event": "skipped", "path": p.display().to_string(), "error": e.to_string()}),
                     );
                 }
                 Err(e) => return Err(e),

@@ -284,7 +284,7 @@ pub fn probe_images(
                 }
                 Err(e) if on_error == OnError::Skip => progress.warn(
                     &format!("skipped {e}"),
-                    serde_json::json!({"event": "skipped", "path": paths[i], "error": e.to_string()}),
+                    serde_json::json!({"event": "skipped", "path": paths[i].display().to_string(), "error": e.to_string()}),
                 ),
                 Err(e) => return Err(e),
             }

@@ -61,8 +61,14 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t)
-                .map_err(|e| Error::file(&path, format!("not a valid run manifest: {e}"))),
+            Ok(t) => serde_json::from_str(&t).map_err(|e| {
+                Error::file(
+                    &path,
+                    format!(
+                        "not a valid run manifest ({e}); delete it to make the run's images again"
+                    ),
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
             Err(e) => Err(Error::io(&path, e)),
         }
@@ -300,12 +306,14 @@ pub fn execute(
         )?);
     }
     if let Some(m) = &models {
-        // The settings every item shares (size, steps, strength, memory) are checked on the
-        // first item, and on the first guided one, whose memory need is larger.
-        let guided = todo
+        // Items of one arm share their settings (size, steps, strength, guidance: its images,
+        // decoder and cutouts, so its memory need): the first item of each arm still to make
+        // is checked, so a bad later arm fails before the first image, not after it.
+        let mut arms = std::collections::HashSet::new();
+        for it in todo
             .iter()
-            .find(|it| it.guidance.as_ref().is_some_and(|g| g.is_active()));
-        for it in todo.first().into_iter().chain(guided) {
+            .filter(|it| arms.insert((it.experiment.as_str(), it.arm.as_str())))
+        {
             let gopts = item_options(recipe, m, it, opts)?;
             generate::validate(&m.sd, &gopts)?;
             crate::resources::check(&m.sd, &gopts)?;
@@ -350,7 +358,14 @@ pub fn execute(
         on_item(item, ItemStatus::Made);
     }
     progress.set_context("");
-    let results = assemble(recipe, suite, &manifest, &items)?;
+    // A shard run in a folder that also holds every other item (the whole run made there
+    // before) keeps results.json whole rather than cutting it to the shard.
+    let whole = opts.shard.is_some() && plan.items.iter().all(|it| is_done(out, &manifest, &it.id));
+    let results = if whole {
+        assemble(recipe, suite, &manifest, &all)?
+    } else {
+        assemble(recipe, suite, &manifest, &items)?
+    };
     write_results(out, &results)?;
     Ok(results)
 }
