@@ -180,7 +180,10 @@ fn shards_merge_into_the_unsharded_run() {
     // results.json whole (it used to cut it to the shard's items).
     let o = run(&recipe, &whole, &["--shard", "0/2"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(tree(&whole) == tw, "a shard run changed the whole run's folder");
+    assert!(
+        tree(&whole) == tw,
+        "a shard run changed the whole run's folder"
+    );
     // Merging with a shard missing is refused by name.
     let o = bin()
         .args(["--quiet", "merge"])
