@@ -550,8 +550,6 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         Some(p) => Some(crate::probe::suite::Suite::load(p)?),
         None => None,
     };
-    // The inputs are good: make sure the images can be written before the long work.
-    output::prepare_output_dir(&args.out).context("--out")?;
     let loading = Progress::new(mode, 0, "");
     loading.event(
         "loading model…",
@@ -580,22 +578,15 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
             );
         }
     }
-    // TEXT:WEIGHT is ambiguous when the text has a colon of its own (`ratio 16:9`,
-    // `blurry:-0.5x`): say how each such prompt was read.
-    for p in args
-        .guidance
-        .clip_prompts
-        .iter()
-        .filter(|p| p.contains(':'))
-    {
-        let t: TextTarget = p.parse()?;
-        loading.warn(
-            &format!(
-                "--clip-prompt `{p}` is read as text `{}` with weight {} (end it with :WEIGHT, e.g. :1, to keep a colon in the text)",
-                t.text, t.weight
-            ),
-            serde_json::json!({"event": "clip_prompt", "given": p, "text": t.text, "weight": t.weight}),
-        );
+    // TEXT:WEIGHT is ambiguous when the text has colons or numbers of its own: say how such
+    // a prompt was read.
+    for p in &args.guidance.clip_prompts {
+        if let Some(how) = TextTarget::ambiguity(p) {
+            loading.warn(
+                &format!("--clip-prompt `{p}`: {how}"),
+                serde_json::json!({"event": "clip_prompt", "given": p, "note": how}),
+            );
+        }
     }
     if args.eta != 0.0 && scheduler.kind != crate::schedulers::SchedulerKind::Ddim {
         loading.warn(
@@ -623,8 +614,8 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
             anyhow::bail!(
                 "--init-image {}: {}x{} does not fit the model ({name}: {message}); crop or resize the image",
                 p.display(),
-                width,
-                height
+                iw.unwrap_or(width),
+                ih.unwrap_or(height)
             )
         }
         (Err(e), _) => return Err(e.into()),
@@ -674,6 +665,9 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         }
         gopts.guide = Some(std::sync::Arc::new(guide));
     }
+    // Every input is good: make sure the images can be written before the long work (the
+    // folder is made only now, so a bad input above leaves nothing behind).
+    output::prepare_output_dir(&args.out).context("--out")?;
     // Held-out probing: the probe CLIP, and the guide CLIP itself so the sidecar shows
     // whether guidance fooled only the model it was steered by.
     let mut probers = Vec::new();

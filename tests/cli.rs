@@ -316,6 +316,31 @@ fn cheap_mistakes_are_named_before_any_work() {
         "{}",
         stderr(&o)
     );
+    // An error found after the model loads leaves no output folder behind.
+    let fresh = tmp.path().join("fresh");
+    let o = generate(&tiny(), &fresh, &["--width", "33"]);
+    assert!(!o.status.success());
+    assert!(
+        !fresh.exists(),
+        "the output folder was made for a failed request"
+    );
+    // An init image whose own size does not fit is named, with that size.
+    let odd = tmp.path().join("odd.png");
+    image::RgbImage::new(40, 33).save(&odd).unwrap();
+    let o = bin()
+        .args(["--quiet", "generate", "--model"])
+        .arg(tiny())
+        .args(["--prompt", "x", "--steps", "2", "--init-image"])
+        .arg(&odd)
+        .arg("--out")
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&o).contains("odd.png: 40x33 does not fit the model (height"),
+        "{}",
+        stderr(&o)
+    );
     // The bad side is named by where it came from: here --width, not the (good) init image.
     let o = generate(
         &tiny(),
@@ -351,7 +376,7 @@ fn cheap_mistakes_are_named_before_any_work() {
         &["--clip-prompt", "ratio 16:9", "--clip-guidance-scale", "0"],
     );
     assert!(
-        stderr(&o).contains("`ratio 16:9` is read as text `ratio 16` with weight 9"),
+        stderr(&o).contains("`ratio 16:9`: read as text `ratio 16` with weight 9"),
         "{}",
         stderr(&o)
     );

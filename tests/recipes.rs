@@ -184,6 +184,19 @@ fn shards_merge_into_the_unsharded_run() {
         tree(&whole) == tw,
         "a shard run changed the whole run's folder"
     );
+    // With an item of the other shard gone, results.json keeps every item still finished
+    // there (it used to be cut to the shard's own).
+    let results = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap()
+    };
+    let items_in = |dir: &Path| results(dir)["items"].as_array().unwrap().len();
+    // Items are in plan order, and shard 1/2 holds the odd positions.
+    let other = whole.join(results(&whole)["items"][1]["image"].as_str().unwrap());
+    let before = items_in(&whole);
+    std::fs::remove_file(&other).unwrap();
+    let o = run(&recipe, &whole, &["--shard", "0/2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(items_in(&whole), before - 1);
     // Merging with a shard missing is refused by name.
     let o = bin()
         .args(["--quiet", "merge"])
@@ -310,6 +323,15 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             "strength without an init image",
             good.replace("  steps: 4\n", "  steps: 4\n  strength: 0.5\n"),
             vec!["generation.strength", "only to img2img"],
+        ),
+        (
+            "empty subject in a guidance prompt",
+            good.replace(
+                "subjects: [a harbour, a village]",
+                "subjects: [a harbour, \"\"]",
+            )
+            .replace("text: \"{target}\"", "text: \"{subject}\""),
+            vec!["s01", "empty text"],
         ),
         // Found only once the model is loaded, still before anything is written.
         (

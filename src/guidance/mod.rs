@@ -59,6 +59,33 @@ fn one() -> f64 {
     1.0
 }
 
+impl TextTarget {
+    /// How `TEXT:WEIGHT` was read, when that may not be what was meant: a number after a
+    /// colon that follows a digit (`ratio 16:9`, `at 10:30` become weights 9 and 30), or a
+    /// suffix that starts like a number but is not one (`blurry:-0.5x` stays text, weight 1).
+    /// None for the unambiguous forms (`blurry:-0.5`, `style: baroque`).
+    pub fn ambiguity(s: &str) -> Option<String> {
+        let (text, w) = s.rsplit_once(':')?;
+        let w = w.trim();
+        if w.parse::<f64>().is_ok() {
+            return text.ends_with(|c: char| c.is_ascii_digit()).then(|| {
+                format!(
+                    "read as text `{}` with weight {w}; end it with :1 to keep the colon in the text",
+                    text.trim()
+                )
+            });
+        }
+        let number_like = !w.contains(char::is_whitespace)
+            && w.starts_with(|c: char| c.is_ascii_digit() || "+-.".contains(c))
+            && w.contains(|c: char| c.is_ascii_digit());
+        number_like.then(|| {
+            format!(
+                "`{w}` is not a number, so all of it is text with weight 1 (TEXT:WEIGHT takes a number, e.g. blurry:-0.5)"
+            )
+        })
+    }
+}
+
 impl FromStr for TextTarget {
     type Err = Error;
 

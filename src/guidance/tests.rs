@@ -16,6 +16,14 @@ fn text_targets_parse_with_optional_weight() {
     // each prompt with a colon was read).
     let t: TextTarget = "smiley face :-)".parse().unwrap();
     assert_eq!((t.text.as_str(), t.weight), ("smiley face :-)", 1.0));
+    // Readings that may not be what was meant are described; the plain forms are not.
+    for plain in ["blurry:-0.5", "style: baroque", "smiley face :-)", "a cat"] {
+        assert_eq!(TextTarget::ambiguity(plain), None, "{plain}");
+    }
+    let a = TextTarget::ambiguity("ratio 16:9").unwrap();
+    assert!(a.contains("text `ratio 16` with weight 9"), "{a}");
+    let a = TextTarget::ambiguity("blurry:-0.5x").unwrap();
+    assert!(a.contains("`-0.5x` is not a number"), "{a}");
 }
 
 #[test]

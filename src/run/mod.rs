@@ -309,6 +309,14 @@ pub fn execute(
         // Items of one arm share their settings (size, steps, strength, guidance: its images,
         // decoder and cutouts, so its memory need): the first item of each arm still to make
         // is checked, so a bad later arm fails before the first image, not after it.
+        // Guidance prompts are filled per cell ({subject}, {target}), so each item's own
+        // guidance settings are checked too (cheap: no model runs).
+        for it in &todo {
+            if let Some(g) = &it.guidance {
+                g.validate()
+                    .map_err(|e| Error::Msg(format!("item {}: guidance: {e}", it.id)))?;
+            }
+        }
         let mut arms = std::collections::HashSet::new();
         for it in todo
             .iter()
@@ -358,14 +366,18 @@ pub fn execute(
         on_item(item, ItemStatus::Made);
     }
     progress.set_context("");
-    // A shard run in a folder that also holds every other item (the whole run made there
-    // before) keeps results.json whole rather than cutting it to the shard.
-    let whole = opts.shard.is_some() && plan.items.iter().all(|it| is_done(out, &manifest, &it.id));
-    let results = if whole {
-        assemble(recipe, suite, &manifest, &all)?
-    } else {
-        assemble(recipe, suite, &manifest, &items)?
+    // results.json holds every plan item finished in this folder: for a shard folder its own
+    // items, and a shard run into a folder holding more (the whole run, or other shards)
+    // keeps those too rather than cutting them to the shard.
+    let finished: Vec<&PlanItem> = match opts.shard {
+        Some(_) => all
+            .iter()
+            .copied()
+            .filter(|it| is_done(out, &manifest, &it.id))
+            .collect(),
+        None => items,
     };
+    let results = assemble(recipe, suite, &manifest, &finished)?;
     write_results(out, &results)?;
     Ok(results)
 }
