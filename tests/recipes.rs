@@ -386,6 +386,25 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     assert!(err.contains("swirls.png") && err.contains("100"), "{err}");
     assert!(!out.exists(), "late arm: the output folder was created");
 
+    // A prompt longer than the text encoder reads is said to be cut, once per prompt.
+    let long = good
+        .replace(
+            "subjects: [a harbour, a village]",
+            &format!("subjects: [\"{}\"]", "a harbour at dusk, ".repeat(30)),
+        )
+        .replace("seeds: {start: 0, count: 3}", "seeds: [0]");
+    let path = dir.join(".test-long-prompt.yaml");
+    std::fs::write(&path, &long).unwrap();
+    let o = run(&path, &tmp.path().join("long"), &[]);
+    let _ = std::fs::remove_file(&path);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("the rest is ignored").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+
     // A folder holding another recipe's run is not reused without --force.
     let out = tmp.path().join("taken");
     let o = run(&smoke("probeset"), &out, &[]);

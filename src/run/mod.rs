@@ -317,6 +317,20 @@ pub fn execute(
                     .map_err(|e| Error::Msg(format!("item {}: guidance: {e}", it.id)))?;
             }
         }
+        // Prompts longer than the text encoder reads are cut, as diffusers does: say so once
+        // per prompt.
+        let mut seen = std::collections::HashSet::new();
+        for it in todo.iter().filter(|it| seen.insert(it.prompt.as_str())) {
+            if let Some((tokens, room)) = m.sd.prompt_overflow(&it.prompt)? {
+                progress.warn(
+                    &format!(
+                        "item {}: the prompt is {tokens} tokens; the text encoder reads the first {room}, the rest is ignored",
+                        it.id
+                    ),
+                    serde_json::json!({"event": "truncated", "item": it.id, "tokens": tokens, "kept": room}),
+                );
+            }
+        }
         let mut arms = std::collections::HashSet::new();
         for it in todo
             .iter()
