@@ -151,7 +151,14 @@ impl Plan {
 
     /// The items of shard `i` of `n` (by plan index modulo n).
     pub fn shard(&self, i: usize, n: usize) -> Vec<&PlanItem> {
-        self.items.iter().filter(|it| it.index % n == i).collect()
+        self.items.iter().filter(|it| it.in_shard(i, n)).collect()
+    }
+}
+
+impl PlanItem {
+    /// Whether the item belongs to shard `i` of `n`.
+    pub fn in_shard(&self, i: usize, n: usize) -> bool {
+        self.index % n == i
     }
 }
 

@@ -282,16 +282,26 @@ pub fn execute(
         Claim::Replace => Manifest::default(),
         Claim::Resume | Claim::Start => Manifest::load(out)?,
     };
-    let todo: Vec<&PlanItem> = items
-        .iter()
-        .copied()
-        .filter(|it| !is_done(out, &manifest, &it.id))
-        .collect();
-    let r = &recipe.recipe;
-    let probe_spec = recipe.resolve_model("probe_clip", &r.probe_clip)?;
     // From the whole plan, not the shard: every shard probes with the same CLIPs, so shards
     // merge into exactly the unsharded run.
     let all: Vec<&PlanItem> = plan.items.iter().collect();
+    // Each finished PNG is hashed once, here: what is done decides what to make, what to
+    // skip and, for a shard, which other items results.json keeps.
+    let done: std::collections::HashSet<&str> = match opts.shard {
+        Some(_) => &all,
+        None => &items,
+    }
+    .iter()
+    .filter(|it| is_done(out, &manifest, &it.id))
+    .map(|it| it.id.as_str())
+    .collect();
+    let todo: Vec<&PlanItem> = items
+        .iter()
+        .copied()
+        .filter(|it| !done.contains(it.id.as_str()))
+        .collect();
+    let r = &recipe.recipe;
+    let probe_spec = recipe.resolve_model("probe_clip", &r.probe_clip)?;
     let guides = guide_specs(&all);
     let mut models: Option<Models> = None;
     if !todo.is_empty() || manifest.probe_clip.is_empty() {
@@ -365,7 +375,7 @@ pub fn execute(
         manifest.guide_clip = m.probers.get(1).map(|p| p.encoder.id.clone());
     }
     claim_folder(recipe, out, claim)?;
-    for it in items.iter().filter(|it| is_done(out, &manifest, &it.id)) {
+    for it in items.iter().filter(|it| done.contains(it.id.as_str())) {
         on_item(it, ItemStatus::Skipped);
         for _ in 0..recipe.recipe.generation.steps {
             progress.tick("done before");
@@ -384,10 +394,10 @@ pub fn execute(
     // items, and a shard run into a folder holding more (the whole run, or other shards)
     // keeps those too rather than cutting them to the shard.
     let finished: Vec<&PlanItem> = match opts.shard {
-        Some(_) => all
+        Some((i, n)) => all
             .iter()
             .copied()
-            .filter(|it| is_done(out, &manifest, &it.id))
+            .filter(|it| it.in_shard(i, n) || done.contains(it.id.as_str()))
             .collect(),
         None => items,
     };
