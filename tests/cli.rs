@@ -159,6 +159,15 @@ fn inspect_prints_the_parameters_back() {
         .contains("unet/diffusion_pytorch_model.safetensors"));
 }
 
+/// Checks how a command ended and that stderr says each of `needles`.
+fn assert_says(o: &Output, success: bool, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.success(), success, "{err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` missing from: {err}");
+    }
+}
+
 /// Runs a failing command and checks the one-line error and that nothing was written.
 fn assert_user_error(o: Output, out: &Path, needles: &[&str]) {
     let err = stderr(&o);
@@ -264,12 +273,7 @@ fn cheap_mistakes_are_named_before_any_work() {
     let afile = tmp.path().join("afile");
     std::fs::write(&afile, b"keep me").unwrap();
     let o = generate(&tiny(), &afile, &[]);
-    let err = stderr(&o);
-    assert!(!o.status.success());
-    assert!(
-        err.contains("--out") && err.contains("afile: exists and is not a folder"),
-        "{err}"
-    );
+    assert_says(&o, false, &["--out", "afile: exists and is not a folder"]);
     assert_eq!(std::fs::read(&afile).unwrap(), b"keep me");
 
     let out = tmp.path().join("out");
@@ -301,21 +305,11 @@ fn cheap_mistakes_are_named_before_any_work() {
 
     // An option the chosen scheduler ignores is said, not silently dropped.
     let o = generate(&tiny(), &out, &["--scheduler", "euler", "--eta", "0.5"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("--eta 0.5 is ignored: it applies to DDIM only"),
-        "{}",
-        stderr(&o)
-    );
+    assert_says(&o, true, &["--eta 0.5 is ignored: it applies to DDIM only"]);
     // A prompt longer than the text encoder reads is said to be cut.
     let long = "a lighthouse at dusk, ".repeat(40);
     let o = generate(&tiny(), &out, &["--prompt", &long]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("--prompt is ") && stderr(&o).contains("the rest is ignored"),
-        "{}",
-        stderr(&o)
-    );
+    assert_says(&o, true, &["--prompt is ", "the rest is ignored"]);
     // An error found after the model loads leaves no output folder behind.
     let fresh = tmp.path().join("fresh");
     let o = generate(&tiny(), &fresh, &["--width", "33"]);
@@ -336,10 +330,10 @@ fn cheap_mistakes_are_named_before_any_work() {
         .arg(&fresh)
         .output()
         .unwrap();
-    assert!(
-        stderr(&o).contains("odd.png: 40x33 does not fit the model (height"),
-        "{}",
-        stderr(&o)
+    assert_says(
+        &o,
+        false,
+        &["odd.png: 40x33 does not fit the model (height"],
     );
     // The bad side is named by where it came from: here --width, not the (good) init image.
     let o = generate(
@@ -352,22 +346,13 @@ fn cheap_mistakes_are_named_before_any_work() {
             "33",
         ],
     );
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("invalid width: 33") && !stderr(&o).contains("--init-image"),
-        "{}",
-        stderr(&o)
-    );
+    assert_says(&o, false, &["invalid width: 33"]);
+    assert!(!stderr(&o).contains("--init-image"), "{}", stderr(&o));
     #[cfg(target_os = "linux")]
     {
         // An output folder that cannot be made fails before the model runs.
         let o = generate(&tiny(), Path::new("/proc/artguide-test-out"), &[]);
-        assert!(!o.status.success());
-        assert!(
-            stderr(&o).contains("--out: /proc/artguide-test-out"),
-            "{}",
-            stderr(&o)
-        );
+        assert_says(&o, false, &["--out: /proc/artguide-test-out"]);
     }
     // A --clip-prompt with a colon of its own is said how it was read.
     let o = generate(
@@ -385,8 +370,7 @@ fn cheap_mistakes_are_named_before_any_work() {
     std::fs::create_dir_all(&unfinished).unwrap();
     std::fs::write(unfinished.join("recipe.yaml"), "name: x\n").unwrap();
     let o = bin().arg("compare").arg(&unfinished).output().unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("has not finished"), "{}", stderr(&o));
+    assert_says(&o, false, &["has not finished"]);
 
     let bench = |extra: &[&str]| {
         bin()

@@ -67,6 +67,16 @@ fn smoke(name: &str) -> PathBuf {
     repo().join("recipes/smoke").join(format!("{name}.yaml"))
 }
 
+/// Runs recipe `text` written beside the smoke recipes (so its relative paths resolve), as a
+/// hidden file removed afterwards.
+fn run_text(name: &str, text: &str, out: &Path, extra: &[&str]) -> Output {
+    let path = smoke(&format!(".test-{name}"));
+    std::fs::write(&path, text).unwrap();
+    let o = run(&path, out, extra);
+    let _ = std::fs::remove_file(&path);
+    o
+}
+
 #[test]
 fn every_smoke_recipe_runs_and_records_each_image() {
     let tmp = tempfile::tempdir().unwrap();
@@ -278,8 +288,6 @@ fn tree_raw(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn bad_recipes_are_one_clear_line_and_write_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let good = std::fs::read_to_string(smoke("compare")).unwrap();
-    // Written next to the smoke recipes' relative paths: same folder depth.
-    let dir = repo().join("recipes/smoke");
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
         (
             "unknown key",
@@ -349,11 +357,9 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         ),
     ];
     for (what, text, needles) in cases {
-        let path = dir.join(format!(".test-bad-{}.yaml", what.replace(' ', "-")));
-        std::fs::write(&path, &text).unwrap();
-        let out = tmp.path().join(what.replace(' ', "-"));
-        let o = run(&path, &out, &[]);
-        let _ = std::fs::remove_file(&path);
+        let name = format!("bad-{}", what.replace(' ', "-"));
+        let out = tmp.path().join(&name);
+        let o = run_text(&name, &text, &out, &[]);
         let err = stderr(&o);
         assert!(!o.status.success(), "{what}: expected failure");
         assert!(!err.contains("panicked"), "{what}: {err}");
@@ -376,11 +382,8 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     let (style_arm, text_arm) = arms.split_once("      - name: text\n").unwrap();
     let reordered =
         format!("{head}      - name: text\n{text_arm}      - name: style-image\n{style_arm}");
-    let path = dir.join(".test-bad-late-arm.yaml");
-    std::fs::write(&path, &reordered).unwrap();
     let out = tmp.path().join("late-arm");
-    let o = run(&path, &out, &["--max-pixels", "100"]);
-    let _ = std::fs::remove_file(&path);
+    let o = run_text("bad-late-arm", &reordered, &out, &["--max-pixels", "100"]);
     let err = stderr(&o);
     assert!(!o.status.success(), "late arm: expected failure");
     assert!(err.contains("swirls.png") && err.contains("100"), "{err}");
@@ -393,10 +396,7 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             &format!("subjects: [\"{}\"]", "a harbour at dusk, ".repeat(30)),
         )
         .replace("seeds: {start: 0, count: 3}", "seeds: [0]");
-    let path = dir.join(".test-long-prompt.yaml");
-    std::fs::write(&path, &long).unwrap();
-    let o = run(&path, &tmp.path().join("long"), &[]);
-    let _ = std::fs::remove_file(&path);
+    let o = run_text("long-prompt", &long, &tmp.path().join("long"), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         stderr(&o).matches("the rest is ignored").count(),
