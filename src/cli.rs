@@ -32,9 +32,53 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cmd = Self::command().mut_subcommands(|c| c.allow_negative_numbers(true));
-        Self::from_arg_matches(&cmd.try_get_matches_from(args)?)
+        let mut cmd = Self::command().mut_subcommands(|c| c.allow_negative_numbers(true));
+        let matches = cmd.try_get_matches_from_mut(args)?;
+        if let Some((name, sub)) = matches.subcommand() {
+            if let Some(sub_cmd) = cmd.find_subcommand_mut(name) {
+                refuse_flags_as_text(sub_cmd, sub)?;
+            }
+        }
+        Self::from_arg_matches(&matches)
     }
+}
+
+/// Text options (prompts) take values that start with `-`, so `--prompt -dark` works; a value
+/// that is one of the command's own flags is refused, as it almost surely means the option's
+/// value was forgotten (`--prompt --seed 3`).
+fn refuse_flags_as_text(
+    cmd: &mut clap::Command,
+    matches: &clap::ArgMatches,
+) -> Result<(), clap::Error> {
+    let flags: Vec<String> = cmd
+        .get_arguments()
+        .flat_map(|a| {
+            let long = a.get_long().map(|l| format!("--{l}"));
+            let short = a.get_short().map(|s| format!("-{s}"));
+            long.into_iter().chain(short)
+        })
+        .chain(["--help".to_string(), "-h".to_string()])
+        .collect();
+    let text_args: Vec<(String, String)> = cmd
+        .get_arguments()
+        .filter(|a| a.is_allow_hyphen_values_set())
+        .filter_map(|a| Some((a.get_id().to_string(), format!("--{}", a.get_long()?))))
+        .collect();
+    for (id, long) in text_args {
+        let Ok(Some(values)) = matches.try_get_many::<String>(&id) else {
+            continue;
+        };
+        for value in values {
+            let name = value.split('=').next().unwrap_or(value);
+            if flags.iter().any(|f| f == name) {
+                return Err(cmd.error(
+                    clap::error::ErrorKind::InvalidValue,
+                    format!("{long} needs a value, but the next argument is the flag '{value}'"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The subcommands.
@@ -304,10 +348,10 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "model")]
     pub random_weights: Option<String>,
     /// The prompt.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub prompt: String,
     /// What to steer away from (classifier-free guidance's unconditional prompt).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub negative_prompt: String,
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]
@@ -374,7 +418,7 @@ pub struct GuidanceArgs {
     pub clip: Option<String>,
     /// Text target of CLIP guidance, `TEXT` or `TEXT:WEIGHT` (negative weights push away);
     /// repeat for several.
-    #[arg(long = "clip-prompt")]
+    #[arg(long = "clip-prompt", allow_hyphen_values = true)]
     pub clip_prompts: Vec<String>,
     /// Image target of CLIP guidance (cosine distance to its CLIP embedding).
     #[arg(long)]
@@ -485,5 +529,50 @@ mod tests {
             "artguide", "generate", "--model", "m", "--prompt", "x", "--eta", "-1",
         ]);
         assert!(cli.is_ok(), "{:?}", cli.err());
+    }
+
+    fn generate(args: &[&str]) -> Result<GenerateArgs, String> {
+        let all = ["artguide", "generate", "--model", "m"].iter().chain(args);
+        match Cli::try_parse_args(all) {
+            Ok(Cli {
+                command: Command::Generate(g),
+                ..
+            }) => Ok(*g),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn prompts_may_start_with_a_hyphen_but_not_be_a_flag() {
+        let g = generate(&[
+            "--prompt",
+            "-dark",
+            "--negative-prompt",
+            "- blurry",
+            "--clip-prompt",
+            "-x:2",
+        ])
+        .unwrap();
+        assert_eq!(g.prompt, "-dark");
+        assert_eq!(g.negative_prompt, "- blurry");
+        assert_eq!(g.guidance.clip_prompts, ["-x:2"]);
+        let err = generate(&["--prompt", "--quiet"]).unwrap_err();
+        assert!(
+            err.contains("--prompt needs a value") && err.contains("'--quiet'"),
+            "{err}"
+        );
+        let err = generate(&["--prompt", "x", "--negative-prompt", "--seed"]).unwrap_err();
+        assert!(
+            err.contains("--negative-prompt needs") && err.contains("'--seed'"),
+            "{err}"
+        );
+        let err = generate(&["--prompt", "x", "--clip-prompt", "--steps=3"]).unwrap_err();
+        assert!(
+            err.contains("--clip-prompt needs a value") && err.contains("'--steps=3'"),
+            "{err}"
+        );
+        let err = generate(&["--prompt", "-h"]).unwrap_err();
+        assert!(err.contains("--prompt needs a value"), "{err}");
     }
 }

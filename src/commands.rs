@@ -112,7 +112,8 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         None => plan.items.iter().collect(),
     };
     let items = shard_items.len();
-    let steps = recipe.recipe.generation.steps;
+    // What each image really runs (fewer than `steps` for img2img).
+    let steps = recipe.recipe.generation.denoising_steps()?;
     let guided = shard_items
         .iter()
         .filter(|i| i.guidance.as_ref().is_some_and(|g| g.is_active()))
@@ -130,8 +131,13 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
             out!("{summary}");
             return Ok(None);
         }
+        let g = &recipe.recipe.generation;
+        let each = match g.init_image {
+            Some(_) => format!("{steps} of {} steps each (img2img)", g.steps),
+            None => format!("{steps} steps each"),
+        };
         out!(
-            "{}: {experiments} experiments, {items} images ({guided} guided), {steps} steps each = {} UNet steps -> {}",
+            "{}: {experiments} experiments, {items} images ({guided} guided), {each} = {} UNet steps -> {}",
             recipe.recipe.name,
             items * steps,
             out.display()

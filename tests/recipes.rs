@@ -333,6 +333,14 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             vec!["generation.strength", "only to img2img"],
         ),
         (
+            "strength that leaves no step",
+            good.replace(
+                "  steps: 4\n",
+                "  steps: 4\n  init_image: ../assets/swirls.png\n  strength: 0.2\n",
+            ),
+            vec!["generation.strength", "no denoising step"],
+        ),
+        (
             "empty subject in a guidance prompt",
             good.replace(
                 "subjects: [a harbour, a village]",
@@ -432,6 +440,19 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     assert!(
         text.contains("estimated time:") && text.contains(" min ("),
         "{text}"
+    );
+    assert!(!out.exists());
+    // An img2img plan counts the steps each image really runs, not the whole schedule.
+    let text = std::fs::read_to_string(smoke("compare")).unwrap().replace(
+        "  steps: 4\n",
+        "  steps: 4\n  init_image: ../assets/swirls.png\n  strength: 0.5\n",
+    );
+    let o = run_text("img2img-plan", &text, &out, &["--dry-run"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("2 of 4 steps each (img2img) = 24 UNet steps"),
+        "{text}{}",
+        stderr(&o)
     );
     assert!(!out.exists());
 }

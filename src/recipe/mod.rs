@@ -68,6 +68,16 @@ impl Generation {
     pub fn strength(&self) -> f64 {
         self.strength.unwrap_or(DEFAULT_STRENGTH)
     }
+
+    /// The UNet steps each image really runs: img2img skips the first part of the schedule.
+    pub fn denoising_steps(&self) -> crate::Result<usize> {
+        Ok(match &self.init_image {
+            Some(_) => {
+                self.steps - crate::schedulers::img2img_start_index(self.steps, self.strength())?
+            }
+            None => self.steps,
+        })
+    }
 }
 
 impl Default for Generation {
@@ -335,6 +345,13 @@ impl LoadedRecipe {
                     "generation.strength",
                     format!("{}: expected a number in (0, 1]", g.strength()),
                 ));
+            }
+            if let Err(e) = g.denoising_steps() {
+                let message = match e {
+                    crate::Error::Value { message, .. } => message,
+                    e => e.to_string(),
+                };
+                return Err(self.field_err("generation.strength", message));
             }
         } else if g.strength.is_some() {
             // Without an init image it would be silently unused.

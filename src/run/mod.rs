@@ -377,7 +377,7 @@ pub fn execute(
     claim_folder(recipe, out, claim)?;
     for it in items.iter().filter(|it| done.contains(it.id.as_str())) {
         on_item(it, ItemStatus::Skipped);
-        for _ in 0..recipe.recipe.generation.steps {
+        for _ in 0..recipe.recipe.generation.denoising_steps()? {
             progress.tick("done before");
         }
     }
@@ -747,10 +747,7 @@ pub fn estimate(
         sd.predict(&x, 500.0, &ctx)?;
         Ok(())
     })?;
-    let steps_per_item = match &g.init_image {
-        Some(_) => g.steps - crate::schedulers::img2img_start_index(g.steps, g.strength())?,
-        None => g.steps,
-    };
+    let steps_per_item = g.denoising_steps()?;
     let mut guided_steps = 0;
     let mut first_guided = None;
     for it in items {
