@@ -468,7 +468,8 @@ pub struct GuidanceArgs {
     /// Decoder the guidance gradient goes through: vae, taesd or linear.
     #[arg(long, default_value = "vae")]
     pub guidance_decoder: String,
-    /// TAESD folder or hub id for --guidance-decoder taesd.
+    /// TAESD folder or hub id for --guidance-decoder taesd; auto: madebyollin/taesdxl for SDXL-style
+    /// models, madebyollin/taesd otherwise.
     #[arg(long, default_value = crate::guidance::DEFAULT_TAESD)]
     pub taesd: String,
     /// Skip (with a warning) a guided step whose gradient is NaN/inf instead of stopping.

@@ -13,13 +13,12 @@ use crate::Result;
 /// What a noise stream is used for; each gets an independent ChaCha stream of the seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
-    /// The initial latents of text-to-image.
+    /// The initial latents of text-to-image, which img2img also adds to the encoded init
+    /// image (so a seed starts from the same noise in both).
     InitialLatents = 0,
     /// Noise injected by ancestral samplers and DDIM with eta > 0.
     Steps = 1,
-    /// The noise added to the encoded init image in img2img.
-    Img2Img = 2,
-    /// Random cutouts and augmentations of CLIP guidance.
+    /// Random cutouts and augmentations of CLIP guidance (stream 2 is unused).
     Guidance = 3,
 }
 

@@ -132,7 +132,7 @@ fn fd_check(model: &SdModel, guide: &Guide, content: Option<&Tensor>) -> f64 {
 }
 
 fn content_image() -> Tensor {
-    let t = NoiseGen::new(77, Stream::Img2Img)
+    let t = NoiseGen::new(77, Stream::Steps)
         .randn(&[1, 3, 32, 32])
         .unwrap();
     (t.affine(0.2, 0.5).unwrap().clamp(0f32, 1f32).unwrap())
@@ -500,4 +500,22 @@ fn guidance_runs_with_every_scheduler() {
         );
         assert!(d > 1e-4, "{kind}: guidance changed nothing ({d})");
     }
+}
+
+/// `--taesd auto` (the default) picks the TAESD trained on the model's latents: SDXL's differ
+/// from SD 1/2's though both upsample 8x, so the upscale check alone cannot tell them apart.
+#[test]
+fn default_taesd_follows_the_model() {
+    use artguide::guidance::decoders::taesd_source;
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        hub: HubOptions::from_env(),
+    };
+    let sdxl = SdModel::load(&fixture("tiny-sdxl"), &opts).unwrap();
+    let sd = model(DType::F32);
+    assert_eq!(artguide::guidance::DEFAULT_TAESD, "auto");
+    assert_eq!(taesd_source("auto", &sdxl), "madebyollin/taesdxl");
+    assert_eq!(taesd_source("auto", &sd), "madebyollin/taesd");
+    assert_eq!(taesd_source("some/taesd", &sdxl), "some/taesd");
 }

@@ -18,6 +18,18 @@ use crate::models::vae::Mode;
 use crate::noise::{NoiseGen, Stream};
 use crate::{Error, Result};
 
+/// The TAESD for `spec`: itself, or for `auto` the one trained on the model's latents:
+/// `madebyollin/taesdxl` for SDXL-style models (text + time conditioning; their VAE's
+/// latents differ from SD 1/2's although the upscale factor is the same), else
+/// `madebyollin/taesd`.
+pub fn taesd_source<'a>(spec: &'a str, model: &SdModel) -> &'a str {
+    match spec {
+        super::DEFAULT_TAESD if model.unet.added_cond().is_some() => "madebyollin/taesdxl",
+        super::DEFAULT_TAESD => "madebyollin/taesd",
+        other => other,
+    }
+}
+
 /// Which decoder guidance differentiates through.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -25,7 +37,7 @@ pub enum DecoderKind {
     /// The model's own VAE decoder.
     #[default]
     Vae,
-    /// The tiny autoencoder TAESD (madebyollin/taesd or a local folder).
+    /// The tiny autoencoder TAESD (madebyollin/taesd, taesdxl or a local folder).
     Taesd,
     /// A per-pixel linear latent-to-RGB map fitted to the model's VAE.
     Linear,
@@ -90,7 +102,7 @@ impl GuidanceDecoder {
             DecoderKind::Vae => GuidanceDecoder::Vae,
             DecoderKind::Linear => GuidanceDecoder::Linear(LinearDecoder::fit(model)?),
             DecoderKind::Taesd => GuidanceDecoder::Taesd(Box::new(TaesdDecoder::load(
-                taesd,
+                taesd_source(taesd, model),
                 hub,
                 model.dtype,
                 &model.device,

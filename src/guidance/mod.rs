@@ -41,8 +41,9 @@ use crate::{Error, Result};
 pub const DEFAULT_SCALE: f64 = 100.0;
 /// Default number of random cutouts per guided step.
 pub const DEFAULT_CUTOUTS: usize = 4;
-/// Default TAESD source.
-pub const DEFAULT_TAESD: &str = "madebyollin/taesd";
+/// Default TAESD source: `auto`, the TAESD trained for the model's latents (see
+/// [`decoders::taesd_source`]).
+pub const DEFAULT_TAESD: &str = "auto";
 /// Most cutouts a step may take (each is a CLIP forward and backward).
 pub const MAX_CUTOUTS: usize = 64;
 
@@ -476,6 +477,9 @@ impl Guide {
         max_pixels: u64,
     ) -> Result<Self> {
         config.validate()?;
+        let mut config = config;
+        // Record the TAESD that was used, not `auto`.
+        config.taesd = decoders::taesd_source(&config.taesd, model).to_string();
         let dtype = work_dtype(model.dtype);
         if let GuidanceDecoder::Taesd(t) = &decoder {
             if t.scale_factor() != model.vae_spec.scale_factor {
@@ -793,10 +797,13 @@ fn work_dtype(model: DType) -> DType {
     }
 }
 
-/// `||a - b||^2 / ||b||^2` (scale-free, so layer weights are comparable).
+/// `||a - b||^2 / ||b||^2` (scale-free, so layer weights are comparable), averaged over the
+/// views when `b` is one target broadcast against several views in `a`: the loss, like the
+/// CLIP terms, does not grow with the number of cutouts.
 fn relative_error(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let views = (a.elem_count() / b.elem_count().max(1)).max(1) as f64;
     let num = a.broadcast_sub(b)?.sqr()?.sum_all()?;
-    let den = b.sqr()?.sum_all()?.affine(1.0, 1e-12)?;
+    let den = b.sqr()?.sum_all()?.affine(views, 1e-12)?;
     Ok((num / den)?)
 }
 

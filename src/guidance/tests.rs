@@ -156,3 +156,22 @@ fn default_style_layers_spread_over_depth() {
     assert_eq!(default_style_layers(12), vec![2, 5, 8]);
     assert_eq!(default_style_layers(2), vec![0]);
 }
+
+#[test]
+fn gram_loss_is_a_mean_over_views() {
+    let dev = Device::Cpu;
+    let f = Tensor::new(&[[[1f64, 2.0], [3.0, 5.0], [0.5, -1.0]]], &dev).unwrap();
+    let g = Tensor::new(&[[[1f64, 0.5], [0.5, 2.0]]], &dev).unwrap();
+    let one = relative_error(&losses::gram(&f).unwrap(), &g).unwrap();
+    let eight = Tensor::cat(&vec![&f; 8], 0).unwrap();
+    let many = relative_error(&losses::gram(&eight).unwrap(), &g).unwrap();
+    let (one, many) = (
+        one.to_scalar::<f64>().unwrap(),
+        many.to_scalar::<f64>().unwrap(),
+    );
+    assert!(one > 0.1 && (one - many).abs() < 1e-12, "{one} vs {many}");
+    // Same shapes (the content term): the plain ratio.
+    let b = (&f * 2.0).unwrap();
+    let r = relative_error(&f, &b).unwrap().to_scalar::<f64>().unwrap();
+    assert!((r - 0.25).abs() < 1e-12, "{r}");
+}

@@ -447,7 +447,9 @@ impl LoadedRecipe {
                                 ));
                             }
                         }
-                        if gc.decoder == crate::guidance::DecoderKind::Taesd {
+                        if gc.decoder == crate::guidance::DecoderKind::Taesd
+                            && gc.taesd != crate::guidance::DEFAULT_TAESD
+                        {
                             self.resolve_model(&at_arm("guidance.taesd"), &gc.taesd)?;
                         }
                     }

@@ -184,7 +184,8 @@ fn resolve_guidance(
     if let Some(s) = &mut g.style {
         s.image = r.resolve(&s.image);
     }
-    if g.decoder == crate::guidance::DecoderKind::Taesd {
+    if g.decoder == crate::guidance::DecoderKind::Taesd && g.taesd != crate::guidance::DEFAULT_TAESD
+    {
         g.taesd = r.resolve_model("guidance.taesd", &g.taesd)?;
     }
     Ok(g)

@@ -256,7 +256,14 @@ impl SchedulerConfig {
             )?,
             steps_offset: f.usize("steps_offset")?.unwrap_or(d.steps_offset),
             set_alpha_to_one: f.bool("set_alpha_to_one")?.unwrap_or(d.set_alpha_to_one),
-            clip_sample: f.bool("clip_sample")?.unwrap_or(d.clip_sample),
+            // DDIM's default (true) comes from pixel-space DDPMs; clamping latents to +-1 washes
+            // images out. A model that ships another class (PNDM, Euler, ...) never clamps, so a
+            // config of that class without the key does not clamp when read for DDIM either.
+            clip_sample: f.bool("clip_sample")?.unwrap_or(
+                d.clip_sample
+                    && f.string("_class_name")?
+                        .is_none_or(|c| c == "DDIMScheduler"),
+            ),
             clip_sample_range: f.f64("clip_sample_range")?.unwrap_or(d.clip_sample_range),
             rescale_betas_zero_snr: f
                 .bool("rescale_betas_zero_snr")?

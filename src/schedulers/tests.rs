@@ -78,6 +78,22 @@ fn config_parses_sd15_with_defaults() {
     assert_eq!(empty.beta_start, 0.0001);
     assert_eq!(empty.beta_end, 0.02);
     assert!(empty.set_alpha_to_one && empty.clip_sample);
+    // Another class's config without the key never clamps: DDIM read from it does not either.
+    let pndm = r#"{"_class_name": "PNDMScheduler"}"#;
+    let pndm = SchedulerConfig::from_json_str(pndm, Path::new("x.json")).unwrap();
+    assert!(!pndm.clip_sample);
+    let ddim = r#"{"_class_name": "DDIMScheduler"}"#;
+    assert!(
+        SchedulerConfig::from_json_str(ddim, Path::new("x.json"))
+            .unwrap()
+            .clip_sample
+    );
+    let kept = r#"{"_class_name": "PNDMScheduler", "clip_sample": true}"#;
+    assert!(
+        SchedulerConfig::from_json_str(kept, Path::new("x.json"))
+            .unwrap()
+            .clip_sample
+    );
 }
 
 #[test]

@@ -581,3 +581,52 @@ fn text_from_dir_reads_both_checkpoint_layouts() {
         assert!(err < 1e-2, "strip={strip}: {err}");
     }
 }
+
+/// f16 activations beyond f16's sum of squares (RMS 300 over 768 features: 6.9e7 > 65504)
+/// still normalise, and their gradient matches f32's, instead of a bias-only output and a
+/// zero gradient.
+#[test]
+fn half_precision_layer_norm_survives_large_activations() {
+    let dev = Device::Cpu;
+    // Deterministic, irregular values: sin of a stretched ramp.
+    let wave = |n: usize, k: f64| {
+        (Tensor::arange(0f32, n as f32, &dev).unwrap() * k)
+            .unwrap()
+            .sin()
+            .unwrap()
+    };
+    let x32 = (wave(2 * 3 * 768, 0.37).reshape((2, 3, 768)).unwrap() * 300.0).unwrap();
+    let w32 = (wave(768, 1.3) * 0.1).unwrap().affine(1.0, 1.0).unwrap();
+    let b32 = (wave(768, 2.1) * 0.1).unwrap();
+    let probe = wave(2 * 3 * 768, 0.61).reshape((2, 3, 768)).unwrap();
+    let run = |dtype: DType| {
+        let x = Var::from_tensor(&x32.to_dtype(dtype).unwrap()).unwrap();
+        let (w, b) = (w32.to_dtype(dtype).unwrap(), b32.to_dtype(dtype).unwrap());
+        let y = layer_norm(x.as_tensor(), &w, &b, 1e-5, NormMode::Differentiable).unwrap();
+        assert_eq!(y.dtype(), dtype);
+        let loss = (y.to_dtype(DType::F32).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let grad = g.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+        (y.to_dtype(DType::F32).unwrap(), grad)
+    };
+    let (y32, g32) = run(DType::F32);
+    let (y16, g16) = run(DType::F16);
+    assert!(
+        max_abs_diff(&y16, &y32) < 0.02,
+        "{}",
+        max_abs_diff(&y16, &y32)
+    );
+    let scale = g32
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(scale > 1e-4, "{scale}");
+    let d = max_abs_diff(&g16, &g32);
+    assert!(d < 0.02 * scale, "gradient off by {d} (scale {scale})");
+}
