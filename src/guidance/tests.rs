@@ -163,7 +163,7 @@ fn gram_loss_is_a_mean_over_views() {
     let f = Tensor::new(&[[[1f64, 2.0], [3.0, 5.0], [0.5, -1.0]]], &dev).unwrap();
     let g = Tensor::new(&[[[1f64, 0.5], [0.5, 2.0]]], &dev).unwrap();
     let one = relative_error(&losses::gram(&f).unwrap(), &g).unwrap();
-    let eight = Tensor::cat(&vec![&f; 8], 0).unwrap();
+    let eight = Tensor::cat(&[&f; 8], 0).unwrap();
     let many = relative_error(&losses::gram(&eight).unwrap(), &g).unwrap();
     let (one, many) = (
         one.to_scalar::<f64>().unwrap(),
