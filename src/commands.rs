@@ -240,7 +240,10 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
         return Ok(());
     }
     if mode == ProgressMode::Bar {
-        out!("| experiment | arm | probe | model | n | mean shift [95% CI] | flip | Wilcoxon p |");
+        out!(
+            "| experiment | arm | probe | judge | n | mean shift [{:.0}% CI] | flip | Wilcoxon p |",
+            summary.level * 100.0
+        );
         out!("| --- | --- | --- | --- | --- | --- | --- | --- |");
         for r in summary.rows.iter().filter(|r| r.targeted) {
             out!(

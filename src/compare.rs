@@ -151,9 +151,10 @@ pub fn sign_test(d: &[f64]) -> f64 {
     (2.0 * p / 2f64.powi(n as i32)).min(1.0)
 }
 
-/// Two-sided Wilcoxon signed-rank p-value as scipy.stats.wilcoxon 1.17 (zero_method "wilcox",
-/// method "auto"): exact for n <= 50 (over the actual, possibly tied, ranks), else the normal
-/// approximation with the tie correction and no continuity correction.
+/// Two-sided Wilcoxon signed-rank p-value, zeros dropped: exact for n <= 50 (over the actual,
+/// possibly tied, ranks), else the normal approximation with the tie correction and no
+/// continuity correction. Equal to scipy.stats.wilcoxon 1.17 without ties or zeros; with them
+/// SciPy's "auto" permutes only up to 13 pairs and approximates above, where this stays exact.
 pub fn wilcoxon(d: &[f64]) -> f64 {
     let d: Vec<f64> = d.iter().copied().filter(|&x| x != 0.0).collect();
     let n = d.len();
@@ -269,6 +270,93 @@ fn answer<'a>(it: &'a RunItem, model: &str, probe: &str) -> Option<&'a ProbeAnsw
     it.probes.get(model)?.iter().find(|a| a.probe == probe)
 }
 
+/// Refuses to pair a guided item with a baseline of another plan: same experiment and cell
+/// names, but a different subject, target, seed, prompt or SD model.
+fn check_pair(
+    (d, r, it): (&Path, &RunResults, &RunItem),
+    (bd, br, base): (&Path, &RunResults, &RunItem),
+) -> Result<()> {
+    let target = |i: &RunItem| i.target.as_ref().map(|t| format!("{:?}", t.labels));
+    let differs = [
+        ("subject", it.subject.clone(), base.subject.clone()),
+        ("seed", it.seed.to_string(), base.seed.to_string()),
+        ("prompt", it.prompt.clone(), base.prompt.clone()),
+        (
+            "target",
+            target(it).unwrap_or_default(),
+            target(base).unwrap_or_default(),
+        ),
+        ("model", r.model.clone(), br.model.clone()),
+    ]
+    .into_iter()
+    .find(|(_, a, b)| a != b);
+    match differs {
+        None => Ok(()),
+        Some((field, a, b)) => Err(Error::file(
+            d.join(crate::run::results::RESULTS_FILE),
+            format!(
+                "item {} and its baseline {} (in {}) differ in {field} (`{a}` vs `{b}`): \
+                 compare runs of the same recipe",
+                it.id,
+                base.id,
+                bd.display()
+            ),
+        )),
+    }
+}
+
+/// The statistics of one row over `pairs` (None when no pair has answers for this probe);
+/// the caller fills in experiment, arm, model and role.
+fn compare_pairs(
+    pairs: &[&Pair],
+    model: &str,
+    probe: &str,
+    targeted: bool,
+    opts: &CompareOptions,
+) -> Option<CompareRow> {
+    let mut shifts = Vec::new();
+    let mut flips = 0usize;
+    let mut kls = Vec::new();
+    let mut changes = 0usize;
+    for (a, b) in pairs {
+        let (Some(pa), Some(pb)) = (answer(a, model, probe), answer(b, model, probe)) else {
+            continue;
+        };
+        kls.push(kl(&pa.probs, &pb.probs));
+        changes += usize::from(pa.top != pb.top);
+        if let Some(label) = a.target.as_ref().and_then(|t| t.labels.get(probe)) {
+            if let Some(k) = pa.labels.iter().position(|l| l == label) {
+                shifts.push(pa.probs[k] as f64 - pb.probs[k] as f64);
+                flips += usize::from(&pa.top == label && &pb.top != label);
+            }
+        }
+    }
+    if kls.is_empty() {
+        return None;
+    }
+    let n = kls.len();
+    let shifted = targeted && !shifts.is_empty();
+    let ci = shifted.then(|| bootstrap_mean(&shifts, opts.resamples, opts.seed, opts.level));
+    let of_shifts = |f: &dyn Fn(&[f64]) -> f64| shifted.then(|| f(&shifts));
+    Some(CompareRow {
+        experiment: String::new(),
+        arm: String::new(),
+        model: String::new(),
+        role: String::new(),
+        probe: probe.to_string(),
+        targeted,
+        n,
+        mean_shift: of_shifts(&|d| d.iter().sum::<f64>() / d.len() as f64),
+        ci_low: ci.map(|c| c.0),
+        ci_high: ci.map(|c| c.1),
+        sign_p: of_shifts(&sign_test),
+        wilcoxon_p: of_shifts(&wilcoxon),
+        flip_rate: of_shifts(&|d| flips as f64 / d.len() as f64),
+        mean_kl: kls.iter().sum::<f64>() / n as f64,
+        top_change_rate: changes as f64 / n as f64,
+    })
+}
+
 /// Compares every guided arm with its baseline.
 pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
     if opts.resamples == 0 {
@@ -280,19 +368,42 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         .first()
         .map(|r| &r.1)
         .ok_or_else(|| Error::value("runs", "no run folder given"))?;
-    let mut baselines: HashMap<(&str, &str), &RunItem> = HashMap::new();
-    for it in items.iter().filter(|i| i.baseline) {
-        baselines.insert((it.experiment.as_str(), it.cell.as_str()), it);
+    // Every item with the run it came from: pairs may span runs (a baseline run and a guided
+    // one), so a pair is checked to be the same cell of the same plan, not only the same name.
+    let located: Vec<(&Path, &RunResults, &RunItem)> = loaded
+        .runs
+        .iter()
+        .flat_map(|(d, r)| r.items.iter().map(move |it| (d.as_path(), r, it)))
+        .collect();
+    let mut baselines: HashMap<(&str, &str), (&Path, &RunResults, &RunItem)> = HashMap::new();
+    for &(d, r, it) in located.iter().filter(|l| l.2.baseline) {
+        if let Some((od, _, other)) =
+            baselines.insert((it.experiment.as_str(), it.cell.as_str()), (d, r, it))
+        {
+            return Err(Error::file(
+                d.join(crate::run::results::RESULTS_FILE),
+                format!(
+                    "item {} is a second baseline of cell {}/{} (the first is {} in {})",
+                    it.id,
+                    it.experiment,
+                    it.cell,
+                    other.id,
+                    od.display()
+                ),
+            ));
+        }
     }
     // (experiment, arm) in first-seen order -> pairs.
     let mut groups: Vec<((String, String), Vec<Pair>)> = Vec::new();
     let mut index: HashMap<(String, String), usize> = HashMap::new();
     let mut unpaired = 0;
-    for it in items.iter().filter(|i| !i.baseline) {
-        let Some(base) = baselines.get(&(it.experiment.as_str(), it.cell.as_str())) else {
+    for &(d, r, it) in located.iter().filter(|l| !l.2.baseline) {
+        let Some(&(bd, br, base)) = baselines.get(&(it.experiment.as_str(), it.cell.as_str()))
+        else {
             unpaired += 1;
             continue;
         };
+        check_pair((d, r, it), (bd, br, base))?;
         let key = (it.experiment.clone(), it.arm.clone());
         let k = *index.entry(key.clone()).or_insert_with(|| {
             groups.push((key, Vec::new()));
@@ -308,75 +419,45 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         .collect();
     // The held-out judge first.
     models.sort_by_key(|m| (m != &first.probe_clip, m.clone()));
-    let role = |m: &str| {
-        if m == first.probe_clip {
-            "probe"
-        } else if first.guide_clip.as_deref() == Some(m) {
-            "guide"
-        } else {
-            "other"
-        }
-    };
     let mut rows = Vec::new();
     for ((experiment, arm), pairs) in &groups {
+        // The CLIP that guided this arm (results before 0.1 record only the run's).
+        let guide = pairs
+            .iter()
+            .find_map(|(a, _)| a.guide_clip.as_deref())
+            .or(first.guide_clip.as_deref());
+        // A model is this arm's judge only if it did not guide it: an arm guided by the probe
+        // CLIP has no held-out judge, and is labelled `guide` there.
+        let role = |m: &str| {
+            if guide == Some(m) {
+                "guide"
+            } else if m == first.probe_clip {
+                "probe"
+            } else {
+                "other"
+            }
+        };
         for model in &models {
             for probe in loaded.suite() {
-                let mut shifts = Vec::new();
-                let mut flips = 0usize;
-                let mut kls = Vec::new();
-                let mut changes = 0usize;
-                let mut targeted = false;
-                for (a, b) in pairs {
-                    let (Some(pa), Some(pb)) =
-                        (answer(a, model, &probe.name), answer(b, model, &probe.name))
-                    else {
-                        continue;
-                    };
-                    kls.push(kl(&pa.probs, &pb.probs));
-                    changes += usize::from(pa.top != pb.top);
-                    if let Some(label) = a.target.as_ref().and_then(|t| t.labels.get(&probe.name)) {
-                        targeted = true;
-                        if let Some(k) = pa.labels.iter().position(|l| l == label) {
-                            shifts.push(pa.probs[k] as f64 - pb.probs[k] as f64);
-                            flips += usize::from(&pa.top == label && &pb.top != label);
-                        }
+                // Pairs whose target names this probe measure the intended shift; the others
+                // (an experiment may target several probes) measure a side effect, reported
+                // in their own row so `n` and every figure of a row cover the same pairs.
+                let (aimed, side): (Vec<&Pair>, Vec<&Pair>) = pairs.iter().partition(|(a, _)| {
+                    a.target
+                        .as_ref()
+                        .is_some_and(|t| t.labels.contains_key(&probe.name))
+                });
+                for (targeted, group) in [(true, aimed), (false, side)] {
+                    if let Some(row) = compare_pairs(&group, model, &probe.name, targeted, opts) {
+                        rows.push(CompareRow {
+                            experiment: experiment.clone(),
+                            arm: arm.clone(),
+                            model: model.clone(),
+                            role: role(model).into(),
+                            ..row
+                        });
                     }
                 }
-                if kls.is_empty() {
-                    continue;
-                }
-                let n = kls.len();
-                let (mean_shift, ci, sign_p, wilcoxon_p, flip_rate) =
-                    if targeted && !shifts.is_empty() {
-                        let m = shifts.iter().sum::<f64>() / shifts.len() as f64;
-                        let ci = bootstrap_mean(&shifts, opts.resamples, opts.seed, opts.level);
-                        (
-                            Some(m),
-                            Some(ci),
-                            Some(sign_test(&shifts)),
-                            Some(wilcoxon(&shifts)),
-                            Some(flips as f64 / shifts.len() as f64),
-                        )
-                    } else {
-                        (None, None, None, None, None)
-                    };
-                rows.push(CompareRow {
-                    experiment: experiment.clone(),
-                    arm: arm.clone(),
-                    model: model.clone(),
-                    role: role(model).into(),
-                    probe: probe.name.clone(),
-                    targeted,
-                    n,
-                    mean_shift,
-                    ci_low: ci.map(|c| c.0),
-                    ci_high: ci.map(|c| c.1),
-                    sign_p,
-                    wilcoxon_p,
-                    flip_rate,
-                    mean_kl: kls.iter().sum::<f64>() / n as f64,
-                    top_change_rate: changes as f64 / n as f64,
-                });
             }
         }
     }
@@ -534,6 +615,176 @@ mod tests {
     }
 
     const WILCOXON_60: f64 = 0.016733071607703435;
+
+    /// An item of cell `cell` with target `target` (probe, label), answered by each model in
+    /// `models` with P(first label) = `p` for every probe.
+    fn item(cell: &str, arm: &str, target: (&str, &str), guide: Option<&str>, p: f32) -> RunItem {
+        let answer = |probe: &str, labels: [&str; 2]| ProbeAnswer {
+            probe: probe.into(),
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            probs: vec![p, 1.0 - p],
+            top: if p >= 0.5 { labels[0] } else { labels[1] }.into(),
+            entropy: 0.0,
+        };
+        let answers = vec![answer("style", ["A", "B"]), answer("period", ["X", "Y"])];
+        RunItem {
+            id: format!("e/{cell}/{arm}"),
+            experiment: "e".into(),
+            cell: cell.into(),
+            subject: "a harbour".into(),
+            target: Some(crate::run::results::Target {
+                text: target.1.into(),
+                labels: [(target.0.to_string(), target.1.to_string())].into(),
+            }),
+            seed: 0,
+            arm: arm.into(),
+            baseline: arm == "baseline",
+            guide_clip: guide.map(String::from),
+            prompt: "a photo".into(),
+            image: format!("images/e/{cell}/{arm}.png"),
+            sha256: String::new(),
+            probes: ["probe", "a"]
+                .iter()
+                .map(|m| (m.to_string(), answers.clone()))
+                .collect(),
+        }
+    }
+
+    fn run(model: &str, items: Vec<RunItem>) -> RunResults {
+        RunResults {
+            tool: "artguide".into(),
+            version: "0".into(),
+            recipe: "r".into(),
+            model: model.into(),
+            probe_clip: "probe".into(),
+            guide_clip: Some("a".into()),
+            suite: vec![
+                SuiteProbe {
+                    name: "style".into(),
+                    labels: vec!["A".into(), "B".into()],
+                },
+                SuiteProbe {
+                    name: "period".into(),
+                    labels: vec!["X".into(), "Y".into()],
+                },
+            ],
+            items,
+        }
+    }
+
+    fn loaded(runs: Vec<RunResults>) -> Loaded {
+        Loaded {
+            runs: runs
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (PathBuf::from(format!("run{i}")), r))
+                .collect(),
+        }
+    }
+
+    /// Cells aiming at different probes: each row's `n` and figures cover the same pairs, and
+    /// the pairs aimed elsewhere give their own side-effect row.
+    #[test]
+    fn rows_split_pairs_by_what_their_target_names() {
+        let mut items = Vec::new();
+        for c in 0..5 {
+            let cell = format!("s{c}");
+            items.push(item(&cell, "baseline", ("style", "A"), None, 0.2));
+            items.push(item(&cell, "g", ("style", "A"), Some("a"), 0.6));
+        }
+        for c in 0..3 {
+            let cell = format!("p{c}");
+            items.push(item(&cell, "baseline", ("period", "X"), None, 0.3));
+            items.push(item(&cell, "g", ("period", "X"), Some("a"), 0.4));
+        }
+        let s = compare(&loaded(vec![run("sd", items)]), &CompareOptions::default()).unwrap();
+        let row = |probe: &str, targeted: bool| {
+            s.rows
+                .iter()
+                .find(|r| r.model == "probe" && r.probe == probe && r.targeted == targeted)
+                .unwrap_or_else(|| panic!("no {probe} {targeted} row: {:?}", s.rows))
+        };
+        let style = row("style", true);
+        assert_eq!(style.n, 5);
+        assert!((style.mean_shift.unwrap() - 0.4).abs() < 1e-6);
+        assert!((style.flip_rate.unwrap() - 1.0).abs() < 1e-12);
+        assert!((style.top_change_rate - 1.0).abs() < 1e-12);
+        // The period cells' effect on the style probe: 3 pairs, no top change (0.3 -> 0.4).
+        let side = row("style", false);
+        assert_eq!((side.n, side.mean_shift), (3, None));
+        assert_eq!(side.top_change_rate, 0.0);
+        assert_eq!(row("period", true).n, 3);
+        assert_eq!(row("period", false).n, 5);
+    }
+
+    /// An arm that names its own guide CLIP is judged by the others: the probe CLIP that
+    /// guided it is its `guide`, not its held-out judge.
+    #[test]
+    fn roles_follow_each_arms_guide() {
+        let items = vec![
+            item("s0", "baseline", ("style", "A"), None, 0.2),
+            item("s0", "by-a", ("style", "A"), Some("a"), 0.6),
+            item("s0", "by-judge", ("style", "A"), Some("probe"), 0.6),
+        ];
+        let s = compare(&loaded(vec![run("sd", items)]), &CompareOptions::default()).unwrap();
+        let role = |arm: &str, model: &str| {
+            s.rows
+                .iter()
+                .find(|r| r.arm == arm && r.model == model)
+                .unwrap()
+                .role
+                .clone()
+        };
+        assert_eq!(role("by-a", "probe"), "probe");
+        assert_eq!(role("by-a", "a"), "guide");
+        assert_eq!(role("by-judge", "probe"), "guide");
+        assert_eq!(role("by-judge", "a"), "other");
+    }
+
+    /// Runs joined for a comparison pair only the same cell of the same plan.
+    #[test]
+    fn pairs_across_runs_must_be_the_same_cell() {
+        let opts = CompareOptions::default();
+        let base = || vec![item("s0", "baseline", ("style", "A"), None, 0.2)];
+        let guided = || item("s0", "g", ("style", "A"), Some("a"), 0.6);
+        let ok = compare(
+            &loaded(vec![run("sd", base()), run("sd", vec![guided()])]),
+            &opts,
+        )
+        .unwrap();
+        assert_eq!((ok.unpaired, ok.rows[0].n), (0, 1));
+        let mut other = guided();
+        other.subject = "a village".into();
+        let err = compare(
+            &loaded(vec![run("sd", base()), run("sd", vec![other])]),
+            &opts,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("run1") && err.contains("differ in subject"),
+            "{err}"
+        );
+        let err = compare(
+            &loaded(vec![run("sd", base()), run("sdxl", vec![guided()])]),
+            &opts,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("differ in model") && err.contains("`sdxl` vs `sd`"),
+            "{err}"
+        );
+        let mut second = item("s0", "plain", ("style", "A"), None, 0.2);
+        second.baseline = true;
+        let err = compare(
+            &loaded(vec![run("sd", base()), run("sd", vec![second, guided()])]),
+            &opts,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("second baseline of cell e/s0"), "{err}");
+    }
 
     #[test]
     fn kl_and_bootstrap() {

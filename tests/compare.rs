@@ -53,6 +53,19 @@ fn compare_summary_matches_results_and_report_is_self_contained() {
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("results.json")).unwrap()).unwrap();
     let items = r["items"].as_array().unwrap();
+    // Each guided image records the CLIP that guided it; baselines record none.
+    for it in items {
+        let expected = if it["baseline"] == true {
+            serde_json::Value::Null
+        } else {
+            r["guide_clip"].clone()
+        };
+        assert_eq!(
+            it.get("guide_clip").cloned().unwrap_or_default(),
+            expected,
+            "{it}"
+        );
+    }
     let rows = summary["rows"].as_array().unwrap();
     let models = [
         r["probe_clip"].as_str().unwrap(),

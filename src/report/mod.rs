@@ -59,6 +59,9 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}")).unwrap_or_default()
 }
 
+/// Fewer pairs than this and the report warns that the bootstrap interval is unreliable.
+const SMALL_N: usize = 10;
+
 /// The report for `summary`, to be written into the folder `out`.
 pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
     let mut h = String::new();
@@ -78,7 +81,7 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
     );
     let _ = writeln!(
         h,
-        "<p class=\"note\">Held-out probe CLIP: <code>{}</code>; guide CLIP: <code>{}</code>. {} images, {} guided images without a baseline partner. Intervals: {:.0}% percentile bootstrap over pairs ({} resamples, seed {}). Sign test: exact binomial; Wilcoxon: signed-rank, as scipy.</p>",
+        "<p class=\"note\">Held-out probe CLIP: <code>{}</code>; guide CLIP: <code>{}</code> (rows marked <i>guide</i> are scored by the CLIP that guided that arm; an arm may name its own). {} images, {} guided images without a baseline partner. Intervals: {:.0}% percentile bootstrap over pairs ({} resamples, seed {}). Sign test: exact binomial; Wilcoxon: exact signed-rank distribution (normal approximation above 50 pairs).</p>",
         escape(&summary.probe_clip),
         escape(summary.guide_clip.as_deref().unwrap_or("none")),
         summary.items,
@@ -87,11 +90,28 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
         summary.resamples,
         summary.seed
     );
+    let tests = summary
+        .rows
+        .iter()
+        .filter(|r| r.wilcoxon_p.is_some())
+        .count();
+    if tests > 1 {
+        let _ = writeln!(
+            h,
+            "<p class=\"note\">The p-values are per row and not adjusted for the {tests} tested rows of this report: with a Bonferroni correction, a row is significant at 5% when p &lt; {:.2e}.</p>",
+            0.05 / tests as f64
+        );
+    }
     let grids = cells(loaded);
-    let mut experiments: Vec<&str> = summary.rows.iter().map(|r| r.experiment.as_str()).collect();
-    experiments.dedup();
-    for exp in grids.keys() {
-        if !experiments.contains(&exp.as_str()) {
+    // Experiments in first-seen order, each once (rows of several runs may interleave).
+    let mut experiments: Vec<&str> = Vec::new();
+    for exp in summary
+        .rows
+        .iter()
+        .map(|r| r.experiment.as_str())
+        .chain(grids.keys().map(String::as_str))
+    {
+        if !experiments.contains(&exp) {
             experiments.push(exp);
         }
     }
@@ -130,6 +150,12 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
                 );
             }
             h.push_str("</table>\n");
+            if targeted.iter().any(|r| r.n < SMALL_N) {
+                let _ = writeln!(
+                    h,
+                    "<p class=\"note\">Rows with n &lt; {SMALL_N} pairs: a percentile bootstrap interval over so few pairs is too narrow (with 2 pairs it spans only their values); read the exact sign and Wilcoxon p-values instead.</p>"
+                );
+            }
         }
         let side: Vec<_> = rows.iter().filter(|r| !r.targeted).collect();
         if !side.is_empty() {
@@ -171,6 +197,65 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compare::CompareRow;
+
+    fn row(experiment: &str, n: usize) -> CompareRow {
+        CompareRow {
+            experiment: experiment.into(),
+            arm: "g".into(),
+            model: "m".into(),
+            role: "probe".into(),
+            probe: "style".into(),
+            targeted: true,
+            n,
+            mean_shift: Some(0.1),
+            ci_low: Some(0.05),
+            ci_high: Some(0.15),
+            sign_p: Some(0.5),
+            wilcoxon_p: Some(0.5),
+            flip_rate: Some(0.0),
+            mean_kl: 0.0,
+            top_change_rate: 0.0,
+        }
+    }
+
+    fn summary(rows: Vec<CompareRow>) -> Summary {
+        Summary {
+            tool: "artguide".into(),
+            version: "0".into(),
+            runs: vec![],
+            recipes: vec!["r".into()],
+            probe_clip: "m".into(),
+            guide_clip: None,
+            items: 0,
+            unpaired: 0,
+            resamples: 10,
+            seed: 0,
+            level: 0.95,
+            rows,
+        }
+    }
+
+    /// Interleaved experiments (rows of several runs) get one section each; few pairs and
+    /// many tests are pointed out.
+    #[test]
+    fn sections_once_and_cautions_where_due() {
+        let none = Loaded { runs: vec![] };
+        let s = summary(vec![row("e1", 20), row("e2", 20), row("e1", 20)]);
+        let h = html(&none, &s, Path::new("/tmp")).unwrap();
+        assert_eq!(h.matches("<h2>Experiment e1</h2>").count(), 1, "{h}");
+        assert_eq!(h.matches("<h2>Experiment e2</h2>").count(), 1);
+        assert!(
+            h.contains("3 tested rows") && h.contains("p &lt; 1.67e-2"),
+            "{h}"
+        );
+        assert!(!h.contains("Rows with n &lt;"));
+        let h = html(&none, &summary(vec![row("e1", 2)]), Path::new("/tmp")).unwrap();
+        assert!(
+            h.contains("Rows with n &lt; 10 pairs") && !h.contains("tested rows"),
+            "{h}"
+        );
+    }
 
     #[test]
     fn relative_paths_walk_up_and_down() {

@@ -578,6 +578,11 @@ pub fn assemble(
             seed: it.seed,
             arm: it.arm.clone(),
             baseline: it.baseline,
+            guide_clip: it
+                .guidance
+                .as_ref()
+                .filter(|g| g.has_clip_terms() || g.has_style_terms())
+                .and_then(|g| g.clip.clone()),
             prompt: it.prompt.clone(),
             image: image_rel(&it.id),
             sha256: e.sha256.clone(),

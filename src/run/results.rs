@@ -42,6 +42,10 @@ pub struct RunItem {
     pub arm: String,
     /// Whether this arm is the experiment's unguided baseline.
     pub baseline: bool,
+    /// The CLIP that guided this image (the key of its answers in `probes`), when a CLIP
+    /// term guided it: an arm may name its own, so the run's `guide_clip` need not be it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guide_clip: Option<String>,
     /// The prompt the image was generated from.
     pub prompt: String,
     /// The image, relative to the run folder (`images/<id>.png`).
