@@ -1254,3 +1254,54 @@ fn version_names_the_compiled_gpu_features() {
         "{text}"
     );
 }
+
+/// The embedding cache is keyed by dtype as well as model: an f16 probe's embeddings are not
+/// served to an f32 probe (nor the reverse), and each cached run equals a `--no-cache` run in
+/// its own dtype.
+#[test]
+fn probe_cache_keeps_dtypes_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let suite = tmp.path().join("suite.yaml");
+    std::fs::write(
+        &suite,
+        "probes:\n  - name: style\n    templates: [\"a painting in the style of {}\"]\n    labels: [Impressionism, Cubism, Baroque]\n",
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("r.json");
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let o = bin()
+            .args(["--quiet", "probe", "--clip"])
+            .arg(clip_fixture("tiny-clip-b"))
+            .arg("--suite")
+            .arg(&suite)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .arg(clip_fixture("images"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    };
+    let cache_arg = cache.to_str().unwrap();
+    let f32_fresh = run(&["--no-cache"]);
+    let f16_fresh = run(&["--no-cache", "--dtype", "f16"]);
+    // The dtypes differ measurably on this model, so reuse across them would show.
+    assert_ne!(f32_fresh["images"], f16_fresh["images"]);
+
+    let f16 = run(&["--cache", cache_arg, "--dtype", "f16"]);
+    assert_eq!(f16["cached"], 0);
+    assert_eq!(f16["images"], f16_fresh["images"]);
+    let f32 = run(&["--cache", cache_arg]);
+    assert_eq!(f32["cached"], 0, "f32 was served the f16 embeddings");
+    assert_eq!(f32["images"], f32_fresh["images"]);
+
+    // Both entries live side by side: each dtype now comes from its own.
+    let f16 = run(&["--cache", cache_arg, "--dtype", "f16"]);
+    assert_eq!(f16["cached"], 5);
+    assert_eq!(f16["images"], f16_fresh["images"]);
+    let f32 = run(&["--cache", cache_arg, "--dtype", "f32"]);
+    assert_eq!(f32["cached"], 5);
+    assert_eq!(f32["images"], f32_fresh["images"]);
+}

@@ -25,6 +25,7 @@ pub struct ClipEncoder {
     pub device: Device,
     /// Identifies the weights and preprocessing, so cached embeddings are never reused across
     /// models: sha256 of the configs, the weight file's length and its safetensors header.
+    /// It does not cover the dtype: the embedding cache adds [`ClipEncoder::dtype`] itself.
     pub fingerprint: String,
 }
 
@@ -85,12 +86,16 @@ impl ClipEncoder {
         })
     }
 
+    /// The dtype the model's weights were loaded in and its forward passes run in.
+    pub fn dtype(&self) -> DType {
+        self.model.logit_scale().dtype()
+    }
+
     /// L2-normalised image embeddings (N x projection_dim, f32 on the CPU) of preprocessed
     /// pixel tensors (each 3 x S x S).
     pub fn embed_pixels(&self, pixels: &[Tensor]) -> Result<Tensor> {
         let batch = Tensor::stack(pixels, 0)?.to_device(&self.device)?;
-        let dtype = self.model.logit_scale().dtype();
-        let e = self.model.embed_image(&batch.to_dtype(dtype)?)?;
+        let e = self.model.embed_image(&batch.to_dtype(self.dtype())?)?;
         Ok(normalize(&e.to_dtype(DType::F32)?)?.to_device(&Device::Cpu)?)
     }
 }

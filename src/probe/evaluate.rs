@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::runner::ProbeResults;
+use super::runner::{ImageAnswers, ProbeResults};
 use super::table::Table;
 use crate::{Error, Result};
 
@@ -37,9 +37,50 @@ pub struct Evaluation {
     pub unmatched_rows: usize,
 }
 
-/// Reads `image,probe,label` rows (an image is matched by its path as probed or by file name)
-/// and scores the answers. A label or probe the suite does not have is an error naming the
-/// file and line.
+/// The image a labels row names: the one probed under exactly that path, else the only one
+/// whose path ends with it in whole components (so `baseline.png` or `cellA/baseline.png`).
+/// Several such images are an error (the candidates): run folders repeat file names in every
+/// cell, and scoring the first of them would count one image's answer for all.
+fn find_image<'a>(
+    images: &'a [ImageAnswers],
+    name: &str,
+) -> std::result::Result<Option<&'a ImageAnswers>, Vec<&'a ImageAnswers>> {
+    if let Some(img) = images.iter().find(|i| i.path.to_string_lossy() == name) {
+        return Ok(Some(img));
+    }
+    // An empty path is a suffix of every path.
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let mut fits = images.iter().filter(|i| i.path.ends_with(name));
+    match (fits.next(), fits.next()) {
+        (None, _) => Ok(None),
+        (Some(img), None) => Ok(Some(img)),
+        (Some(a), Some(b)) => Err([a, b].into_iter().chain(fits).collect()),
+    }
+}
+
+/// The message for an image value that fits several probed images, naming at most 3.
+fn ambiguous(name: &str, candidates: &[&ImageAnswers]) -> String {
+    let mut list: Vec<String> = candidates
+        .iter()
+        .take(3)
+        .map(|i| i.path.display().to_string())
+        .collect();
+    if candidates.len() > 3 {
+        list.push(format!("and {} more", candidates.len() - 3));
+    }
+    format!(
+        "`{name}` fits {} probed images ({}); give the image's path as probed",
+        candidates.len(),
+        list.join(", ")
+    )
+}
+
+/// Reads `image,probe,label` rows and scores the answers. An image is matched by its path as
+/// probed, else by a file name or path ending (`cellA/baseline.png`) that only one image has.
+/// A label or probe the suite does not have, or an image value that fits several images, is
+/// an error naming the file and line.
 pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<Evaluation> {
     let table = Table::read(labels_csv)?;
     let (ci, cp, cl) = (
@@ -52,12 +93,13 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
         let (image, probe, label) = (&row[ci], &row[cp], &row[cl]);
-        let img = results.images.iter().find(|i| {
-            i.path.to_string_lossy() == image.as_str()
-                || i.path
-                    .file_name()
-                    .is_some_and(|f| f.to_string_lossy() == image.as_str())
-        });
+        let img = find_image(&results.images, image).map_err(|candidates| {
+            Error::field(
+                labels_csv,
+                format!("line {line}: image"),
+                ambiguous(image, &candidates),
+            )
+        })?;
         let Some(img) = img else {
             unmatched += 1;
             continue;
@@ -123,4 +165,144 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
         probes,
         unmatched_rows: unmatched,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::probe::runner::ProbeAnswer;
+
+    const LABELS: [&str; 3] = ["Impressionism", "Cubism", "Baroque"];
+
+    /// Results for images at `paths`, image i answering label `top[i]` with probability 0.8.
+    fn results(paths: &[&str], top: &[usize]) -> ProbeResults {
+        let images = paths
+            .iter()
+            .zip(top)
+            .map(|(p, &t)| {
+                let mut probs = vec![0.1f32; 3];
+                probs[t] = 0.8;
+                ImageAnswers {
+                    path: PathBuf::from(p),
+                    sha256: String::new(),
+                    probes: vec![ProbeAnswer {
+                        probe: "style".into(),
+                        labels: LABELS.iter().map(|l| l.to_string()).collect(),
+                        probs,
+                        top: LABELS[t].into(),
+                        entropy: 0.0,
+                    }],
+                }
+            })
+            .collect();
+        ProbeResults {
+            tool: "artguide".into(),
+            version: "0".into(),
+            clip: "tiny".into(),
+            suite: PathBuf::from("suite.yaml"),
+            images,
+            cached: 0,
+            evaluation: None,
+            held_out: None,
+            agreement: None,
+        }
+    }
+
+    fn labels_file(dir: &Path, rows: &[(&str, &str)]) -> PathBuf {
+        let mut csv = String::from("image,probe,label\n");
+        for (image, label) in rows {
+            csv.push_str(&format!("{image},style,{label}\n"));
+        }
+        let p = dir.join("labels.csv");
+        std::fs::write(&p, csv).unwrap();
+        p
+    }
+
+    const CELLS: [&str; 4] = [
+        "images/exp/c1/baseline.png",
+        "images/exp/c2/baseline.png",
+        "images/exp/c3/baseline.png",
+        "images/exp/c4/baseline.png",
+    ];
+
+    #[test]
+    fn a_file_name_several_images_share_is_an_error_naming_the_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = results(&CELLS, &[0, 1, 2, 0]);
+        let lab = labels_file(
+            tmp.path(),
+            &[
+                ("images/exp/c1/baseline.png", "Impressionism"),
+                ("baseline.png", "Cubism"),
+            ],
+        );
+        let err = evaluate(&r, &lab, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("labels.csv")
+                && err.contains("line 3")
+                && err.contains("`baseline.png`")
+                && err.contains("4 probed images")
+                && err.contains("path as probed"),
+            "{err}"
+        );
+        // At most 3 candidates are listed.
+        assert!(
+            err.contains(CELLS[0]) && err.contains(CELLS[2]) && !err.contains(CELLS[3]),
+            "{err}"
+        );
+        assert!(err.contains("and 1 more"), "{err}");
+
+        // A path ending shared by two images is ambiguous too.
+        let r = results(
+            &[
+                "a/cell/baseline.png",
+                "b/cell/baseline.png",
+                "c/baseline.png",
+            ],
+            &[0, 1, 2],
+        );
+        let lab = labels_file(tmp.path(), &[("cell/baseline.png", "Cubism")]);
+        let err = evaluate(&r, &lab, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains("2 probed images") && !err.contains("more"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn full_paths_and_unique_names_or_endings_match() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut paths = CELLS.to_vec();
+        paths.push("images/exp/c1/other.png");
+        let r = results(&paths, &[0, 1, 2, 0, 2]);
+        let lab = labels_file(
+            tmp.path(),
+            &[
+                // Full paths: every cell scores its own answer.
+                (CELLS[0], "Impressionism"),
+                (CELLS[1], "Cubism"),
+                (CELLS[2], "Baroque"),
+                (CELLS[3], "Cubism"),
+                // A unique ending and a unique file name.
+                ("c2/baseline.png", "Cubism"),
+                ("other.png", "Baroque"),
+                // Not whole components, or not probed: unmatched, not an error.
+                ("aseline.png", "Cubism"),
+                ("c9/baseline.png", "Cubism"),
+                ("", "Cubism"),
+            ],
+        );
+        let ev = evaluate(&r, &lab, 1).unwrap();
+        assert_eq!(ev.unmatched_rows, 3);
+        let s = &ev.probes[0];
+        assert_eq!(s.n, 6);
+        // Only c4 (answers Impressionism, labelled Cubism) is wrong.
+        assert!((s.accuracy - 5.0 / 6.0).abs() < 1e-12, "{s:?}");
+        assert_eq!(
+            s.confusion,
+            vec![vec![1, 0, 0], vec![1, 2, 0], vec![0, 0, 2]]
+        );
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::embed::{ClipEncoder, OnError};
@@ -13,17 +13,50 @@ use crate::models::clip::normalize;
 use crate::progress::Progress;
 use crate::{Error, Result};
 
-/// Image embeddings stored by image content hash, per model fingerprint.
+/// Image embeddings stored by image content hash, per model fingerprint and precision.
 pub struct EmbeddingCache {
-    dir: PathBuf,
+    root: PathBuf,
+    /// The first 16 hex digits of the model fingerprint.
+    model: String,
+    /// What the embeddings were computed in: the dtype, plus the device kind below f32.
+    precision: String,
 }
 
 impl EmbeddingCache {
-    /// The cache for one model under `root` (e.g. ~/.cache/artguide/clip-embeddings).
+    /// The cache for one model under `root` (e.g. ~/.cache/artguide/clip-embeddings), for f32
+    /// embeddings until [`EmbeddingCache::for_precision`] says otherwise.
     pub fn new(root: &Path, fingerprint: &str) -> Self {
         EmbeddingCache {
-            dir: root.join(&fingerprint[..16.min(fingerprint.len())]),
+            root: root.to_path_buf(),
+            model: fingerprint[..16.min(fingerprint.len())].to_string(),
+            precision: DType::F32.as_str().to_string(),
         }
+    }
+
+    /// The same cache for embeddings computed in `dtype` on `device`. f16 embeddings differ
+    /// from f32 ones by ~1e-3, and half precision rounds differently on the CPU and on a GPU,
+    /// so each gets its own folder; f32 is shared across devices (they differ by rounding only).
+    /// Folders are `<fingerprint>-<precision>`: the bare-fingerprint folders of older versions
+    /// are never read, since they may hold f16 embeddings under an f32 run's key.
+    pub fn for_precision(&self, dtype: DType, device: &Device) -> Self {
+        let mut precision = dtype.as_str().to_string();
+        if matches!(dtype, DType::F16 | DType::BF16) {
+            precision += match device {
+                Device::Cpu => "-cpu",
+                Device::Cuda(_) => "-cuda",
+                Device::Metal(_) => "-metal",
+            };
+        }
+        EmbeddingCache {
+            root: self.root.clone(),
+            model: self.model.clone(),
+            precision,
+        }
+    }
+
+    /// The folder holding this model's embeddings at this precision.
+    fn dir(&self) -> PathBuf {
+        self.root.join(format!("{}-{}", self.model, self.precision))
     }
 
     /// The default root: $XDG_CACHE_HOME/artguide/clip-embeddings or ~/.cache/....
@@ -36,7 +69,7 @@ impl EmbeddingCache {
     }
 
     fn path(&self, sha: &str) -> PathBuf {
-        self.dir.join(format!("{sha}.f32"))
+        self.dir().join(format!("{sha}.f32"))
     }
 
     /// A cached embedding, if present and of the expected width.
@@ -52,7 +85,8 @@ impl EmbeddingCache {
 
     /// Stores an embedding (atomically; a failure to cache is not an error for the caller).
     pub fn put(&self, sha: &str, v: &[f32]) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let dir = self.dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         crate::output::write_atomic(&self.path(sha), &bytes, true)
     }
@@ -254,6 +288,9 @@ pub fn probe_images(
     progress: &Progress,
 ) -> Result<ProbeResults> {
     let classifiers = classifiers(enc, suite)?;
+    // Keyed here, from the encoder itself, so no caller can mix precisions in one folder.
+    let cache = cache.map(|c| c.for_precision(enc.dtype(), &enc.device));
+    let cache = cache.as_ref();
     let dims = enc.model.config().projection_dim;
     let logit_scale = logit_scale(enc)?;
     let mut embeds: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
@@ -310,7 +347,7 @@ pub fn probe_images(
     let mut images = Vec::new();
     for (i, e) in embeds.into_iter().enumerate() {
         let Some(e) = e else { continue };
-        let t = Tensor::from_vec(e, (1, dims), &candle_core::Device::Cpu)?;
+        let t = Tensor::from_vec(e, (1, dims), &Device::Cpu)?;
         let probes = answers(&t, suite, &classifiers, logit_scale)?;
         images.push(ImageAnswers {
             path: paths[i].clone(),
@@ -379,5 +416,32 @@ impl ProbeResults {
             }
         }
         rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_each_precision_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = EmbeddingCache::new(tmp.path(), "0123456789abcdef0123");
+        let f32_cpu = base.for_precision(DType::F32, &Device::Cpu);
+        let f16_cpu = base.for_precision(DType::F16, &Device::Cpu);
+        let bf16_cpu = base.for_precision(DType::BF16, &Device::Cpu);
+        assert_eq!(f32_cpu.dir(), tmp.path().join("0123456789abcdef-f32"));
+        assert_eq!(f16_cpu.dir(), tmp.path().join("0123456789abcdef-f16-cpu"));
+        assert_eq!(base.dir(), f32_cpu.dir());
+        assert_ne!(f16_cpu.dir(), bf16_cpu.dir());
+
+        f16_cpu.put("sha", &[0.5, 0.25]).unwrap();
+        assert_eq!(f16_cpu.get("sha", 2), Some(vec![0.5, 0.25]));
+        assert_eq!(f32_cpu.get("sha", 2), None);
+        assert_eq!(bf16_cpu.get("sha", 2), None);
+        // Folders of older versions (the bare fingerprint) are not read.
+        std::fs::create_dir_all(tmp.path().join("0123456789abcdef")).unwrap();
+        std::fs::write(tmp.path().join("0123456789abcdef/old.f32"), [0u8; 8]).unwrap();
+        assert_eq!(f32_cpu.get("old", 2), None);
     }
 }
