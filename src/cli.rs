@@ -107,8 +107,9 @@ pub enum Command {
     Merge(MergeArgs),
     /// Paired guided-vs-baseline statistics of runs: summary.json, summary.csv, report.html.
     Compare(CompareArgs),
-    /// Run a recipe as an AI-art probe set: images, labels.csv, clip_scores.csv and an
-    /// annotation sheet (annotation.csv + annotation.html) for human raters.
+    /// Run a recipe as an AI-art probe set: images, labels.csv, clip_scores.csv and a blinded
+    /// annotation sheet (annotation.csv + annotation.html, images under neutral ids in sheet/)
+    /// for human raters.
     Probeset(RecipeArgs),
 }
 

@@ -1,19 +1,33 @@
 //! AI-art probe sets for human annotation: from a finished run, `labels.csv` (what each image
-//! was meant to show), `clip_scores.csv` (what the probe CLIP saw) and an annotation sheet
-//! (`annotation.csv` and a self-contained `annotation.html` form that saves the same CSV), so
-//! `artguide agree` can measure CLIP-human agreement on the returned ratings.
+//! was meant to show), `clip_scores.csv` (what the probe CLIP saw) and a blinded annotation
+//! sheet (`annotation.csv` and a self-contained `annotation.html` form that saves the same CSV,
+//! showing copies of the images under neutral ids in a shuffled order), so `artguide agree`
+//! can measure CLIP-human agreement on the returned ratings.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
 
-use crate::run::results::RunResults;
-use crate::Result;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+
+use crate::run::results::{RunItem, RunResults};
+use crate::{Error, Result};
+
+/// Folder (inside the run folder) of the images as raters see them: `<sheet_id>.png`.
+pub const SHEET_DIR: &str = "sheet";
+
+/// Column joining the sheet to `labels.csv` and `clip_scores.csv` (`agree --key sheet_id`).
+pub const KEY: &str = "sheet_id";
+
+/// Column of the sheet holding the intended target the adherence question was asked against.
+pub const INTENDED: &str = "intended";
 
 /// Rating columns of the annotation sheet: (column, question shown to the rater).
 pub const RATINGS: [(&str, &str); 4] = [
     (
         "adherence",
-        "How well does the image show the intended style and period? (1-5)",
+        "How well does the image show the intended target? (1-5)",
     ),
     (
         "authenticity",
@@ -37,12 +51,136 @@ fn target_probes(results: &RunResults) -> Vec<String> {
     set.into_iter().collect()
 }
 
-/// Writes `labels.csv`, `clip_scores.csv`, `annotation.csv` and `annotation.html` into
+/// The sheet's order and ids: for each item (plan order) its neutral id, and the item
+/// indices in the order raters see them.
+struct Sheet {
+    ids: Vec<String>,
+    order: Vec<usize>,
+}
+
+/// Shuffles the items with a ChaCha8 generator seeded from the recipe name and the item ids
+/// (so the same recipe gives the same bytes) and numbers them in that order: arms of a cell
+/// no longer sit side by side predictably, and ids say nothing about the condition.
+fn sheet_order(results: &RunResults) -> Sheet {
+    let mut h = Sha256::new();
+    h.update(results.recipe.as_bytes());
+    for it in &results.items {
+        h.update(b"\n");
+        h.update(it.id.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&digest[..8]);
+    let mut order: Vec<usize> = (0..results.items.len()).collect();
+    crate::probe::shuffle(
+        &mut ChaCha8Rng::seed_from_u64(u64::from_le_bytes(seed)),
+        &mut order,
+    );
+    let width = order.len().to_string().len().max(4);
+    let mut ids = vec![String::new(); order.len()];
+    for (pos, &k) in order.iter().enumerate() {
+        ids[k] = format!("{:0width$}", pos + 1);
+    }
+    Sheet { ids, order }
+}
+
+/// The item's intended target as the rater reads it (`style Baroque; period 17th`, suite
+/// order), empty for an item without one.
+fn intended_text(results: &RunResults, it: &RunItem) -> String {
+    let Some(t) = &it.target else {
+        return String::new();
+    };
+    let mut names: Vec<&String> = results
+        .suite
+        .iter()
+        .map(|s| &s.name)
+        .filter(|n| t.labels.contains_key(*n))
+        .collect();
+    let rest: Vec<&String> = t.labels.keys().filter(|k| !names.contains(k)).collect();
+    names.extend(rest);
+    names
+        .iter()
+        .map(|n| format!("{n} {}", t.labels[*n]))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The item's image inside `run_dir`; results naming a path that leaves it are refused.
+fn image_path(run_dir: &Path, it: &RunItem) -> Result<PathBuf> {
+    let rel = Path::new(&it.image);
+    if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(Error::file(
+            run_dir.join(crate::run::results::RESULTS_FILE),
+            format!(
+                "image `{}` of {} is not a path inside the run folder",
+                it.image, it.id
+            ),
+        ));
+    }
+    Ok(run_dir.join(rel))
+}
+
+/// Writes each image as `sheet/<id>.png` (atomically), re-encoded without its `parameters`
+/// text, which names the arm and the prompt; the run's own images stay as they are. Other
+/// PNGs left in `sheet/` by an earlier probe set are removed so the folder matches the form.
+fn write_sheet_images(run_dir: &Path, results: &RunResults, ids: &[String]) -> Result<PathBuf> {
+    let dir = run_dir.join(SHEET_DIR);
+    if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(Error::file(
+            &dir,
+            "is a symbolic link inside the run folder; refusing to write through it",
+        ));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut names = BTreeSet::new();
+    for (it, id) in results.items.iter().zip(ids) {
+        let src = image_path(run_dir, it)?;
+        // Raters must see the image whose CLIP scores and labels the key joins them to.
+        if crate::output::sha256_file(&src)? != it.sha256 {
+            return Err(Error::file(
+                &src,
+                "differs from the image results.json recorded (sha256): raters would rate \
+                 another image than the one scored",
+            ));
+        }
+        let png = crate::output::read_png(&src)?;
+        let bytes = crate::output::encode_png(&png.rgb, png.width, png.height, "")?;
+        let name = format!("{id}.png");
+        crate::output::write_atomic(&dir.join(&name), &bytes, true)?;
+        names.insert(name);
+    }
+    for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+        let e = e.map_err(|err| Error::io(&dir, err))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e
+            .file_type()
+            .map_err(|err| Error::io(e.path(), err))?
+            .is_file();
+        if is_file && name.ends_with(".png") && !names.contains(&name) {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Columns of `annotation.csv` and of the CSV the form saves.
+fn sheet_columns(probes: &[String]) -> Vec<String> {
+    std::iter::once(KEY.to_string())
+        .chain(probes.iter().map(|p| format!("perceived_{p}")))
+        .chain(std::iter::once(INTENDED.to_string()))
+        .chain(RATINGS.iter().map(|(c, _)| c.to_string()))
+        .chain(std::iter::once("notes".to_string()))
+        .collect()
+}
+
+/// Writes `labels.csv`, `clip_scores.csv` (both in plan order, with each image's `sheet_id`),
+/// `annotation.csv` (in sheet order) and `annotation.html`, and the `sheet/` images, into
 /// `run_dir` (atomically) and returns their paths.
 pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
     let probes = target_probes(results);
+    let Sheet { ids, order } = sheet_order(results);
     let mut labels = vec![{
-        let mut h: Vec<String> = ["image", "experiment", "subject"]
+        let mut h: Vec<String> = ["image", KEY, "experiment", "subject"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -55,28 +193,26 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
         h
     }];
     let mut scores = vec![{
-        let mut h = vec!["image".to_string()];
+        let mut h = vec!["image".to_string(), KEY.to_string()];
         for p in &probes {
             h.push(format!("p_intended_{p}"));
             h.push(format!("top_{p}"));
         }
         h
     }];
-    let mut sheet = vec![{
-        let mut h = vec!["image".to_string()];
-        h.extend(probes.iter().map(|p| format!("perceived_{p}")));
-        h.extend(RATINGS.iter().map(|(c, _)| c.to_string()));
-        h.push("notes".into());
-        h
-    }];
-    for it in &results.items {
+    for (it, id) in results.items.iter().zip(&ids) {
         let intended = |p: &str| {
             it.target
                 .as_ref()
                 .and_then(|t| t.labels.get(p).cloned())
                 .unwrap_or_default()
         };
-        let mut row = vec![it.image.clone(), it.experiment.clone(), it.subject.clone()];
+        let mut row = vec![
+            it.image.clone(),
+            id.clone(),
+            it.experiment.clone(),
+            it.subject.clone(),
+        ];
         row.extend(probes.iter().map(|p| intended(p)));
         row.extend([
             it.seed.to_string(),
@@ -87,7 +223,7 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
         labels.push(row);
 
         let answers = it.probes.get(&results.probe_clip);
-        let mut row = vec![it.image.clone()];
+        let mut row = vec![it.image.clone(), id.clone()];
         for p in &probes {
             let a = answers.and_then(|v| v.iter().find(|a| &a.probe == p));
             let want = intended(p);
@@ -103,14 +239,22 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
             row.push(a.map(|a| a.top.clone()).unwrap_or_default());
         }
         scores.push(row);
-
-        let mut row = vec![it.image.clone()];
-        row.extend(std::iter::repeat_n(
-            String::new(),
-            probes.len() + RATINGS.len() + 1,
-        ));
-        sheet.push(row);
     }
+    let columns = sheet_columns(&probes);
+    let mut sheet = vec![columns.clone()];
+    for &k in &order {
+        let mut row: BTreeMap<&str, String> = BTreeMap::new();
+        row.insert(KEY, ids[k].clone());
+        row.insert(INTENDED, intended_text(results, &results.items[k]));
+        sheet.push(
+            columns
+                .iter()
+                .map(|c| row.get(c.as_str()).cloned().unwrap_or_default())
+                .collect(),
+        );
+    }
+    // Images first: a form never names a sheet image that is not there yet.
+    let sheet_dir = write_sheet_images(run_dir, results, &ids)?;
     let mut paths = Vec::new();
     for (name, mut table) in [
         ("labels.csv", labels),
@@ -123,20 +267,29 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
         paths.push(p);
     }
     let p = run_dir.join("annotation.html");
-    crate::output::write_atomic(&p, annotation_html(results, &probes).as_bytes(), true)?;
+    let html = annotation_html(results, &probes, &ids, &order);
+    crate::output::write_atomic(&p, html.as_bytes(), true)?;
     paths.push(p);
+    paths.push(sheet_dir);
     Ok(paths)
 }
 
-/// A self-contained form (no network): each image with a select per target probe and the
-/// rating questions; "Save CSV" downloads the answers in `annotation.csv`'s columns.
-fn annotation_html(results: &RunResults, probes: &[String]) -> String {
+/// A self-contained form (no network) in sheet order: each image (`sheet/<id>.png`, under its
+/// id only) with a select per target probe and the rating questions; the adherence question
+/// shows the intended target, folded so it does not prime the perceived-label answers, and is
+/// left out for an image without a target. "Save CSV" downloads `annotation.csv`'s columns.
+fn annotation_html(
+    results: &RunResults,
+    probes: &[String],
+    ids: &[String],
+    order: &[usize],
+) -> String {
+    let esc = crate::report::escape;
     let mut body = String::new();
-    for (i, it) in results.items.iter().enumerate() {
+    for &k in order {
+        let id = esc(&ids[k]);
         body.push_str(&format!(
-            "<section class=\"item\" data-image=\"{img}\"><img src=\"{img}\" alt=\"image {n}\" loading=\"lazy\"><div class=\"q\"><p class=\"id\">{n}. {img}</p>",
-            img = crate::report::escape(&it.image),
-            n = i + 1
+            "<section class=\"item\" data-key=\"{id}\"><img src=\"{SHEET_DIR}/{id}.png\" alt=\"image {id}\" loading=\"lazy\"><div class=\"q\"><p class=\"id\">{id}</p>"
         ));
         for p in probes {
             let labels = results
@@ -147,28 +300,36 @@ fn annotation_html(results: &RunResults, probes: &[String]) -> String {
                 .unwrap_or_default();
             body.push_str(&format!(
                 "<label>Which {p} does it look like? <select data-col=\"perceived_{p}\"><option value=\"\"></option>",
-                p = crate::report::escape(p)
+                p = esc(p)
             ));
             for l in labels {
-                body.push_str(&format!("<option>{}</option>", crate::report::escape(&l)));
+                body.push_str(&format!("<option>{}</option>", esc(&l)));
             }
             body.push_str("</select></label>");
         }
-        for (col, q) in RATINGS {
-            body.push_str(&format!(
+        let number = |col: &str, q: &str| {
+            format!(
                 "<label>{q} <input type=\"number\" min=\"1\" max=\"5\" step=\"1\" data-col=\"{col}\"></label>",
-                q = crate::report::escape(q)
+                q = esc(q)
+            )
+        };
+        for (col, q) in RATINGS.iter().filter(|(c, _)| *c != "adherence") {
+            body.push_str(&number(col, q));
+        }
+        let intended = intended_text(results, &results.items[k]);
+        let adherence = RATINGS.iter().find(|(c, _)| *c == "adherence");
+        if let (false, Some((col, q))) = (intended.is_empty(), adherence) {
+            body.push_str(&format!(
+                "<details class=\"adherence\"><summary>Intended target (open after answering the questions above)</summary><p class=\"intended\">Intended: {i}</p>{q}<input type=\"hidden\" data-col=\"{INTENDED}\" value=\"{i}\"></details>",
+                i = esc(&intended),
+                q = number(col, q)
             ));
         }
         body.push_str(
             "<label>Notes <input type=\"text\" data-col=\"notes\"></label></div></section>\n",
         );
     }
-    let columns: Vec<String> = std::iter::once("image".to_string())
-        .chain(probes.iter().map(|p| format!("perceived_{p}")))
-        .chain(RATINGS.iter().map(|(c, _)| c.to_string()))
-        .chain(std::iter::once("notes".to_string()))
-        .collect();
+    let columns = sheet_columns(probes);
     let columns_js = serde_json::to_string(&columns).unwrap_or_else(|_| "[]".into());
     format!(
         r#"<!DOCTYPE html>
@@ -179,11 +340,13 @@ body {{ font-family: sans-serif; margin: 1em auto; max-width: 70em; }}
 .item img {{ width: 256px; height: auto; image-rendering: auto; }}
 .q label {{ display: block; margin: .3em 0; }}
 .id {{ color: #666; font-size: .8em; }}
+.q details {{ margin: .6em 0; }}
+.intended {{ font-weight: bold; }}
 button {{ font-size: 1.1em; padding: .4em 1em; }}
 </style></head><body>
 <h1>Annotation: {title}</h1>
-<p>Look at each image and answer without reading its file name. Leave a question empty if
-unsure. When done, press <b>Save CSV</b> and send the downloaded <code>annotation.csv</code>
+<p>Look at each image and answer; images are numbered in a random order. Answer the
+questions above <i>Intended target</i> before opening it. Leave a question empty if unsure. When done, press <b>Save CSV</b> and send the downloaded <code>annotation.csv</code>
 back. Nothing leaves this page otherwise.</p>
 {body}
 <p><button id="save">Save CSV</button></p>
@@ -193,7 +356,7 @@ function field(v) {{ v = String(v); return /[",\n\r]/.test(v) ? '"' + v.replace(
 document.getElementById('save').addEventListener('click', () => {{
   const rows = [columns.map(field).join(',')];
   for (const s of document.querySelectorAll('section.item')) {{
-    const row = {{ image: s.dataset.image }};
+    const row = {{ {KEY}: s.dataset.key }};
     for (const el of s.querySelectorAll('[data-col]')) row[el.dataset.col] = el.value;
     rows.push(columns.map(c => field(row[c] ?? '')).join(','));
   }}
@@ -208,4 +371,84 @@ document.getElementById('save').addEventListener('click', () => {{
 "#,
         title = crate::report::escape(&results.recipe),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Results of `n` items over two arms, with `style`/`period` targets (none for item 0).
+    fn results(n: usize) -> RunResults {
+        let items: Vec<serde_json::Value> = (0..n)
+            .map(|k| {
+                let arm = if k % 2 == 0 { "baseline" } else { "guided" };
+                let id = format!("e/s00-t00-seed{}/{arm}", k / 2);
+                serde_json::json!({
+                    "id": id, "experiment": "e", "cell": format!("s00-t00-seed{}", k / 2),
+                    "subject": "a harbour",
+                    "target": (k > 0).then(|| serde_json::json!({
+                        "text": "t", "labels": {"style": "Baroque", "period": "17th"}
+                    })),
+                    "seed": k / 2, "arm": arm, "baseline": k % 2 == 0, "prompt": "p",
+                    "image": format!("images/{id}.png"), "sha256": "", "probes": {}
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "tool": "artguide", "version": "0", "recipe": "r", "model": "m", "probe_clip": "c",
+            "guide_clip": null, "items": items,
+            "suite": [{"name": "style", "labels": ["Baroque"]},
+                      {"name": "period", "labels": ["17th"]}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_sheet_order_is_a_seeded_shuffle_with_neutral_ids() {
+        let r = results(40);
+        let Sheet { ids, order } = sheet_order(&r);
+        let again = sheet_order(&r);
+        assert_eq!((&again.ids, &again.order), (&ids, &order));
+        assert_ne!(order, (0..40).collect::<Vec<_>>());
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..40).collect::<Vec<_>>());
+        for (pos, &k) in order.iter().enumerate() {
+            assert_eq!(ids[k], format!("{:04}", pos + 1));
+        }
+    }
+
+    #[test]
+    fn the_intended_target_is_in_suite_order_and_empty_without_one() {
+        let r = results(2);
+        assert_eq!(intended_text(&r, &r.items[0]), "");
+        assert_eq!(intended_text(&r, &r.items[1]), "style Baroque; period 17th");
+    }
+
+    #[test]
+    fn the_form_names_no_arm_or_path_and_asks_adherence_only_with_a_target() {
+        let r = results(4);
+        let probes = target_probes(&r);
+        let Sheet { ids, order } = sheet_order(&r);
+        let html = annotation_html(&r, &probes, &ids, &order);
+        for leak in ["baseline", "guided", "images/", "seed0", "e/s00"] {
+            assert!(!html.contains(leak), "{leak}");
+        }
+        assert_eq!(html.matches("data-col=\"adherence\"").count(), 3);
+        assert_eq!(
+            html.matches("Intended: style Baroque; period 17th").count(),
+            3
+        );
+    }
+
+    #[test]
+    fn images_outside_the_run_folder_are_refused() {
+        let mut r = results(1);
+        for bad in ["../x.png", "/etc/x.png", "images/../../x.png", ""] {
+            r.items[0].image = bad.into();
+            assert!(image_path(Path::new("run"), &r.items[0]).is_err(), "{bad}");
+        }
+        r.items[0].image = "images/a/b.png".into();
+        assert!(image_path(Path::new("run"), &r.items[0]).is_ok());
+    }
 }

@@ -526,16 +526,32 @@ fn probeset_writes_a_sheet_that_agree_reads() {
     }
     let html = std::fs::read_to_string(out.join("annotation.html")).unwrap();
     assert!(!html.contains("http://") && !html.contains("https://"));
-    let srcs: Vec<&str> = html
-        .split("src=\"")
-        .skip(1)
-        .map(|s| s.split('"').next().unwrap())
-        .collect();
-    assert_eq!(srcs.len(), items.len());
-    for s in srcs {
-        assert!(out.join(s).is_file(), "{s} does not exist");
+    assert_blind_sheet(&out, &labels, items);
+    // Rating the sheet's copy means rating the run's image: same pixels, no parameters.
+    let cid = col(&labels, "sheet_id");
+    for row in &labels[1..] {
+        let orig = artguide::output::read_png(&out.join(&row[ci])).unwrap();
+        let copy =
+            artguide::output::read_png(&out.join(format!("sheet/{}.png", row[cid]))).unwrap();
+        assert_eq!(copy.rgb, orig.rgb, "{}", row[ci]);
+        assert!(orig.parameters.is_some() && copy.parameters.is_none());
     }
-    // A rater's filled sheet (ratings here: a made-up function of the row) feeds `agree`.
+    // The same recipe gives the same sheet, byte for byte; stale sheet images go.
+    let before = tree(&out);
+    std::fs::remove_file(out.join("annotation.html")).unwrap();
+    std::fs::remove_file(out.join("sheet/0001.png")).unwrap();
+    std::fs::write(out.join("sheet/9999.png"), b"stale").unwrap();
+    let o = bin()
+        .args(["--quiet", "probeset"])
+        .arg(smoke("probeset"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(tree(&out) == before, "a second probe set changed the files");
+    // A rater's filled sheet (ratings here: a made-up function of the row) feeds `agree`,
+    // matched on `sheet_id` whether named or found as the shared column.
     let sheet = read("annotation.csv");
     let ca = col(&sheet, "adherence");
     let mut filled = String::new();
@@ -549,24 +565,26 @@ fn probeset_writes_a_sheet_that_agree_reads() {
     }
     let ratings = tmp.path().join("ratings.csv");
     std::fs::write(&ratings, filled).unwrap();
-    let o = bin()
-        .args(["--json", "agree", "--scores"])
-        .arg(out.join("clip_scores.csv"))
-        .arg("--ratings")
-        .arg(&ratings)
-        .args([
-            "--score-column",
-            "p_intended_style",
-            "--rating-column",
-            "adherence",
-            "--key",
-            "image",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(a["correlations"]["n"], items.len());
+    for key in [Some("sheet_id"), None] {
+        let o = bin()
+            .args(["--json", "agree", "--scores"])
+            .arg(out.join("clip_scores.csv"))
+            .arg("--ratings")
+            .arg(&ratings)
+            .args([
+                "--score-column",
+                "p_intended_style",
+                "--rating-column",
+                "adherence",
+            ])
+            .args(key.map(|k| ["--key", k]).iter().flatten())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(a["correlations"]["n"], items.len());
+        assert_eq!(a["key"], "sheet_id", "{a}");
+    }
 }
 
 /// Ctrl-C (SIGINT) stops after the current step: exit 130, a message saying how to resume,
@@ -682,4 +700,96 @@ fn a_resumed_run_keeps_its_scheduler() {
         tree(&out) == before,
         "the refused resume changed the run folder"
     );
+}
+
+/// The annotation form of the probe set in `out` is blind: images only under neutral ids
+/// (`sheet/<id>.png`), no arm name, path or cell anywhere in the page or the blank sheet,
+/// not in plan order, and each adherence question shows its image's intended labels.
+fn assert_blind_sheet(out: &Path, labels: &[Vec<String>], items: &[serde_json::Value]) {
+    let html = std::fs::read_to_string(out.join("annotation.html")).unwrap();
+    let sheet_csv = std::fs::read_to_string(out.join("annotation.csv")).unwrap();
+    for it in items {
+        for leak in [
+            it["arm"].as_str().unwrap(),
+            it["id"].as_str().unwrap(),
+            it["cell"].as_str().unwrap(),
+            it["image"].as_str().unwrap(),
+        ] {
+            assert!(!html.contains(leak), "the form shows `{leak}`");
+            assert!(!sheet_csv.contains(leak), "annotation.csv shows `{leak}`");
+        }
+    }
+    assert!(!html.contains("images/") && !sheet_csv.contains("images/"));
+    let col = |name: &str| labels[0].iter().position(|c| c == name).unwrap();
+    let cid = col("sheet_id");
+    let intended: Vec<usize> = labels[0]
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.starts_with("intended_"))
+        .map(|(k, _)| k)
+        .collect();
+    // labels.csv is in plan order; the form follows its ids.
+    let plan: Vec<&str> = labels[1..].iter().map(|r| r[cid].as_str()).collect();
+    let sections: Vec<&str> = html.split("<section ").skip(1).collect();
+    assert_eq!(sections.len(), items.len());
+    let shown: Vec<&str> = sections
+        .iter()
+        .map(|s| {
+            s.split("data-key=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    let mut sorted = plan.clone();
+    sorted.sort();
+    assert_eq!(shown, sorted, "the form is not in sheet-id order");
+    assert_ne!(plan, sorted, "the sheet is in plan order");
+    for (s, id) in sections.iter().zip(&shown) {
+        let srcs: Vec<&str> = s
+            .split("src=\"")
+            .skip(1)
+            .map(|s| s.split('"').next().unwrap())
+            .collect();
+        assert_eq!(srcs, [format!("sheet/{id}.png")]);
+        assert!(out.join(srcs[0]).is_file(), "{} does not exist", srcs[0]);
+        let row = labels[1..].iter().find(|r| r[cid] == *id).unwrap();
+        let adherence = s.split("data-col=\"adherence\"").next().unwrap();
+        let adherence = adherence.rsplit("<details").next().unwrap();
+        for &k in &intended {
+            let probe = labels[0][k].trim_start_matches("intended_");
+            let want = format!("{probe} {}", row[k]);
+            assert!(
+                adherence.contains(&want),
+                "{id}: the adherence question does not show `{want}`: {adherence}"
+            );
+        }
+    }
+}
+
+/// A probe set of a guided recipe blinds the arms too (baseline and guided alike).
+#[test]
+fn probeset_of_a_guided_recipe_hides_the_arms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ps");
+    let o = bin()
+        .args(["--quiet", "probeset"])
+        .arg(smoke("compare"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let items = r["items"].as_array().unwrap();
+    assert!(items.iter().any(|i| i["baseline"] == false));
+    let labels: Vec<Vec<String>> = std::fs::read_to_string(out.join("labels.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    assert_blind_sheet(&out, &labels, items);
 }
