@@ -305,6 +305,41 @@ fn check_pair(
     }
 }
 
+/// The `generation` settings of the recipe copy in a run folder, defaults filled in; None
+/// when the copy is missing or unreadable (then only the items are checked).
+fn generation(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(crate::run::RECIPE_FILE)).ok()?;
+    let recipe: crate::recipe::Recipe = serde_yaml::from_str(&text).ok()?;
+    serde_json::to_value(recipe.generation).ok()
+}
+
+/// Refuses to pair images of two runs whose recipes generate differently (steps, scale,
+/// scheduler, size...): the shift would measure the settings, not the guidance.
+fn check_generation(
+    d: &Path,
+    bd: &Path,
+    generations: &HashMap<&Path, Option<serde_json::Value>>,
+) -> Result<()> {
+    let (Some(Some(a)), Some(Some(b))) = (generations.get(d), generations.get(bd)) else {
+        return Ok(());
+    };
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return Ok(());
+    };
+    match a.iter().find(|(k, v)| b.get(*k) != Some(*v)) {
+        None => Ok(()),
+        Some((k, v)) => Err(Error::file(
+            d.join(crate::run::RECIPE_FILE),
+            format!(
+                "generation.{k} is {v} here but {} in {}, whose baselines its images would \
+                 pair with: compare runs made with the same generation settings",
+                b.get(k).cloned().unwrap_or_default(),
+                bd.display()
+            ),
+        )),
+    }
+}
+
 /// The statistics of one row over `pairs` (None when no pair has answers for this probe);
 /// the caller fills in experiment, arm, model and role.
 fn compare_pairs(
@@ -375,6 +410,11 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         .iter()
         .flat_map(|(d, r)| r.items.iter().map(move |it| (d.as_path(), r, it)))
         .collect();
+    let generations: HashMap<&Path, Option<serde_json::Value>> = loaded
+        .runs
+        .iter()
+        .map(|(d, _)| (d.as_path(), generation(d)))
+        .collect();
     let mut baselines: HashMap<(&str, &str), (&Path, &RunResults, &RunItem)> = HashMap::new();
     for &(d, r, it) in located.iter().filter(|l| l.2.baseline) {
         if let Some((od, _, other)) =
@@ -404,6 +444,9 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
             continue;
         };
         check_pair((d, r, it), (bd, br, base))?;
+        if d != bd {
+            check_generation(d, bd, &generations)?;
+        }
         let key = (it.experiment.clone(), it.arm.clone());
         let k = *index.entry(key.clone()).or_insert_with(|| {
             groups.push((key, Vec::new()));
@@ -739,6 +782,39 @@ mod tests {
         assert_eq!(role("by-a", "a"), "guide");
         assert_eq!(role("by-judge", "probe"), "guide");
         assert_eq!(role("by-judge", "a"), "other");
+    }
+
+    /// Runs whose recipe copies generate differently do not pair; the same settings do.
+    #[test]
+    fn pairs_across_runs_need_the_same_generation_settings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = include_str!("../recipes/smoke/compare.yaml");
+        let write = |name: &str, text: &str| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(crate::run::RECIPE_FILE), text).unwrap();
+            d
+        };
+        let (a, same, other) = (
+            write("a", text),
+            write("same", text),
+            write("other", &text.replace("  steps: 4\n", "  steps: 6\n")),
+        );
+        let base = run(
+            "sd",
+            vec![item("s0", "baseline", ("style", "A"), None, 0.2)],
+        );
+        let guided = run("sd", vec![item("s0", "g", ("style", "A"), Some("a"), 0.6)]);
+        let opts = CompareOptions::default();
+        let two = |d: &Path| Loaded {
+            runs: vec![(a.clone(), base.clone()), (d.to_path_buf(), guided.clone())],
+        };
+        assert_eq!(compare(&two(&same), &opts).unwrap().rows[0].n, 1);
+        let err = compare(&two(&other), &opts).unwrap_err().to_string();
+        assert!(
+            err.contains("generation.steps is 6 here but 4") && err.contains("other"),
+            "{err}"
+        );
     }
 
     /// Runs joined for a comparison pair only the same cell of the same plan.
