@@ -32,7 +32,29 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
         let mut cmd = Self::command().mut_subcommands(|c| c.allow_negative_numbers(true));
+        cmd.build();
+        // Before clap: `--prompt --seed 3` would otherwise fail on the stray `3` without
+        // naming the prompt.
+        let sub_name = args
+            .iter()
+            .skip(1)
+            .filter_map(|a| a.to_str())
+            .find(|a| cmd.find_subcommand(a).is_some())
+            .map(str::to_string);
+        if let Some(sub) = sub_name.as_deref().and_then(|n| cmd.find_subcommand_mut(n)) {
+            let texts = text_options(sub);
+            let flags = flag_names(sub);
+            for w in args.windows(2) {
+                let (Some(opt), Some(next)) = (w[0].to_str(), w[1].to_str()) else {
+                    continue;
+                };
+                if texts.iter().any(|t| t == opt) {
+                    refuse_flag(sub, &flags, opt, next)?;
+                }
+            }
+        }
         let matches = cmd.try_get_matches_from_mut(args)?;
         if let Some((name, sub)) = matches.subcommand() {
             if let Some(sub_cmd) = cmd.find_subcommand_mut(name) {
@@ -43,22 +65,52 @@ impl Cli {
     }
 }
 
-/// Text options (prompts) take values that start with `-`, so `--prompt -dark` works; a value
-/// that is one of the command's own flags is refused, as it almost surely means the option's
-/// value was forgotten (`--prompt --seed 3`).
-fn refuse_flags_as_text(
-    cmd: &mut clap::Command,
-    matches: &clap::ArgMatches,
-) -> Result<(), clap::Error> {
-    let flags: Vec<String> = cmd
-        .get_arguments()
+/// Every flag of `cmd` (long and short, `--help` and `--` included).
+fn flag_names(cmd: &clap::Command) -> Vec<String> {
+    cmd.get_arguments()
         .flat_map(|a| {
             let long = a.get_long().map(|l| format!("--{l}"));
             let short = a.get_short().map(|s| format!("-{s}"));
             long.into_iter().chain(short)
         })
-        .chain(["--help".to_string(), "-h".to_string()])
-        .collect();
+        .chain(["--help", "-h", "--"].map(String::from))
+        .collect()
+}
+
+/// The long names of `cmd`'s text options: those taking values that begin with `-`.
+fn text_options(cmd: &clap::Command) -> Vec<String> {
+    cmd.get_arguments()
+        .filter(|a| a.is_allow_hyphen_values_set())
+        .filter_map(|a| Some(format!("--{}", a.get_long()?)))
+        .collect()
+}
+
+/// Refuses `value` for the text option `long` when it is one of the command's flags.
+fn refuse_flag(
+    cmd: &mut clap::Command,
+    flags: &[String],
+    long: &str,
+    value: &str,
+) -> Result<(), clap::Error> {
+    let name = value.split('=').next().unwrap_or(value);
+    if flags.iter().any(|f| f == name) {
+        return Err(cmd.error(
+            clap::error::ErrorKind::InvalidValue,
+            format!("{long} needs a value, but the next argument is the flag '{value}'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Text options (prompts) take values that start with `-`, so `--prompt -dark` works; a value
+/// that is one of the command's own flags is refused, as it almost surely means the option's
+/// value was forgotten (`--prompt --seed 3`). This catches the `--prompt=--seed` form, which
+/// the scan of the raw arguments does not.
+fn refuse_flags_as_text(
+    cmd: &mut clap::Command,
+    matches: &clap::ArgMatches,
+) -> Result<(), clap::Error> {
+    let flags = flag_names(cmd);
     let text_args: Vec<(String, String)> = cmd
         .get_arguments()
         .filter(|a| a.is_allow_hyphen_values_set())
@@ -69,13 +121,7 @@ fn refuse_flags_as_text(
             continue;
         };
         for value in values {
-            let name = value.split('=').next().unwrap_or(value);
-            if flags.iter().any(|f| f == name) {
-                return Err(cmd.error(
-                    clap::error::ErrorKind::InvalidValue,
-                    format!("{long} needs a value, but the next argument is the flag '{value}'"),
-                ));
-            }
+            refuse_flag(cmd, &flags, &long, value)?;
         }
     }
     Ok(())
@@ -574,6 +620,13 @@ mod tests {
             err.contains("--clip-prompt needs a value") && err.contains("'--steps=3'"),
             "{err}"
         );
+        let err = generate(&["--prompt", "--seed", "3"]).unwrap_err();
+        assert!(
+            err.contains("--prompt needs a value") && err.contains("'--seed'"),
+            "{err}"
+        );
+        let err = generate(&["--prompt", "x", "--negative-prompt", "--"]).unwrap_err();
+        assert!(err.contains("--negative-prompt needs a value"), "{err}");
         let err = generate(&["--prompt", "-h"]).unwrap_err();
         assert!(err.contains("--prompt needs a value"), "{err}");
     }

@@ -285,6 +285,10 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     use crate::probe::runner::{self, EmbeddingCache};
     let suite = crate::probe::suite::Suite::load(&args.suite)?;
     let paths = embed::collect_images(&args.images)?;
+    if let Some(labels) = &args.labels {
+        // Before the long part: a bad labels file should not cost a probing pass.
+        crate::probe::evaluate::check_labels(&paths, labels)?;
+    }
     let opts = load_options(&args.run)?;
     let cache_root = args
         .cache

@@ -111,6 +111,13 @@ impl Loaded {
             }
             runs.push((d.clone(), r));
         }
+        if runs.len() > 1 {
+            // Runs started from recipes in different folders name the same local model by
+            // different relative paths: one name per folder, so their answers and pairs meet.
+            for (_, r) in &mut runs {
+                canonical_ids(r);
+            }
+        }
         Ok(Loaded { runs })
     }
 
@@ -119,6 +126,27 @@ impl Loaded {
             .first()
             .map(|r| r.1.suite.as_slice())
             .unwrap_or(&[])
+    }
+}
+
+/// A model id that names an existing local folder as its canonical path; a hub id as is.
+fn canonical_id(id: &str) -> String {
+    std::fs::canonicalize(id)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| id.to_string())
+}
+
+/// Every model id of `r` (SD model, CLIPs, the keys of each item's answers) made canonical.
+fn canonical_ids(r: &mut RunResults) {
+    r.model = canonical_id(&r.model);
+    r.probe_clip = canonical_id(&r.probe_clip);
+    r.guide_clip = r.guide_clip.as_deref().map(canonical_id);
+    for it in &mut r.items {
+        it.guide_clip = it.guide_clip.as_deref().map(canonical_id);
+        it.probes = std::mem::take(&mut it.probes)
+            .into_iter()
+            .map(|(k, v)| (canonical_id(&k), v))
+            .collect();
     }
 }
 
@@ -305,12 +333,64 @@ fn check_pair(
     }
 }
 
-/// The `generation` settings of the recipe copy in a run folder, defaults filled in; None
-/// when the copy is missing or unreadable (then only the items are checked).
-fn generation(dir: &Path) -> Option<serde_json::Value> {
+/// The `generation` settings of the recipe copy in a run folder; None when the copy is
+/// missing or unreadable (then only the items are checked).
+fn generation(dir: &Path) -> Option<crate::recipe::Generation> {
     let text = std::fs::read_to_string(dir.join(crate::run::RECIPE_FILE)).ok()?;
     let recipe: crate::recipe::Recipe = serde_yaml::from_str(&text).ok()?;
-    serde_json::to_value(recipe.generation).ok()
+    Some(recipe.generation)
+}
+
+/// The first generation setting in which `a` and `b` surely differ, as (field, a, b). What
+/// the copies leave to the model (size, `auto` scheduler) or write relative to their own
+/// recipe (the init image's path) is not compared; a default is compared as its value.
+fn generation_difference(
+    a: &crate::recipe::Generation,
+    b: &crate::recipe::Generation,
+) -> Option<(&'static str, String, String)> {
+    let opt = |v: Option<usize>| v.map(|x| x.to_string());
+    let img2img = |g: &crate::recipe::Generation| g.init_image.is_some();
+    let mut fields = vec![
+        (
+            "steps",
+            Some(a.steps.to_string()),
+            Some(b.steps.to_string()),
+        ),
+        (
+            "guidance_scale",
+            Some(a.guidance_scale.to_string()),
+            Some(b.guidance_scale.to_string()),
+        ),
+        ("eta", Some(a.eta.to_string()), Some(b.eta.to_string())),
+        (
+            "negative_prompt",
+            Some(a.negative_prompt.clone()),
+            Some(b.negative_prompt.clone()),
+        ),
+        (
+            "init_image",
+            Some(if img2img(a) { "set" } else { "unset" }.to_string()),
+            Some(if img2img(b) { "set" } else { "unset" }.to_string()),
+        ),
+        ("width", opt(a.width), opt(b.width)),
+        ("height", opt(a.height), opt(b.height)),
+        (
+            "scheduler",
+            Some(a.scheduler.clone()).filter(|s| s != "auto"),
+            Some(b.scheduler.clone()).filter(|s| s != "auto"),
+        ),
+    ];
+    if img2img(a) && img2img(b) {
+        fields.push((
+            "strength",
+            Some(a.strength().to_string()),
+            Some(b.strength().to_string()),
+        ));
+    }
+    fields.into_iter().find_map(|(k, x, y)| match (x, y) {
+        (Some(x), Some(y)) if x != y => Some((k, x, y)),
+        _ => None,
+    })
 }
 
 /// Refuses to pair images of two runs whose recipes generate differently (steps, scale,
@@ -318,22 +398,18 @@ fn generation(dir: &Path) -> Option<serde_json::Value> {
 fn check_generation(
     d: &Path,
     bd: &Path,
-    generations: &HashMap<&Path, Option<serde_json::Value>>,
+    generations: &HashMap<&Path, Option<crate::recipe::Generation>>,
 ) -> Result<()> {
     let (Some(Some(a)), Some(Some(b))) = (generations.get(d), generations.get(bd)) else {
         return Ok(());
     };
-    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
-        return Ok(());
-    };
-    match a.iter().find(|(k, v)| b.get(*k) != Some(*v)) {
+    match generation_difference(a, b) {
         None => Ok(()),
-        Some((k, v)) => Err(Error::file(
+        Some((k, x, y)) => Err(Error::file(
             d.join(crate::run::RECIPE_FILE),
             format!(
-                "generation.{k} is {v} here but {} in {}, whose baselines its images would \
+                "generation.{k} is `{x}` here but `{y}` in {}, whose baselines its images would \
                  pair with: compare runs made with the same generation settings",
-                b.get(k).cloned().unwrap_or_default(),
                 bd.display()
             ),
         )),
@@ -410,7 +486,7 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         .iter()
         .flat_map(|(d, r)| r.items.iter().map(move |it| (d.as_path(), r, it)))
         .collect();
-    let generations: HashMap<&Path, Option<serde_json::Value>> = loaded
+    let generations: HashMap<&Path, Option<crate::recipe::Generation>> = loaded
         .runs
         .iter()
         .map(|(d, _)| (d.as_path(), generation(d)))
@@ -462,13 +538,15 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         .collect();
     // The held-out judge first.
     models.sort_by_key(|m| (m != &first.probe_clip, m.clone()));
+    let item_guides = loaded.runs.iter().all(|(_, r)| r.item_guides);
     let mut rows = Vec::new();
     for ((experiment, arm), pairs) in &groups {
-        // The CLIP that guided this arm (results before 0.1 record only the run's).
+        // The CLIP that guided this arm: none for an arm without CLIP terms (TV only), the
+        // run's for results that do not record it per image.
         let guide = pairs
             .iter()
             .find_map(|(a, _)| a.guide_clip.as_deref())
-            .or(first.guide_clip.as_deref());
+            .or(first.guide_clip.as_deref().filter(|_| !item_guides));
         // A model is this arm's judge only if it did not guide it: an arm guided by the probe
         // CLIP has no held-out judge, and is labelled `guide` there.
         let role = |m: &str| {
@@ -701,6 +779,7 @@ mod tests {
             model: model.into(),
             probe_clip: "probe".into(),
             guide_clip: Some("a".into()),
+            item_guides: true,
             suite: vec![
                 SuiteProbe {
                     name: "style".into(),
@@ -782,6 +861,18 @@ mod tests {
         assert_eq!(role("by-a", "a"), "guide");
         assert_eq!(role("by-judge", "probe"), "guide");
         assert_eq!(role("by-judge", "a"), "other");
+        // An arm no CLIP guided (TV only) has no guide; results that do not record guides
+        // per image fall back to the run's guide CLIP.
+        let items = vec![
+            item("s0", "baseline", ("style", "A"), None, 0.2),
+            item("s0", "tv-only", ("style", "A"), None, 0.6),
+        ];
+        let mut r = run("sd", items);
+        let s = compare(&loaded(vec![r.clone()]), &CompareOptions::default()).unwrap();
+        assert!(s.rows.iter().all(|r| r.role != "guide"), "{:?}", s.rows);
+        r.item_guides = false;
+        let s = compare(&loaded(vec![r]), &CompareOptions::default()).unwrap();
+        assert!(s.rows.iter().any(|r| r.model == "a" && r.role == "guide"));
     }
 
     /// Runs whose recipe copies generate differently do not pair; the same settings do.
@@ -812,9 +903,85 @@ mod tests {
         assert_eq!(compare(&two(&same), &opts).unwrap().rows[0].n, 1);
         let err = compare(&two(&other), &opts).unwrap_err().to_string();
         assert!(
-            err.contains("generation.steps is 6 here but 4") && err.contains("other"),
+            err.contains("generation.steps is `6` here but `4`") && err.contains("other"),
             "{err}"
         );
+        // What the copies leave to the model, or state as the default, is no difference.
+        let g = |text: &str| -> crate::recipe::Generation { serde_yaml::from_str(text).unwrap() };
+        let plain = g("steps: 30");
+        assert_eq!(generation_difference(&plain, &g("width: 128")), None);
+        assert_eq!(generation_difference(&plain, &g("scheduler: ddim")), None);
+        let (a, b) = (
+            g("init_image: x.png"),
+            g("init_image: ../y.png\nstrength: 0.75"),
+        );
+        assert_eq!(generation_difference(&a, &b), None);
+        let c = g("init_image: x.png\nstrength: 0.5");
+        assert_eq!(
+            generation_difference(&a, &c),
+            Some(("strength", "0.75".into(), "0.5".into()))
+        );
+        assert_eq!(
+            generation_difference(&g("width: 64"), &g("width: 128")),
+            Some(("width", "64".into(), "128".into()))
+        );
+        assert_eq!(
+            generation_difference(&plain, &a).map(|d| d.0),
+            Some("init_image")
+        );
+    }
+
+    /// Two runs naming the same local model folders by different relative paths pair, and
+    /// their answers meet under one name.
+    #[test]
+    fn runs_naming_one_folder_by_two_paths_pair() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (m, c) = (tmp.path().join("sd"), tmp.path().join("clip"));
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::create_dir_all(&c).unwrap();
+        let name = |p: &Path, via: &str| {
+            format!(
+                "{}/{via}/../{}",
+                tmp.path().display(),
+                p.file_name().unwrap().to_string_lossy()
+            )
+        };
+        let rename = |mut r: RunResults, via: &str| {
+            r.model = name(&m, via);
+            r.probe_clip = name(&c, via);
+            for it in &mut r.items {
+                let a = it.probes.remove("probe").unwrap();
+                it.probes.insert(name(&c, via), a);
+            }
+            r
+        };
+        let write = |name: &str, r: &RunResults| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            let text = serde_json::to_string(r).unwrap();
+            std::fs::write(d.join(crate::run::results::RESULTS_FILE), text).unwrap();
+            d
+        };
+        let base = rename(
+            run(
+                "sd",
+                vec![item("s0", "baseline", ("style", "A"), None, 0.2)],
+            ),
+            "sd",
+        );
+        let guided = rename(
+            run("sd", vec![item("s0", "g", ("style", "A"), Some("a"), 0.6)]),
+            "clip",
+        );
+        let dirs = [write("base", &base), write("guided", &guided)];
+        let s = compare(&Loaded::load(&dirs).unwrap(), &CompareOptions::default()).unwrap();
+        let judge = std::fs::canonicalize(&c).unwrap().display().to_string();
+        let row = s
+            .rows
+            .iter()
+            .find(|r| r.model == judge && r.targeted)
+            .unwrap();
+        assert_eq!((row.n, row.role.as_str()), (1, "probe"));
     }
 
     /// Runs joined for a comparison pair only the same cell of the same plan.

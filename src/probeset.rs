@@ -120,10 +120,10 @@ fn image_path(run_dir: &Path, it: &RunItem) -> Result<PathBuf> {
     Ok(run_dir.join(rel))
 }
 
-/// Writes each image as `sheet/<id>.png` (atomically), re-encoded without its `parameters`
+/// Writes each image as `sheet/<id>.png` (atomically, in sheet order), re-encoded without its `parameters`
 /// text, which names the arm and the prompt; the run's own images stay as they are. Other
 /// PNGs left in `sheet/` by an earlier probe set are removed so the folder matches the form.
-fn write_sheet_images(run_dir: &Path, results: &RunResults, ids: &[String]) -> Result<PathBuf> {
+fn write_sheet_images(run_dir: &Path, results: &RunResults, sheet: &Sheet) -> Result<PathBuf> {
     let dir = run_dir.join(SHEET_DIR);
     if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(Error::file(
@@ -133,7 +133,10 @@ fn write_sheet_images(run_dir: &Path, results: &RunResults, ids: &[String]) -> R
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let mut names = BTreeSet::new();
-    for (it, id) in results.items.iter().zip(ids) {
+    // In sheet order: files written in plan order would give the arms away to anyone who
+    // sorts the folder by date (or by inode).
+    for &k in &sheet.order {
+        let (it, id) = (&results.items[k], &sheet.ids[k]);
         let src = image_path(run_dir, it)?;
         // Raters must see the image whose CLIP scores and labels the key joins them to.
         if crate::output::sha256_file(&src)? != it.sha256 {
@@ -178,7 +181,8 @@ fn sheet_columns(probes: &[String]) -> Vec<String> {
 /// `run_dir` (atomically) and returns their paths.
 pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
     let probes = target_probes(results);
-    let Sheet { ids, order } = sheet_order(results);
+    let layout = sheet_order(results);
+    let (ids, order) = (&layout.ids[..], &layout.order[..]);
     let mut labels = vec![{
         let mut h: Vec<String> = ["image", KEY, "experiment", "subject"]
             .iter()
@@ -200,7 +204,7 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
         }
         h
     }];
-    for (it, id) in results.items.iter().zip(&ids) {
+    for (it, id) in results.items.iter().zip(ids) {
         let intended = |p: &str| {
             it.target
                 .as_ref()
@@ -242,7 +246,7 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
     }
     let columns = sheet_columns(&probes);
     let mut sheet = vec![columns.clone()];
-    for &k in &order {
+    for &k in order {
         let mut row: BTreeMap<&str, String> = BTreeMap::new();
         row.insert(KEY, ids[k].clone());
         row.insert(INTENDED, intended_text(results, &results.items[k]));
@@ -254,7 +258,7 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
         );
     }
     // Images first: a form never names a sheet image that is not there yet.
-    let sheet_dir = write_sheet_images(run_dir, results, &ids)?;
+    let sheet_dir = write_sheet_images(run_dir, results, &layout)?;
     let mut paths = Vec::new();
     for (name, mut table) in [
         ("labels.csv", labels),
@@ -267,7 +271,7 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
         paths.push(p);
     }
     let p = run_dir.join("annotation.html");
-    let html = annotation_html(results, &probes, &ids, &order);
+    let html = annotation_html(results, &probes, ids, order);
     crate::output::write_atomic(&p, html.as_bytes(), true)?;
     paths.push(p);
     paths.push(sheet_dir);
@@ -439,6 +443,36 @@ mod tests {
             html.matches("Intended: style Baroque; period 17th").count(),
             3
         );
+    }
+
+    /// Sheet files are written in sheet order: sorted by modification time they list the
+    /// sheet ids in order, not the plan's arms.
+    #[test]
+    fn sheet_files_are_written_in_sheet_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = results(12);
+        for (k, it) in r.items.iter_mut().enumerate() {
+            let p = tmp.path().join(&it.image);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            let rgb = vec![k as u8; 2 * 2 * 3];
+            let png = crate::output::encode_png(&rgb, 2, 2, "arm text").unwrap();
+            std::fs::write(&p, png).unwrap();
+            it.sha256 = crate::output::sha256_file(&p).unwrap();
+        }
+        let layout = sheet_order(&r);
+        let dir = write_sheet_images(tmp.path(), &r, &layout).unwrap();
+        let mut files: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let t = e.metadata().unwrap().modified().unwrap();
+                (t, e.file_name().to_string_lossy().into_owned())
+            })
+            .collect();
+        files.sort();
+        let by_time: Vec<&str> = files.iter().map(|f| f.1.as_str()).collect();
+        let by_name: Vec<String> = (1..=12).map(|i| format!("{i:04}.png")).collect();
+        assert_eq!(by_time, by_name);
     }
 
     #[test]

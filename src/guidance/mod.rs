@@ -478,8 +478,10 @@ impl Guide {
     ) -> Result<Self> {
         config.validate()?;
         let mut config = config;
-        // Record the TAESD that was used, not `auto`.
-        config.taesd = decoders::taesd_source(&config.taesd, model).to_string();
+        // Record the TAESD that was used, not `auto` (nor a TAESD for another decoder).
+        if config.decoder == DecoderKind::Taesd {
+            config.taesd = decoders::taesd_source(&config.taesd, model).to_string();
+        }
         let dtype = work_dtype(model.dtype);
         if let GuidanceDecoder::Taesd(t) = &decoder {
             if t.scale_factor() != model.vae_spec.scale_factor {

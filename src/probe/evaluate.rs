@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::runner::{ImageAnswers, ProbeResults};
+use super::runner::ProbeResults;
 use super::table::Table;
 use crate::{Error, Result};
 
@@ -41,18 +41,19 @@ pub struct Evaluation {
 /// whose path ends with it in whole components (so `baseline.png` or `cellA/baseline.png`).
 /// Several such images are an error (the candidates): run folders repeat file names in every
 /// cell, and scoring the first of them would count one image's answer for all.
-fn find_image<'a>(
-    images: &'a [ImageAnswers],
+fn find_image<'a, T>(
+    images: &'a [T],
+    path: impl Fn(&T) -> &Path,
     name: &str,
-) -> std::result::Result<Option<&'a ImageAnswers>, Vec<&'a ImageAnswers>> {
-    if let Some(img) = images.iter().find(|i| i.path.to_string_lossy() == name) {
+) -> std::result::Result<Option<&'a T>, Vec<&'a T>> {
+    if let Some(img) = images.iter().find(|i| path(i).to_string_lossy() == name) {
         return Ok(Some(img));
     }
     // An empty path is a suffix of every path.
     if name.is_empty() {
         return Ok(None);
     }
-    let mut fits = images.iter().filter(|i| i.path.ends_with(name));
+    let mut fits = images.iter().filter(|i| path(i).ends_with(name));
     match (fits.next(), fits.next()) {
         (None, _) => Ok(None),
         (Some(img), None) => Ok(Some(img)),
@@ -61,11 +62,11 @@ fn find_image<'a>(
 }
 
 /// The message for an image value that fits several probed images, naming at most 3.
-fn ambiguous(name: &str, candidates: &[&ImageAnswers]) -> String {
+fn ambiguous(name: &str, candidates: &[&Path]) -> String {
     let mut list: Vec<String> = candidates
         .iter()
         .take(3)
-        .map(|i| i.path.display().to_string())
+        .map(|p| p.display().to_string())
         .collect();
     if candidates.len() > 3 {
         list.push(format!("and {} more", candidates.len() - 3));
@@ -75,6 +76,28 @@ fn ambiguous(name: &str, candidates: &[&ImageAnswers]) -> String {
         candidates.len(),
         list.join(", ")
     )
+}
+
+/// Checks a labels file against the images about to be probed, before any is: its columns,
+/// and that no row's image value fits several of them (see [`evaluate`]).
+pub fn check_labels(paths: &[std::path::PathBuf], labels_csv: &Path) -> Result<()> {
+    let table = Table::read(labels_csv)?;
+    for c in ["image", "probe", "label"] {
+        table.column_index(c)?;
+    }
+    let ci = table.column_index("image")?;
+    for (r, row) in table.rows.iter().enumerate() {
+        let line = table.lines.get(r).copied().unwrap_or(r + 2);
+        find_image(paths, |p| p.as_path(), &row[ci]).map_err(|candidates| {
+            let c: Vec<&Path> = candidates.iter().map(|p| p.as_path()).collect();
+            Error::field(
+                labels_csv,
+                format!("line {line}: image"),
+                ambiguous(&row[ci], &c),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Reads `image,probe,label` rows and scores the answers. An image is matched by its path as
@@ -93,11 +116,12 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
         let (image, probe, label) = (&row[ci], &row[cp], &row[cl]);
-        let img = find_image(&results.images, image).map_err(|candidates| {
+        let img = find_image(&results.images, |i| i.path.as_path(), image).map_err(|cands| {
+            let c: Vec<&Path> = cands.iter().map(|i| i.path.as_path()).collect();
             Error::field(
                 labels_csv,
                 format!("line {line}: image"),
-                ambiguous(image, &candidates),
+                ambiguous(image, &c),
             )
         })?;
         let Some(img) = img else {
@@ -172,6 +196,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::probe::runner::ImageAnswers;
     use crate::probe::runner::ProbeAnswer;
 
     const LABELS: [&str; 3] = ["Impressionism", "Cubism", "Baroque"];
@@ -304,5 +329,27 @@ mod tests {
             s.confusion,
             vec![vec![1, 0, 0], vec![1, 2, 0], vec![0, 0, 2]]
         );
+    }
+
+    /// The labels file is checked against the paths before any image is probed.
+    #[test]
+    fn labels_are_checked_before_probing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths: Vec<std::path::PathBuf> = ["run/a/baseline.png", "run/b/baseline.png"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .collect();
+        let csv = tmp.path().join("labels.csv");
+        std::fs::write(&csv, "image,probe,label\na/baseline.png,style,X\n").unwrap();
+        check_labels(&paths, &csv).unwrap();
+        std::fs::write(&csv, "image,probe,label\nbaseline.png,style,X\n").unwrap();
+        let err = check_labels(&paths, &csv).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2: image") && err.contains("fits 2 probed images"),
+            "{err}"
+        );
+        std::fs::write(&csv, "picture,probe,label\nx,style,X\n").unwrap();
+        let err = check_labels(&paths, &csv).unwrap_err().to_string();
+        assert!(err.contains("image"), "{err}");
     }
 }

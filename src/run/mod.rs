@@ -596,6 +596,7 @@ pub fn assemble(
         model: manifest.model.clone(),
         probe_clip: manifest.probe_clip.clone(),
         guide_clip: manifest.guide_clip.clone(),
+        item_guides: true,
         suite: suite
             .probes
             .iter()

@@ -71,6 +71,10 @@ pub struct RunResults {
     pub probe_clip: String,
     /// The guide CLIP id, when guidance is used.
     pub guide_clip: Option<String>,
+    /// Whether each item records the CLIP that guided it (`RunItem::guide_clip`, absent for
+    /// an image no CLIP guided); results without it know only the run's `guide_clip`.
+    #[serde(default)]
+    pub item_guides: bool,
     /// Probe names and their labels, in suite order.
     pub suite: Vec<SuiteProbe>,
     pub items: Vec<RunItem>,
