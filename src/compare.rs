@@ -136,6 +136,11 @@ fn canonical_id(id: &str) -> String {
         .unwrap_or_else(|_| id.to_string())
 }
 
+/// Whether two model ids name the same model (equal, or the same local folder).
+fn same_id(a: &str, b: &str) -> bool {
+    a == b || (Path::new(a).exists() && canonical_id(a) == canonical_id(b))
+}
+
 /// Every model id of `r` (SD model, CLIPs, the keys of each item's answers) made canonical.
 fn canonical_ids(r: &mut RunResults) {
     r.model = canonical_id(&r.model);
@@ -549,10 +554,12 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
             .or(first.guide_clip.as_deref().filter(|_| !item_guides));
         // A model is this arm's judge only if it did not guide it: an arm guided by the probe
         // CLIP has no held-out judge, and is labelled `guide` there.
+        // Ids are compared as folders too: the recipe path a run was resumed or merged from
+        // spells the same local model differently from the one its answers were made with.
         let role = |m: &str| {
-            if guide == Some(m) {
+            if guide.is_some_and(|g| same_id(g, m)) {
                 "guide"
-            } else if m == first.probe_clip {
+            } else if same_id(m, &first.probe_clip) {
                 "probe"
             } else {
                 "other"
@@ -860,6 +867,7 @@ mod tests {
         assert_eq!(role("by-a", "probe"), "probe");
         assert_eq!(role("by-a", "a"), "guide");
         assert_eq!(role("by-judge", "probe"), "guide");
+        assert!(same_id("src", "src/../src") && !same_id("src", "tests") && !same_id("a/b", "a/c"));
         assert_eq!(role("by-judge", "a"), "other");
         // An arm no CLIP guided (TV only) has no guide; results that do not record guides
         // per image fall back to the run's guide CLIP.
