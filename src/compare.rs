@@ -1004,36 +1004,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!((ok.unpaired, ok.rows[0].n), (0, 1));
+        let refused = |runs| compare(&loaded(runs), &opts).unwrap_err().to_string();
         let mut other = guided();
         other.subject = "a village".into();
-        let err = compare(
-            &loaded(vec![run("sd", base()), run("sd", vec![other])]),
-            &opts,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = refused(vec![run("sd", base()), run("sd", vec![other])]);
         assert!(
             err.contains("run1") && err.contains("differ in subject"),
             "{err}"
         );
-        let err = compare(
-            &loaded(vec![run("sd", base()), run("sdxl", vec![guided()])]),
-            &opts,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = refused(vec![run("sd", base()), run("sdxl", vec![guided()])]);
         assert!(
             err.contains("differ in model") && err.contains("`sdxl` vs `sd`"),
             "{err}"
         );
         let mut second = item("s0", "plain", ("style", "A"), None, 0.2);
         second.baseline = true;
-        let err = compare(
-            &loaded(vec![run("sd", base()), run("sd", vec![second, guided()])]),
-            &opts,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = refused(vec![run("sd", base()), run("sd", vec![second, guided()])]);
         assert!(err.contains("second baseline of cell e/s0"), "{err}");
     }
 

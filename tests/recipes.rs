@@ -468,22 +468,26 @@ fn shipped_recipes_plan_without_network() {
     }
 }
 
+/// Runs `probeset` on `recipe` into `out` and returns its results.json.
+fn probeset(recipe: &Path, out: &Path) -> serde_json::Value {
+    let o = bin()
+        .args(["--quiet", "probeset"])
+        .arg(recipe)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap()
+}
+
 /// `probeset`: labels, CLIP scores and an annotation sheet whose form references only
 /// existing images; a filled-in sheet goes straight into `agree`.
 #[test]
 fn probeset_writes_a_sheet_that_agree_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ps");
-    let o = bin()
-        .args(["--quiet", "probeset"])
-        .arg(smoke("probeset"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let r = probeset(&smoke("probeset"), &out);
     let items = r["items"].as_array().unwrap();
     let read = |name: &str| -> Vec<Vec<String>> {
         std::fs::read_to_string(out.join(name))
@@ -774,16 +778,7 @@ fn assert_blind_sheet(out: &Path, labels: &[Vec<String>], items: &[serde_json::V
 fn probeset_of_a_guided_recipe_hides_the_arms() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ps");
-    let o = bin()
-        .args(["--quiet", "probeset"])
-        .arg(smoke("compare"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let r = probeset(&smoke("compare"), &out);
     let items = r["items"].as_array().unwrap();
     assert!(items.iter().any(|i| i["baseline"] == false));
     let labels: Vec<Vec<String>> = std::fs::read_to_string(out.join("labels.csv"))
