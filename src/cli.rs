@@ -50,7 +50,7 @@ impl Cli {
                 let (Some(opt), Some(next)) = (w[0].to_str(), w[1].to_str()) else {
                     continue;
                 };
-                if texts.iter().any(|t| t == opt) {
+                if texts.iter().any(|(_, long)| long == opt) {
                     refuse_flag(sub, &flags, opt, next)?;
                 }
             }
@@ -77,11 +77,11 @@ fn flag_names(cmd: &clap::Command) -> Vec<String> {
         .collect()
 }
 
-/// The long names of `cmd`'s text options: those taking values that begin with `-`.
-fn text_options(cmd: &clap::Command) -> Vec<String> {
+/// `cmd`'s text options, those taking values that begin with `-`: (id, `--long`).
+fn text_options(cmd: &clap::Command) -> Vec<(String, String)> {
     cmd.get_arguments()
         .filter(|a| a.is_allow_hyphen_values_set())
-        .filter_map(|a| Some(format!("--{}", a.get_long()?)))
+        .filter_map(|a| Some((a.get_id().to_string(), format!("--{}", a.get_long()?))))
         .collect()
 }
 
@@ -111,12 +111,7 @@ fn refuse_flags_as_text(
     matches: &clap::ArgMatches,
 ) -> Result<(), clap::Error> {
     let flags = flag_names(cmd);
-    let text_args: Vec<(String, String)> = cmd
-        .get_arguments()
-        .filter(|a| a.is_allow_hyphen_values_set())
-        .filter_map(|a| Some((a.get_id().to_string(), format!("--{}", a.get_long()?))))
-        .collect();
-    for (id, long) in text_args {
+    for (id, long) in text_options(cmd) {
         let Ok(Some(values)) = matches.try_get_many::<String>(&id) else {
             continue;
         };

@@ -82,10 +82,9 @@ fn ambiguous(name: &str, candidates: &[&Path]) -> String {
 /// and that no row's image value fits several of them (see [`evaluate`]).
 pub fn check_labels(paths: &[std::path::PathBuf], labels_csv: &Path) -> Result<()> {
     let table = Table::read(labels_csv)?;
-    for c in ["image", "probe", "label"] {
-        table.column_index(c)?;
-    }
     let ci = table.column_index("image")?;
+    table.column_index("probe")?;
+    table.column_index("label")?;
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
         find_image(paths, |p| p.as_path(), &row[ci]).map_err(|candidates| {
