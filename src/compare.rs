@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::models::hub::{canonical_id, same_id};
 use crate::probe::agree::quantile;
 use crate::probe::runner::ProbeAnswer;
 use crate::run::results::{RunItem, RunResults, SuiteProbe};
@@ -127,18 +128,6 @@ impl Loaded {
             .map(|r| r.1.suite.as_slice())
             .unwrap_or(&[])
     }
-}
-
-/// A model id that names an existing local folder as its canonical path; a hub id as is.
-fn canonical_id(id: &str) -> String {
-    std::fs::canonicalize(id)
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| id.to_string())
-}
-
-/// Whether two model ids name the same model (equal, or the same local folder).
-fn same_id(a: &str, b: &str) -> bool {
-    a == b || (Path::new(a).exists() && canonical_id(a) == canonical_id(b))
 }
 
 /// Every model id of `r` (SD model, CLIPs, the keys of each item's answers) made canonical.
@@ -867,7 +856,6 @@ mod tests {
         assert_eq!(role("by-a", "probe"), "probe");
         assert_eq!(role("by-a", "a"), "guide");
         assert_eq!(role("by-judge", "probe"), "guide");
-        assert!(same_id("src", "src/../src") && !same_id("src", "tests") && !same_id("a/b", "a/c"));
         assert_eq!(role("by-judge", "a"), "other");
         // An arm no CLIP guided (TV only) has no guide; results that do not record guides
         // per image fall back to the run's guide CLIP.

@@ -186,6 +186,73 @@ fn shards_merge_into_the_unsharded_run() {
             "{n} differs between the merged and the unsharded run"
         );
     }
+    // A shard started from the recipe at another path names each local model by another
+    // path: it merges all the same, into the unsharded run's results (it was refused as
+    // made "with different models", and its answers would have counted as other models').
+    let elsewhere = repo().join("recipes/smoke/../smoke/compare.yaml");
+    let (c, merged2) = (tmp.path().join("c"), tmp.path().join("m-elsewhere"));
+    let o = run(&elsewhere, &c, &["--shard", "1/2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(dir.join("manifest.json")).unwrap(),
+        )
+        .unwrap()["model"]
+            .clone()
+    };
+    assert_ne!(
+        model(&c),
+        model(&a),
+        "the shards spell the model the same way"
+    );
+    let o = bin()
+        .args(["--quiet", "merge"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&merged2)
+        .arg(&a)
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The PNGs' text records each model's path as run, so only their hashes may differ.
+    let results_json = |dir: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+        for it in v["items"].as_array_mut().unwrap() {
+            it["sha256"] = serde_json::Value::Null;
+        }
+        v
+    };
+    assert!(
+        results_json(&merged2) == results_json(&whole),
+        "results.json of shards made from two recipe paths differs from the unsharded run's"
+    );
+    // A shard made with another SD model is refused, naming the field and both models.
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.join("manifest.json")).unwrap()).unwrap();
+    let other = repo()
+        .join("tests/fixtures/tiny-sd-b")
+        .display()
+        .to_string();
+    m["model"] = other.clone().into();
+    std::fs::write(c.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    let o = bin()
+        .args(["--quiet", "merge"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(tmp.path().join("m3"))
+        .arg(&a)
+        .arg(&c)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "merged shards of two SD models");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("manifest.json") && err.contains("model") && err.contains(&other),
+        "{err}"
+    );
     // A shard run in the folder of the whole run finds its items done and keeps
     // results.json whole (it used to cut it to the shard's items).
     let o = run(&recipe, &whole, &["--shard", "0/2"]);
@@ -668,13 +735,13 @@ fn symlinks_inside_a_run_are_not_followed() {
 /// `auto` resolved to, and a mismatch (another artguide resolving it differently, simulated
 /// by editing the record) is one clear line that changes nothing.
 #[test]
-fn a_resumed_run_keeps_its_scheduler() {
+fn a_resumed_run_keeps_its_scheduler_and_models() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let o = run(&smoke("probeset"), &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let path = out.join("manifest.json");
-    let mut manifest: serde_json::Value =
+    let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     // tiny-sd-a ships a DDIMScheduler config, which `auto` takes.
     assert_eq!(manifest["scheduler"], "ddim");
@@ -688,9 +755,53 @@ fn a_resumed_run_keeps_its_scheduler() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&image).unwrap(), first);
 
-    manifest["scheduler"] = "euler".into();
+    // Resumed from the recipe at another path: the answers of the items made before and
+    // those made now are under one spelling of each model (they were under two, which
+    // compare counted as two probe models).
+    let elsewhere = repo().join("recipes/smoke/../smoke/probeset.yaml");
+    std::fs::remove_file(&image).unwrap();
+    let o = run(&elsewhere, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let keys: std::collections::BTreeSet<&String> = results["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|it| it["probes"].as_object().unwrap().keys())
+        .collect();
+    assert_eq!(keys.len(), 1, "answers under several spellings: {keys:?}");
+    assert_eq!(keys.first().unwrap().as_str(), results["probe_clip"]);
+    assert!(results["probe_clip"]
+        .as_str()
+        .unwrap()
+        .contains("smoke/../smoke"));
+    // A run made with another SD model that exists here is not resumed with this one.
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let other = repo()
+        .join("tests/fixtures/tiny-sd-b")
+        .display()
+        .to_string();
+    let made = manifest["model"].clone();
+    manifest["model"] = other.clone().into();
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
     std::fs::remove_file(&image).unwrap();
+    let before = tree(&out);
+    let o = run(&smoke("probeset"), &out, &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "resumed a run of another SD model");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("model") && err.contains(&other), "{err}");
+    assert!(
+        tree(&out) == before,
+        "the refused resume changed the run folder"
+    );
+    manifest["model"] = made;
+
+    manifest["scheduler"] = "euler".into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    assert!(!image.exists());
     let before = tree(&out);
     let o = run(&smoke("probeset"), &out, &[]);
     let err = stderr(&o);

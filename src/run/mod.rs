@@ -78,6 +78,65 @@ impl Manifest {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::Msg(e.to_string()))?;
         crate::output::write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes(), true)
     }
+
+    /// Takes `ids` as the models of this run and renames the answers' keys to match: one
+    /// recipe resolved from another path (a resumed run, a shard made elsewhere) spells the
+    /// same local model differently, and answers under two spellings would count as two
+    /// models. A recorded model that can be another one (an existing other folder, another
+    /// hub id) is refused as `(field, recorded, given)`.
+    pub fn adopt(
+        &mut self,
+        ids: &ModelIds,
+    ) -> std::result::Result<(), (&'static str, String, String)> {
+        use crate::models::hub::{may_be_same, same_id};
+        let fields = [
+            ("model", Some(&self.model), Some(&ids.model)),
+            ("probe_clip", Some(&self.probe_clip), Some(&ids.probe_clip)),
+            (
+                "guide_clip",
+                self.guide_clip.as_ref(),
+                ids.guide_clip.as_ref(),
+            ),
+        ];
+        let mut renames: Vec<(String, String)> = Vec::new();
+        for (field, old, new) in fields {
+            let (Some(old), Some(new)) = (old, new) else {
+                continue;
+            };
+            if !self.items.is_empty() && !old.is_empty() && !may_be_same(old, new) {
+                return Err((field, old.clone(), new.clone()));
+            }
+            renames.push((old.clone(), new.clone()));
+        }
+        let rename = |k: String| {
+            renames
+                .iter()
+                .find(|(old, _)| &k == old)
+                .map(|(_, new)| new)
+                .or_else(|| ids.answers.iter().find(|a| same_id(&k, a)))
+                .map_or(k.clone(), |new| new.clone())
+        };
+        for e in self.items.values_mut() {
+            e.probes = std::mem::take(&mut e.probes)
+                .into_iter()
+                .map(|(k, v)| (rename(k), v))
+                .collect();
+        }
+        self.model = ids.model.clone();
+        self.probe_clip = ids.probe_clip.clone();
+        self.guide_clip = ids.guide_clip.clone();
+        Ok(())
+    }
+}
+
+/// The models of a run: what its manifest records, and every model its answers are keyed by.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelIds {
+    pub model: String,
+    pub probe_clip: String,
+    pub guide_clip: Option<String>,
+    /// The probe CLIP and every guide CLIP.
+    pub answers: Vec<String>,
 }
 
 /// How to run.
@@ -369,10 +428,22 @@ pub fn execute(
             ));
         }
         manifest.scheduler = kind.cli_name().to_string();
-        manifest.model = m.sd.id.clone();
-        manifest.probe_clip = m.probers[0].encoder.id.clone();
-        // The guide CLIP's prober follows the probe CLIP's (see load_models).
-        manifest.guide_clip = m.probers.get(1).map(|p| p.encoder.id.clone());
+        let ids = ModelIds {
+            model: m.sd.id.clone(),
+            probe_clip: m.probers[0].encoder.id.clone(),
+            // The guide CLIPs' probers follow the probe CLIP's (see load_models).
+            guide_clip: m.probers.get(1).map(|p| p.encoder.id.clone()),
+            answers: m.probers.iter().map(|p| p.encoder.id.clone()).collect(),
+        };
+        manifest.adopt(&ids).map_err(|(field, made, now)| {
+            Error::file(
+                out.join(MANIFEST_FILE),
+                format!(
+                    "was made with {field} {made}, but the recipe now gives {now}; \
+                     choose another --out, or pass --force to make the run again"
+                ),
+            )
+        })?;
     }
     claim_folder(recipe, out, claim)?;
     for it in items.iter().filter(|it| done.contains(it.id.as_str())) {
@@ -630,36 +701,45 @@ pub fn merge(
                 "is a different recipe from the one being merged",
             ));
         }
-        let m = Manifest::load(dir)?;
+        let mut m = Manifest::load(dir)?;
         if manifest.probe_clip.is_empty() {
             manifest.model = m.model.clone();
             manifest.probe_clip = m.probe_clip.clone();
             manifest.guide_clip = m.guide_clip.clone();
             manifest.scheduler = m.scheduler.clone();
-        } else if (m.model.as_str(), m.probe_clip.as_str(), &m.guide_clip)
-            != (
-                manifest.model.as_str(),
-                manifest.probe_clip.as_str(),
-                &manifest.guide_clip,
-            )
-            && !m.items.is_empty()
-        {
-            return Err(Error::file(
-                dir.join(MANIFEST_FILE),
-                "was made with different models",
-            ));
-        } else if m.scheduler != manifest.scheduler
-            && !m.scheduler.is_empty()
-            && !manifest.scheduler.is_empty()
-            && !m.items.is_empty()
-        {
-            return Err(Error::file(
-                dir.join(MANIFEST_FILE),
-                format!(
-                    "was made with scheduler {}, the other shards with {}",
-                    m.scheduler, manifest.scheduler
-                ),
-            ));
+        } else {
+            // The first shard's spelling of each model; a shard started from the recipe at
+            // another path names the same folders differently.
+            let answers = manifest
+                .items
+                .values()
+                .flat_map(|e| e.probes.keys().cloned())
+                .collect::<std::collections::BTreeSet<_>>();
+            let ids = ModelIds {
+                model: manifest.model.clone(),
+                probe_clip: manifest.probe_clip.clone(),
+                guide_clip: manifest.guide_clip.clone(),
+                answers: answers.into_iter().collect(),
+            };
+            m.adopt(&ids).map_err(|(field, made, first)| {
+                Error::file(
+                    dir.join(MANIFEST_FILE),
+                    format!("was made with {field} {made}, the other shards with {first}"),
+                )
+            })?;
+            if m.scheduler != manifest.scheduler
+                && !m.scheduler.is_empty()
+                && !manifest.scheduler.is_empty()
+                && !m.items.is_empty()
+            {
+                return Err(Error::file(
+                    dir.join(MANIFEST_FILE),
+                    format!(
+                        "was made with scheduler {}, the other shards with {}",
+                        m.scheduler, manifest.scheduler
+                    ),
+                ));
+            }
         }
         for (id, e) in m.items {
             if image_matches(dir, &id, &e) {
@@ -790,4 +870,92 @@ pub fn estimate(
         guided_steps,
         total_s,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(probe: &str) -> Vec<ProbeAnswer> {
+        vec![ProbeAnswer {
+            probe: probe.into(),
+            labels: vec!["a".into(), "b".into()],
+            probs: vec![0.25, 0.75],
+            top: "b".into(),
+            entropy: 0.56,
+        }]
+    }
+
+    /// A manifest made with `model`, `probe` and `guide`, one item answered by both CLIPs.
+    fn manifest(model: &str, probe: &str, guide: &str) -> Manifest {
+        let probes = BTreeMap::from([(probe.into(), answer("p")), (guide.into(), answer("g"))]);
+        Manifest {
+            model: model.into(),
+            probe_clip: probe.into(),
+            guide_clip: Some(guide.into()),
+            scheduler: "ddim".into(),
+            items: BTreeMap::from([(
+                "e/c/a".into(),
+                ManifestEntry {
+                    sha256: "00".into(),
+                    probes,
+                },
+            )]),
+        }
+    }
+
+    fn ids(model: &str, probe: &str, guide: &str) -> ModelIds {
+        ModelIds {
+            model: model.into(),
+            probe_clip: probe.into(),
+            guide_clip: Some(guide.into()),
+            answers: vec![probe.into(), guide.into()],
+        }
+    }
+
+    #[test]
+    fn adopting_respells_the_same_folders_and_refuses_other_models() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = |n: &str| {
+            let p = tmp.path().join(n);
+            std::fs::create_dir_all(&p).unwrap();
+            p.display().to_string()
+        };
+        let (sd, sd2, probe, guide) = (dir("sd"), dir("sd2"), dir("probe"), dir("guide"));
+        // `<tmp>/sd/../probe` is `<tmp>/probe`.
+        let spelled = |name: &str| format!("{sd}/../{name}");
+        // The same folders spelled through another path: every id and key takes the new
+        // spelling, and each CLIP keeps its own answers.
+        let mut m = manifest(&spelled("sd"), &spelled("probe"), &spelled("guide"));
+        m.adopt(&ids(&sd, &probe, &guide)).unwrap();
+        assert_eq!(
+            (m.model.as_str(), m.probe_clip.as_str()),
+            (sd.as_str(), probe.as_str())
+        );
+        assert_eq!(m.guide_clip.as_deref(), Some(guide.as_str()));
+        let keys: Vec<&String> = m.items["e/c/a"].probes.keys().collect();
+        assert_eq!(keys, [&guide, &probe]);
+        assert_eq!(m.items["e/c/a"].probes[&probe][0].probe, "p");
+        assert_eq!(m.items["e/c/a"].probes[&guide][0].probe, "g");
+        // A recorded folder that no longer exists (a moved run) cannot be told from the new one.
+        let mut m = manifest("/gone/sd", "/gone/probe", &guide);
+        m.adopt(&ids(&sd, &probe, &guide)).unwrap();
+        assert!(m.items["e/c/a"].probes.contains_key(&probe));
+        // Another existing folder, or another hub id, is another model.
+        let mut m = manifest(&sd2, &probe, &guide);
+        let before = m.clone();
+        assert_eq!(
+            m.adopt(&ids(&sd, &probe, &guide)),
+            Err(("model", sd2.clone(), sd.clone()))
+        );
+        assert_eq!(m, before, "a refused adoption changed the manifest");
+        let mut m = manifest(&sd, "org/clip-a", &guide);
+        let err = m.adopt(&ids(&sd, "org/clip-b", &guide)).unwrap_err();
+        assert_eq!(err.0, "probe_clip");
+        // A manifest with no finished item takes any models.
+        let mut m = manifest(&sd2, "org/clip-a", &guide);
+        m.items.clear();
+        m.adopt(&ids(&sd, "org/clip-b", &guide)).unwrap();
+        assert_eq!(m.model, sd);
+    }
 }
