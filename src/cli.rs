@@ -331,9 +331,10 @@ pub struct AgreeArgs {
     /// CSV with a key column and the score column.
     #[arg(long)]
     pub scores: PathBuf,
-    /// CSV with a key column and the rating column.
-    #[arg(long)]
-    pub ratings: PathBuf,
+    /// CSV with a key column and the rating column; one per rater (their mean is used, and
+    /// their agreement reported).
+    #[arg(long, num_args = 1.., required = true)]
+    pub ratings: Vec<PathBuf>,
     /// Column of the scores file to correlate.
     #[arg(long)]
     pub score_column: String,

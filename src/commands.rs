@@ -466,7 +466,7 @@ fn run_agree(args: &AgreeArgs, mode: ProgressMode) -> Result<()> {
             .with_context(|| format!("--where `{f}`: expected COLUMN=VALUE"))?;
         opts.filter = Some((col.to_string(), val.to_string()));
     }
-    let a = crate::probe::agree::agree_files(&args.scores, &args.ratings, &opts)?;
+    let a = crate::probe::agree::agree_raters(&args.scores, &args.ratings, &opts)?;
     if mode == ProgressMode::Json {
         out!("{}", serde_json::to_string(&a)?);
     } else {
@@ -491,6 +491,29 @@ fn run_agree(args: &AgreeArgs, mode: ProgressMode) -> Result<()> {
                 r.ci_high,
                 c.level * 100.0,
                 c.resamples
+            );
+        }
+        if let Some(r) = &a.raters {
+            out!(
+                "{} raters (the rating is their mean): Krippendorff's alpha (interval) {:+.4} over {} rows rated twice or more",
+                r.raters.len(),
+                r.krippendorff_alpha,
+                r.units
+            );
+            out!("Spearman with the mean of the other raters, of each rater and of the score:");
+            for s in &r.raters {
+                out!(
+                    "  {:+.4} rater, {:+.4} score  (n = {}) {}",
+                    s.loo_spearman,
+                    s.score_spearman,
+                    s.n,
+                    s.file
+                );
+            }
+            out!(
+                "  {:+.4} rater, {:+.4} score  mean",
+                r.mean_loo_spearman,
+                r.mean_score_spearman
             );
         }
     }

@@ -281,7 +281,9 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
 /// A self-contained form (no network) in sheet order: each image (`sheet/<id>.png`, under its
 /// id only) with a select per target probe and the rating questions; the adherence question
 /// shows the intended target, folded so it does not prime the perceived-label answers, and is
-/// left out for an image without a target. "Save CSV" downloads `annotation.csv`'s columns.
+/// left out for an image without a target. Answers are kept in the browser's local storage as
+/// they are given; "Save CSV" asks for the rater's name and downloads `annotation.csv`'s
+/// columns as `annotation-<name>.csv`, one file per rater for `agree --ratings`.
 fn annotation_html(
     results: &RunResults,
     probes: &[String],
@@ -350,14 +352,37 @@ button {{ font-size: 1.1em; padding: .4em 1em; }}
 </style></head><body>
 <h1>Annotation: {title}</h1>
 <p>Look at each image and answer; images are numbered in a random order. Answer the
-questions above <i>Intended target</i> before opening it. Leave a question empty if unsure. When done, press <b>Save CSV</b> and send the downloaded <code>annotation.csv</code>
-back. Nothing leaves this page otherwise.</p>
+questions above <i>Intended target</i> before opening it. Leave a question empty if unsure. Answers are kept in this
+browser as you go, so the page can be closed and reopened. When done, press <b>Save CSV</b> and send the downloaded
+<code>annotation-&lt;your name&gt;.csv</code> back. Nothing leaves this page otherwise.</p>
+<p><label>Your name or initials <input type="text" id="rater" autocomplete="off"></label></p>
 {body}
 <p><button id="save">Save CSV</button></p>
 <script>
 const columns = {columns_js};
+// Answers survive a closed tab: kept per sheet (its title and ids) in this browser.
+const store = 'artguide-annotation:' + document.title + ':' + [...document.querySelectorAll('section.item')].map(s => s.dataset.key).join(',');
 function field(v) {{ v = String(v); return /[",\n\r]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }}
+function saved() {{ try {{ return JSON.parse(localStorage.getItem(store)) || {{}}; }} catch (e) {{ return {{}}; }} }}
+function keep() {{
+  const all = {{ rater: document.getElementById('rater').value, items: {{}} }};
+  for (const s of document.querySelectorAll('section.item')) {{
+    const row = all.items[s.dataset.key] = {{}};
+    for (const el of s.querySelectorAll('[data-col]')) if (el.type !== 'hidden') row[el.dataset.col] = el.value;
+  }}
+  try {{ localStorage.setItem(store, JSON.stringify(all)); }} catch (e) {{}}
+}}
+const before = saved();
+document.getElementById('rater').value = before.rater || '';
+for (const s of document.querySelectorAll('section.item')) {{
+  const row = (before.items || {{}})[s.dataset.key] || {{}};
+  for (const el of s.querySelectorAll('[data-col]')) if (el.type !== 'hidden' && row[el.dataset.col] !== undefined) el.value = row[el.dataset.col];
+}}
+document.addEventListener('input', keep);
+document.addEventListener('change', keep);
 document.getElementById('save').addEventListener('click', () => {{
+  const rater = document.getElementById('rater').value.trim();
+  if (!rater) {{ alert('Please type your name or initials first: each rater\'s file must have its own name.'); document.getElementById('rater').focus(); return; }}
   const rows = [columns.map(field).join(',')];
   for (const s of document.querySelectorAll('section.item')) {{
     const row = {{ {KEY}: s.dataset.key }};
@@ -367,7 +392,7 @@ document.getElementById('save').addEventListener('click', () => {{
   const blob = new Blob([rows.join('\n') + '\n'], {{ type: 'text/csv' }});
   const a = document.createElement('a');
   a.href = URL.createObjectURL(blob);
-  a.download = 'annotation.csv';
+  a.download = 'annotation-' + (rater.replace(/[^A-Za-z0-9_-]+/g, '_') || 'rater') + '.csv';
   a.click();
 }});
 </script>

@@ -655,7 +655,68 @@ fn probeset_writes_a_sheet_that_agree_reads() {
         let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(a["correlations"]["n"], items.len());
         assert_eq!(a["key"], "sheet_id", "{a}");
+        assert!(
+            a.get("raters").is_none(),
+            "one rater has no rater agreement: {a}"
+        );
     }
+    // The form saves one file per rater, named by the rater; `agree` takes them all, rates
+    // each row by their mean and reports how the raters agree.
+    assert!(html.contains("id=\"rater\"") && html.contains("'annotation-' +"));
+    assert!(
+        html.contains("localStorage"),
+        "answers are not kept while rating"
+    );
+    let mut second = String::new();
+    for (k, row) in sheet.iter().enumerate() {
+        let mut row = row.clone();
+        if k > 0 {
+            row[ca] = if k == 2 {
+                String::new()
+            } else {
+                (1 + (k * 3) % 5).to_string()
+            };
+        }
+        second.push_str(&row.join(","));
+        second.push('\n');
+    }
+    let ratings2 = tmp.path().join("annotation-rater2.csv");
+    std::fs::write(&ratings2, second).unwrap();
+    let agree2 = |mode: &str| {
+        bin()
+            .args([mode, "agree", "--scores"])
+            .arg(out.join("clip_scores.csv"))
+            .arg("--ratings")
+            .arg(&ratings)
+            .arg(&ratings2)
+            .args([
+                "--score-column",
+                "p_intended_style",
+                "--rating-column",
+                "adherence",
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = agree2("--json");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(a["correlations"]["n"], items.len());
+    let raters = a["raters"]["raters"].as_array().unwrap();
+    assert_eq!(raters.len(), 2);
+    // The row rater 2 left blank has only rater 1's rating: no pair for either rater.
+    assert_eq!(raters[0]["n"], items.len() - 1);
+    assert_eq!(a["raters"]["units"], items.len() - 1);
+    assert!(raters[1]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("annotation-rater2.csv"));
+    let o = agree2("--quiet");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("2 raters") && text.contains("Krippendorff"),
+        "{text}"
+    );
 }
 
 /// Ctrl-C (SIGINT) stops after the current step: exit 130, a message saying how to resume,

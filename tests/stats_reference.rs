@@ -378,3 +378,67 @@ fn seeded_separation_is_reproducible() {
     let j = serde_json::to_value(&s1).unwrap();
     assert!(j.get("scores").is_none() && j["accuracy_std"].is_number());
 }
+
+/// Several raters' sheets against scipy and the `krippendorff` package
+/// (tests/reference/make_rater_fixtures.py): the score against the mean rating, alpha, and
+/// each rater and the score against the mean of the other raters.
+#[test]
+fn several_raters_match_scipy_and_krippendorff() {
+    use artguide::probe::agree::{agree_raters, krippendorff_alpha_interval};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/raters");
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let files: Vec<PathBuf> = (1..=4)
+        .map(|r| dir.join(format!("annotation-rater{r}.csv")))
+        .collect();
+    let o = AgreeOptions::new("p_intended_style", "adherence");
+    let a = agree_raters(dir.join("scores.csv"), &files, &o).unwrap();
+    let close = |x: f64, y: &Value, what: &str| {
+        let y = y.as_f64().unwrap();
+        assert!((x - y).abs() < 1e-9, "{what}: {x} vs {y}");
+    };
+    assert_eq!(a.key, "sheet_id");
+    assert_eq!(a.correlations.n as u64, e["n"].as_u64().unwrap());
+    assert_eq!(a.skipped as u64, e["skipped"].as_u64().unwrap());
+    close(a.correlations.spearman.estimate, &e["spearman"], "spearman");
+    close(a.correlations.kendall.estimate, &e["kendall"], "kendall");
+    close(a.correlations.pearson.estimate, &e["pearson"], "pearson");
+    let r = a.raters.as_ref().expect("rater agreement with four files");
+    close(r.krippendorff_alpha, &e["krippendorff_alpha"], "alpha");
+    assert_eq!(r.units as u64, e["units"].as_u64().unwrap());
+    assert_eq!(r.raters.len(), 4);
+    for (got, want) in r.raters.iter().zip(e["raters"].as_array().unwrap()) {
+        assert!(got.file.ends_with(want["file"].as_str().unwrap()));
+        assert_eq!(got.n as u64, want["n"].as_u64().unwrap(), "{}", got.file);
+        close(got.loo_spearman, &want["loo_spearman"], &got.file);
+        close(got.score_spearman, &want["score_spearman"], &got.file);
+    }
+    // The worked example of Krippendorff (2011), interval alpha 0.849.
+    let ex = &e["paper_example"];
+    let data = ex["data"].as_array().unwrap();
+    let units: Vec<Vec<f64>> = (0..data[0].as_array().unwrap().len())
+        .map(|u| data.iter().filter_map(|row| row[u].as_f64()).collect())
+        .collect();
+    close(
+        krippendorff_alpha_interval(&units),
+        &ex["interval_alpha"],
+        "paper",
+    );
+    // One file gives the single-rater result, with no rater agreement.
+    let one = agree_raters(dir.join("scores.csv"), &files[..1], &o).unwrap();
+    assert!(one.raters.is_none());
+    assert!(one.ratings_file.ends_with("annotation-rater1.csv"));
+    // A key repeated in one rater's file is refused naming that file.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("annotation-rater5.csv");
+    let text = std::fs::read_to_string(&files[1]).unwrap();
+    let dup = text.lines().nth(1).unwrap().to_string();
+    std::fs::write(&bad, format!("{text}{dup}\n")).unwrap();
+    let err = agree_raters(dir.join("scores.csv"), &[files[0].clone(), bad], &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("annotation-rater5.csv") && err.contains("sheet_id"),
+        "{err}"
+    );
+}

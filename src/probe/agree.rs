@@ -14,6 +14,14 @@
 //! the three statistics on each resample, and takes the `(1 - level) / 2` and
 //! `(1 + level) / 2` quantiles (linear interpolation, as numpy's default `percentile`) of the
 //! resamples where the statistic is defined.
+//!
+//! Several ratings files (one per rater, as the annotation form saves them) are joined on the
+//! key: a row's rating is the mean of the raters who gave a number. Their agreement is then
+//! measured on the same rows: Krippendorff's alpha (interval metric, missing ratings allowed,
+//! as the `krippendorff` package's `alpha(..., level_of_measurement="interval")`) and, for
+//! each rater, Spearman's rho with the mean of the others beside the score's rho with that
+//! same mean. The latter pair is the fair comparison: a rater is compared with n-1 others, and
+//! so is the score, whereas the score's main correlation uses the mean of all n.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -101,7 +109,7 @@ pub struct Correlations {
 pub struct Agreement {
     /// The scores file.
     pub scores_file: String,
-    /// The ratings file.
+    /// The ratings file (several joined by ` + `; the rating is their mean).
     pub ratings_file: String,
     /// The key column used.
     pub key: String,
@@ -122,6 +130,9 @@ pub struct Agreement {
     pub skipped_examples: Vec<String>,
     /// The correlations over the `correlations.n` matched rows that were kept.
     pub correlations: Correlations,
+    /// With several ratings files: the raters' agreement among themselves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raters: Option<RaterAgreement>,
 }
 
 /// Reads both CSV files and runs [`agree_tables`].
@@ -130,8 +141,20 @@ pub fn agree_files(
     ratings: impl AsRef<Path>,
     opts: &AgreeOptions,
 ) -> Result<Agreement> {
+    agree_raters(scores, &[ratings], opts)
+}
+
+/// Reads the scores file and one ratings file per rater, and runs [`agree_tables`].
+pub fn agree_raters<P: AsRef<Path>>(
+    scores: impl AsRef<Path>,
+    ratings: &[P],
+    opts: &AgreeOptions,
+) -> Result<Agreement> {
     let s = Table::read(scores)?;
-    let r = Table::read(ratings)?;
+    let r = ratings
+        .iter()
+        .map(Table::read)
+        .collect::<Result<Vec<_>>>()?;
     agree_tables(&s, &r, opts)
 }
 
@@ -140,12 +163,136 @@ fn number(cell: &str) -> Option<f64> {
     cell.trim().parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
-/// Matches the rows of `scores` and `ratings` on the key column and correlates the score
-/// with the rating. Errors name the file and column at fault: an unknown column (listing the
-/// available ones), no shared key column, a key repeated in a table, fewer than 3 usable rows.
-pub fn agree_tables(scores: &Table, ratings: &Table, opts: &AgreeOptions) -> Result<Agreement> {
+/// Agreement among several raters over the rows the score was correlated on, and the score's
+/// agreement measured the same way, so the two can be set side by side.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RaterAgreement {
+    /// Krippendorff's alpha with the interval metric over the rows at least two raters rated.
+    pub krippendorff_alpha: f64,
+    /// Rows at least two raters rated (alpha's units).
+    pub units: usize,
+    /// Each rater against the mean of the others.
+    pub raters: Vec<RaterStat>,
+    /// Mean over raters of `loo_spearman`: how well one person predicts the others.
+    pub mean_loo_spearman: f64,
+    /// Mean over raters of `score_spearman`: the score against the same means.
+    pub mean_score_spearman: f64,
+}
+
+/// One rater against the mean rating of the other raters.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RaterStat {
+    /// The ratings file.
+    pub file: String,
+    /// Rows this rater rated and at least one other rater rated too.
+    pub n: usize,
+    /// Spearman's rho of this rater's ratings with the others' mean on those rows.
+    pub loo_spearman: f64,
+    /// Spearman's rho of the score with the others' mean on the same rows.
+    pub score_spearman: f64,
+}
+
+/// Krippendorff's alpha, interval metric, of units each holding the values raters gave it
+/// (missing ratings left out); units with fewer than two values carry no pair and are left
+/// out. NaN when the pooled values do not vary or fewer than two units pair.
+pub fn krippendorff_alpha_interval(units: &[Vec<f64>]) -> f64 {
+    // Sum over ordered pairs i != j of (v_i - v_j)^2 is 2 (m sum v^2 - (sum v)^2).
+    let pair_sq = |v: &[f64]| {
+        let (s, s2) = v.iter().fold((0.0, 0.0), |(s, s2), x| (s + x, s2 + x * x));
+        2.0 * (v.len() as f64 * s2 - s * s)
+    };
+    let pairable: Vec<&Vec<f64>> = units.iter().filter(|u| u.len() >= 2).collect();
+    let pooled: Vec<f64> = pairable.iter().flat_map(|u| u.iter().copied()).collect();
+    let n = pooled.len() as f64;
+    if pairable.len() < 2 {
+        return f64::NAN;
+    }
+    let observed = pairable
+        .iter()
+        .map(|u| pair_sq(u) / (u.len() - 1) as f64)
+        .sum::<f64>()
+        / n;
+    let expected = pair_sq(&pooled) / (n * (n - 1.0));
+    if expected <= 0.0 {
+        return f64::NAN;
+    }
+    1.0 - observed / expected
+}
+
+/// Each rater's ratings against the others' mean, and the score against the same means, on
+/// the kept rows (`ratings[row][rater]`), with alpha over them.
+fn rater_agreement(
+    files: &[String],
+    scores: &[f64],
+    ratings: &[Vec<Option<f64>>],
+) -> RaterAgreement {
+    let mut stats = Vec::new();
+    for (r, file) in files.iter().enumerate() {
+        let (mut own, mut others, mut score) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, &s) in ratings.iter().zip(scores) {
+            let rest: Vec<f64> = row
+                .iter()
+                .enumerate()
+                .filter(|&(k, _)| k != r)
+                .filter_map(|(_, v)| *v)
+                .collect();
+            if let (Some(v), false) = (row[r], rest.is_empty()) {
+                own.push(v);
+                others.push(rest.iter().sum::<f64>() / rest.len() as f64);
+                score.push(s);
+            }
+        }
+        let defined = own.len() >= 3;
+        stats.push(RaterStat {
+            file: file.clone(),
+            n: own.len(),
+            loo_spearman: if defined {
+                spearman(&own, &others)
+            } else {
+                f64::NAN
+            },
+            score_spearman: if defined {
+                spearman(&score, &others)
+            } else {
+                f64::NAN
+            },
+        });
+    }
+    let mean = |f: fn(&RaterStat) -> f64| {
+        let v: Vec<f64> = stats.iter().map(f).filter(|x| !x.is_nan()).collect();
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    let units: Vec<Vec<f64>> = ratings
+        .iter()
+        .map(|row| row.iter().filter_map(|v| *v).collect())
+        .collect();
+    RaterAgreement {
+        krippendorff_alpha: krippendorff_alpha_interval(&units),
+        units: units.iter().filter(|u| u.len() >= 2).count(),
+        mean_loo_spearman: mean(|s| s.loo_spearman),
+        mean_score_spearman: mean(|s| s.score_spearman),
+        raters: stats,
+    }
+}
+
+/// Matches the rows of `scores` and the ratings tables (one per rater) on the key column and
+/// correlates the score with the rating, averaged over the raters who gave one; with several
+/// raters, also measures their agreement ([`RaterAgreement`]). Errors name the file and
+/// column at fault: an unknown column (listing the available ones), no shared key column, a
+/// key repeated in a table, fewer than 3 usable rows.
+pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Result<Agreement> {
+    let Some(ratings) = raters.first() else {
+        return Err(Error::value("ratings", "no ratings file given"));
+    };
     let score_col = scores.column_index(&opts.score_column)?;
-    let rating_col = ratings.column_index(&opts.rating_column)?;
+    let rating_cols = raters
+        .iter()
+        .map(|t| t.column_index(&opts.rating_column))
+        .collect::<Result<Vec<_>>>()?;
     let key = match &opts.key {
         Some(k) => k.clone(),
         None => scores
@@ -169,37 +316,47 @@ pub fn agree_tables(scores: &Table, ratings: &Table, opts: &AgreeOptions) -> Res
             })?,
     };
     let skey = scores.column_index(&key)?;
-    let rkey = ratings.column_index(&key)?;
     let filter = match &opts.filter {
         Some((col, value)) => Some((scores.column_index(col)?, value.as_str())),
         None => None,
     };
 
-    // Index the ratings by key.
-    let mut rating_of: HashMap<&str, usize> = HashMap::new();
-    for (i, row) in ratings.rows.iter().enumerate() {
-        let k = row[rkey].trim();
-        if k.is_empty() {
-            continue;
+    // Index each ratings file by key.
+    let mut rating_of: Vec<HashMap<&str, usize>> = Vec::with_capacity(raters.len());
+    for table in raters {
+        let rkey = table.column_index(&key)?;
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, row) in table.rows.iter().enumerate() {
+            let k = row[rkey].trim();
+            if k.is_empty() {
+                continue;
+            }
+            if let Some(&j) = index.get(k) {
+                return Err(Error::field(
+                    &table.path,
+                    &key,
+                    format!(
+                        "key `{k}` appears on lines {} and {}; keys must be unique",
+                        table.lines[j], table.lines[i]
+                    ),
+                ));
+            }
+            index.insert(k, i);
         }
-        if let Some(&j) = rating_of.get(k) {
-            return Err(Error::field(
-                &ratings.path,
-                &key,
-                format!(
-                    "key `{k}` appears on lines {} and {}; keys must be unique",
-                    ratings.lines[j], ratings.lines[i]
-                ),
-            ));
-        }
-        rating_of.insert(k, i);
+        rating_of.push(index);
     }
+    let files: Vec<String> = raters
+        .iter()
+        .map(|t| t.path.display().to_string())
+        .collect();
+    let ratings_desc = files.join(" + ");
 
     let mut seen: HashMap<&str, usize> = HashMap::new();
     let (mut filtered_out, mut unmatched_scores, mut skipped) = (0, 0, 0);
     let mut skipped_examples = Vec::new();
     let mut xs = Vec::new();
     let mut ys = Vec::new();
+    let mut per_rater: Vec<Vec<Option<f64>>> = Vec::new();
     for (i, row) in scores.rows.iter().enumerate() {
         if let Some((c, v)) = filter {
             if row[c].trim() != v {
@@ -232,31 +389,51 @@ pub fn agree_tables(scores: &Table, ratings: &Table, opts: &AgreeOptions) -> Res
             ));
         }
         seen.insert(k, i);
-        let Some(&j) = rating_of.get(k) else {
+        let cells: Vec<Option<&str>> = raters
+            .iter()
+            .zip(&rating_of)
+            .zip(&rating_cols)
+            .map(|((t, index), &c)| index.get(k).map(|&j| t.rows[j][c].as_str()))
+            .collect();
+        if cells.iter().all(Option::is_none) {
             unmatched_scores += 1;
             continue;
-        };
+        }
+        let values: Vec<Option<f64>> = cells.iter().map(|c| c.and_then(number)).collect();
+        let given: Vec<f64> = values.iter().filter_map(|v| *v).collect();
         let s = number(&row[score_col]);
-        let r = number(&ratings.rows[j][rating_col]);
+        let r = (!given.is_empty()).then(|| given.iter().sum::<f64>() / given.len() as f64);
         match (s, r) {
             (Some(s), Some(r)) => {
                 xs.push(s);
                 ys.push(r);
+                per_rater.push(values);
             }
             _ => {
                 skipped += 1;
                 if skipped_examples.len() < 10 {
-                    let (col, cell) = if s.is_none() {
-                        (&opts.score_column, &row[score_col])
-                    } else {
-                        (&opts.rating_column, &ratings.rows[j][rating_col])
-                    };
-                    skipped_examples.push(format!("{key} `{k}`: {col} is `{cell}`"));
+                    skipped_examples.push(match (s, &cells[..]) {
+                        (None, _) => {
+                            format!("{key} `{k}`: {} is `{}`", opts.score_column, row[score_col])
+                        }
+                        (_, [Some(cell)]) => {
+                            format!("{key} `{k}`: {} is `{cell}`", opts.rating_column)
+                        }
+                        _ => format!(
+                            "{key} `{k}`: no ratings file has a number in {}",
+                            opts.rating_column
+                        ),
+                    });
                 }
             }
         }
     }
-    let unmatched_ratings = rating_of.keys().filter(|k| !seen.contains_key(*k)).count();
+    let unmatched_ratings = rating_of
+        .iter()
+        .flat_map(|index| index.keys())
+        .filter(|k| !seen.contains_key(*k))
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     if let (Some((c, v)), true) = (filter, filtered_out == scores.rows.len()) {
         let values: std::collections::BTreeSet<&str> =
             scores.rows.iter().map(|r| r[c].trim()).take(1000).collect();
@@ -280,12 +457,11 @@ pub fn agree_tables(scores: &Table, ratings: &Table, opts: &AgreeOptions) -> Res
         return Err(Error::value(
             "matched rows",
             format!(
-                "only {} rows of {} and {} have a numeric `{}` and `{}` under the same `{key}` \
-                 (at least 3 are needed; {unmatched_scores} score rows unmatched, {skipped} \
-                 skipped)",
+                "only {} rows of {} and {ratings_desc} have a numeric `{}` and `{}` under the \
+                 same `{key}` (at least 3 are needed; {unmatched_scores} score rows unmatched, \
+                 {skipped} skipped)",
                 xs.len(),
                 scores.path.display(),
-                ratings.path.display(),
                 opts.score_column,
                 opts.rating_column
             ),
@@ -294,7 +470,7 @@ pub fn agree_tables(scores: &Table, ratings: &Table, opts: &AgreeOptions) -> Res
     let correlations = correlate(&xs, &ys, opts.resamples, opts.seed, opts.level)?;
     Ok(Agreement {
         scores_file: scores.path.display().to_string(),
-        ratings_file: ratings.path.display().to_string(),
+        ratings_file: ratings_desc,
         key,
         score_column: opts.score_column.clone(),
         rating_column: opts.rating_column.clone(),
@@ -304,6 +480,7 @@ pub fn agree_tables(scores: &Table, ratings: &Table, opts: &AgreeOptions) -> Res
         skipped,
         skipped_examples,
         correlations,
+        raters: (raters.len() > 1).then(|| rater_agreement(&files, &xs, &per_rater)),
     })
 }
 
