@@ -466,6 +466,12 @@ fn run_agree(args: &AgreeArgs, mode: ProgressMode) -> Result<()> {
             .with_context(|| format!("--where `{f}`: expected COLUMN=VALUE"))?;
         opts.filter = Some((col.to_string(), val.to_string()));
     }
+    if args.nominal {
+        return print_label_agreement(
+            &crate::probe::agree::agree_label_files(&args.scores, &args.ratings, &opts)?,
+            mode,
+        );
+    }
     let a = crate::probe::agree::agree_raters(&args.scores, &args.ratings, &opts)?;
     if mode == ProgressMode::Json {
         out!("{}", serde_json::to_string(&a)?);
@@ -515,6 +521,66 @@ fn run_agree(args: &AgreeArgs, mode: ProgressMode) -> Result<()> {
                 r.mean_loo_spearman,
                 r.mean_score_spearman
             );
+        }
+    }
+    Ok(())
+}
+
+fn print_label_agreement(
+    a: &crate::probe::agree::LabelAgreement,
+    mode: ProgressMode,
+) -> Result<()> {
+    if mode == ProgressMode::Json {
+        out!("{}", serde_json::to_string(a)?);
+        return Ok(());
+    }
+    out!(
+        "{} vs {} on key `{}`: n = {} ({} skipped)",
+        a.score_column,
+        a.rating_column,
+        a.key,
+        a.n,
+        a.skipped
+    );
+    out!(
+        "same label    {:.4}  [{:.4}, {:.4}] ({:.0}% bootstrap, {} resamples)",
+        a.agreement.estimate,
+        a.agreement.ci_low,
+        a.agreement.ci_high,
+        a.level * 100.0,
+        a.resamples
+    );
+    if let Some(alpha) = a.krippendorff_alpha {
+        out!(
+            "{} raters: Krippendorff's alpha (nominal) {alpha:+.4}",
+            a.raters.len()
+        );
+    }
+    for r in &a.raters {
+        out!(
+            "  {:.4} same label, kappa {:+.4} (n = {}) {}",
+            r.agreement,
+            r.cohen_kappa,
+            r.n,
+            r.file
+        );
+        if a.raters.len() > 1 {
+            out!(
+                "    with the other raters' labels: {:.4} rater, {:.4} score (n = {})",
+                r.rater_vs_others,
+                r.score_vs_others,
+                r.n_others
+            );
+        }
+    }
+    if !a.confusions.is_empty() {
+        out!(
+            "most frequent disagreements ({} -> {}):",
+            a.score_column,
+            a.rating_column
+        );
+        for (s, r, c) in &a.confusions {
+            out!("  {c:>5}  {s} -> {r}");
         }
     }
     Ok(())

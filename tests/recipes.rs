@@ -624,7 +624,7 @@ fn probeset_writes_a_sheet_that_agree_reads() {
     // A rater's filled sheet (ratings here: a made-up function of the row) feeds `agree`,
     // matched on `sheet_id` whether named or found as the shared column.
     let sheet = read("annotation.csv");
-    let ca = col(&sheet, "adherence");
+    let (ca, cps) = (col(&sheet, "adherence"), col(&sheet, "perceived_style"));
     let mut filled = String::new();
     for (k, row) in sheet.iter().enumerate() {
         let mut row = row.clone();
@@ -676,6 +676,7 @@ fn probeset_writes_a_sheet_that_agree_reads() {
             } else {
                 (1 + (k * 3) % 5).to_string()
             };
+            row[cps] = ["Baroque", "Cubism"][k % 2].to_string();
         }
         second.push_str(&row.join(","));
         second.push('\n');
@@ -716,6 +717,44 @@ fn probeset_writes_a_sheet_that_agree_reads() {
     assert!(
         text.contains("2 raters") && text.contains("Krippendorff"),
         "{text}"
+    );
+    // The style rater 2 chose against CLIP's top style, as labels.
+    let o = bin()
+        .args(["--json", "agree", "--nominal", "--scores"])
+        .arg(out.join("clip_scores.csv"))
+        .arg("--ratings")
+        .arg(&ratings)
+        .arg(&ratings2)
+        .args([
+            "--score-column",
+            "top_style",
+            "--rating-column",
+            "perceived_style",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let scores = read("clip_scores.csv");
+    let (ct, cs) = (col(&scores, "top_style"), col(&scores, "sheet_id"));
+    let cid = col(&sheet, "sheet_id");
+    let chosen: std::collections::HashMap<&str, &str> = sheet
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(k, r)| (r[cid].as_str(), ["Baroque", "Cubism"][k % 2]))
+        .collect();
+    let same = scores[1..]
+        .iter()
+        .filter(|r| chosen[r[cs].as_str()] == r[ct])
+        .count();
+    assert_eq!(a["n"], items.len());
+    assert_eq!(a["raters"][0]["n"], 0, "rater 1 chose no style");
+    assert_eq!(a["raters"][1]["n"], items.len());
+    let share = a["agreement"]["estimate"].as_f64().unwrap();
+    assert!(
+        (share - same as f64 / items.len() as f64).abs() < 1e-12,
+        "{a}"
     );
 }
 

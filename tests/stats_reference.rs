@@ -442,3 +442,54 @@ fn several_raters_match_scipy_and_krippendorff() {
         "{err}"
     );
 }
+
+/// Labels (`agree --nominal`) against scikit-learn's Cohen's kappa and the `krippendorff`
+/// package's nominal alpha (tests/reference/make_rater_fixtures.py).
+#[test]
+fn rater_labels_match_scikit_learn_and_krippendorff() {
+    use artguide::probe::agree::{agree_label_files, agree_raters};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/raters");
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let e = &e["nominal"];
+    let files: Vec<PathBuf> = (1..=4)
+        .map(|r| dir.join(format!("annotation-rater{r}.csv")))
+        .collect();
+    let o = AgreeOptions::new("top_style", "perceived_style");
+    let a = agree_label_files(dir.join("scores.csv"), &files, &o).unwrap();
+    let close = |x: f64, y: &Value, what: &str| {
+        let y = y.as_f64().unwrap();
+        assert!((x - y).abs() < 1e-9, "{what}: {x} vs {y}");
+    };
+    assert_eq!(a.n as u64, e["n"].as_u64().unwrap());
+    assert_eq!(a.skipped as u64, e["skipped"].as_u64().unwrap());
+    close(a.agreement.estimate, &e["agreement"], "agreement");
+    assert!(
+        a.agreement.ci_low <= a.agreement.estimate && a.agreement.estimate <= a.agreement.ci_high
+    );
+    close(
+        a.krippendorff_alpha.unwrap(),
+        &e["krippendorff_alpha"],
+        "alpha",
+    );
+    for (got, want) in a.raters.iter().zip(e["raters"].as_array().unwrap()) {
+        assert!(got.file.ends_with(want["file"].as_str().unwrap()));
+        assert_eq!(got.n as u64, want["n"].as_u64().unwrap(), "{}", got.file);
+        assert_eq!(got.n_others as u64, want["n_others"].as_u64().unwrap());
+        close(got.agreement, &want["agreement"], &got.file);
+        close(got.cohen_kappa, &want["cohen_kappa"], &got.file);
+        close(got.rater_vs_others, &want["rater_vs_others"], &got.file);
+        close(got.score_vs_others, &want["score_vs_others"], &got.file);
+    }
+    let total: usize = a.confusions.iter().map(|c| c.2).sum();
+    assert!(a.confusions.windows(2).all(|w| w[0].2 >= w[1].2) && total > 0);
+    assert!(a.confusions.iter().all(|(s, r, _)| s != r));
+    // Label columns given as numbers say how to compare them.
+    let err = agree_raters(dir.join("scores.csv"), &files, &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--nominal") && err.contains("top_style"),
+        "{err}"
+    );
+}

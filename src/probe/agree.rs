@@ -279,12 +279,36 @@ fn rater_agreement(
     }
 }
 
-/// Matches the rows of `scores` and the ratings tables (one per rater) on the key column and
-/// correlates the score with the rating, averaged over the raters who gave one; with several
-/// raters, also measures their agreement ([`RaterAgreement`]). Errors name the file and
-/// column at fault: an unknown column (listing the available ones), no shared key column, a
-/// key repeated in a table, fewer than 3 usable rows.
-pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Result<Agreement> {
+/// The rows of a scores table matched with the ratings tables on the key column.
+struct Matched<'a> {
+    key: String,
+    files: Vec<String>,
+    filtered_out: usize,
+    unmatched_scores: usize,
+    unmatched_ratings: usize,
+    skipped: usize,
+    skipped_examples: Vec<String>,
+    /// Kept rows: the score cell and each rater's cell (`None`: no row, or not a value).
+    rows: Vec<(&'a str, Vec<Option<&'a str>>)>,
+}
+
+impl Matched<'_> {
+    fn ratings_desc(&self) -> String {
+        self.files.join(" + ")
+    }
+}
+
+/// Matches the rows of `scores` with the ratings tables (one per rater) on the key column,
+/// keeping those whose score and at least one rating are values (`is_value`, described as
+/// `kind` in errors). Errors name the file and column at fault: an unknown column (listing
+/// the available ones), no shared key column, a key repeated in a table, fewer than 3 rows.
+fn match_rows<'a>(
+    scores: &'a Table,
+    raters: &'a [Table],
+    opts: &AgreeOptions,
+    is_value: fn(&str) -> bool,
+    kind: &str,
+) -> Result<Matched<'a>> {
     let Some(ratings) = raters.first() else {
         return Err(Error::value("ratings", "no ratings file given"));
     };
@@ -349,14 +373,11 @@ pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Re
         .iter()
         .map(|t| t.path.display().to_string())
         .collect();
-    let ratings_desc = files.join(" + ");
 
     let mut seen: HashMap<&str, usize> = HashMap::new();
     let (mut filtered_out, mut unmatched_scores, mut skipped) = (0, 0, 0);
     let mut skipped_examples = Vec::new();
-    let mut xs = Vec::new();
-    let mut ys = Vec::new();
-    let mut per_rater: Vec<Vec<Option<f64>>> = Vec::new();
+    let mut rows = Vec::new();
     for (i, row) in scores.rows.iter().enumerate() {
         if let Some((c, v)) = filter {
             if row[c].trim() != v {
@@ -399,33 +420,22 @@ pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Re
             unmatched_scores += 1;
             continue;
         }
-        let values: Vec<Option<f64>> = cells.iter().map(|c| c.and_then(number)).collect();
-        let given: Vec<f64> = values.iter().filter_map(|v| *v).collect();
-        let s = number(&row[score_col]);
-        let r = (!given.is_empty()).then(|| given.iter().sum::<f64>() / given.len() as f64);
-        match (s, r) {
-            (Some(s), Some(r)) => {
-                xs.push(s);
-                ys.push(r);
-                per_rater.push(values);
-            }
-            _ => {
-                skipped += 1;
-                if skipped_examples.len() < 10 {
-                    skipped_examples.push(match (s, &cells[..]) {
-                        (None, _) => {
-                            format!("{key} `{k}`: {} is `{}`", opts.score_column, row[score_col])
-                        }
-                        (_, [Some(cell)]) => {
-                            format!("{key} `{k}`: {} is `{cell}`", opts.rating_column)
-                        }
-                        _ => format!(
-                            "{key} `{k}`: no ratings file has a number in {}",
-                            opts.rating_column
-                        ),
-                    });
-                }
-            }
+        let score = row[score_col].as_str();
+        let values: Vec<Option<&str>> = cells.iter().map(|c| c.filter(|c| is_value(c))).collect();
+        if is_value(score) && values.iter().any(Option::is_some) {
+            rows.push((score, values));
+            continue;
+        }
+        skipped += 1;
+        if skipped_examples.len() < 10 {
+            skipped_examples.push(match (is_value(score), &cells[..]) {
+                (false, _) => format!("{key} `{k}`: {} is `{score}`", opts.score_column),
+                (_, [Some(cell)]) => format!("{key} `{k}`: {} is `{cell}`", opts.rating_column),
+                _ => format!(
+                    "{key} `{k}`: no ratings file has a {kind} {}",
+                    opts.rating_column
+                ),
+            });
         }
     }
     let unmatched_ratings = rating_of
@@ -453,34 +463,334 @@ pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Re
             ),
         ));
     }
-    if xs.len() < 3 {
+    if rows.len() < 3 {
         return Err(Error::value(
             "matched rows",
             format!(
-                "only {} rows of {} and {ratings_desc} have a numeric `{}` and `{}` under the \
-                 same `{key}` (at least 3 are needed; {unmatched_scores} score rows unmatched, \
-                 {skipped} skipped)",
-                xs.len(),
+                "only {} rows of {} and {} have a {kind} `{}` and `{}` under the same `{key}` \
+                 (at least 3 are needed; {unmatched_scores} score rows unmatched, {skipped} \
+                 skipped)",
+                rows.len(),
                 scores.path.display(),
+                files.join(" + "),
                 opts.score_column,
                 opts.rating_column
             ),
         ));
     }
-    let correlations = correlate(&xs, &ys, opts.resamples, opts.seed, opts.level)?;
-    Ok(Agreement {
-        scores_file: scores.path.display().to_string(),
-        ratings_file: ratings_desc,
+    Ok(Matched {
         key,
-        score_column: opts.score_column.clone(),
-        rating_column: opts.rating_column.clone(),
+        files,
         filtered_out,
         unmatched_scores,
         unmatched_ratings,
         skipped,
         skipped_examples,
+        rows,
+    })
+}
+
+/// Matches the rows of `scores` and the ratings tables (one per rater) on the key column and
+/// correlates the score with the rating, averaged over the raters who gave one; with several
+/// raters, also measures their agreement ([`RaterAgreement`]). Errors as [`match_rows`]'s.
+pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Result<Agreement> {
+    let m = match_rows(scores, raters, opts, |c| number(c).is_some(), "numeric").map_err(|e| {
+        // Columns of labels (CLIP's top label, the style a rater chose) fail here as rows
+        // without numbers: say how to compare them.
+        match match_rows(scores, raters, opts, |c| !c.trim().is_empty(), "non-empty") {
+            Ok(_) if matches!(e, Error::Value { .. }) => Error::Msg(format!(
+                "{e}; the columns hold labels: compare them with --nominal"
+            )),
+            _ => e,
+        }
+    })?;
+    let xs: Vec<f64> = m.rows.iter().filter_map(|r| number(r.0)).collect();
+    let per_rater: Vec<Vec<Option<f64>>> = m
+        .rows
+        .iter()
+        .map(|r| r.1.iter().map(|c| c.and_then(number)).collect())
+        .collect();
+    let ys: Vec<f64> = per_rater
+        .iter()
+        .map(|v| {
+            let given: Vec<f64> = v.iter().filter_map(|x| *x).collect();
+            given.iter().sum::<f64>() / given.len() as f64
+        })
+        .collect();
+    let correlations = correlate(&xs, &ys, opts.resamples, opts.seed, opts.level)?;
+    Ok(Agreement {
+        scores_file: scores.path.display().to_string(),
+        ratings_file: m.ratings_desc(),
+        key: m.key.clone(),
+        score_column: opts.score_column.clone(),
+        rating_column: opts.rating_column.clone(),
+        filtered_out: m.filtered_out,
+        unmatched_scores: m.unmatched_scores,
+        unmatched_ratings: m.unmatched_ratings,
+        skipped: m.skipped,
+        skipped_examples: m.skipped_examples.clone(),
         correlations,
-        raters: (raters.len() > 1).then(|| rater_agreement(&files, &xs, &per_rater)),
+        raters: (raters.len() > 1).then(|| rater_agreement(&m.files, &xs, &per_rater)),
+    })
+}
+
+/// A share with its bootstrap percentile interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Share {
+    /// The share on all rows.
+    pub estimate: f64,
+    /// Lower end of the bootstrap percentile interval.
+    pub ci_low: f64,
+    /// Upper end of the bootstrap percentile interval.
+    pub ci_high: f64,
+}
+
+/// One rater's labels against the score's label and against the other raters.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelRater {
+    /// The ratings file.
+    pub file: String,
+    /// Rows this rater labelled.
+    pub n: usize,
+    /// Share of those rows where the score's label is this rater's.
+    pub agreement: f64,
+    /// Cohen's kappa of the score's labels with this rater's (as scikit-learn's
+    /// `cohen_kappa_score`); NaN when chance agreement is 1.
+    pub cohen_kappa: f64,
+    /// Rows this rater and at least one other rater labelled.
+    pub n_others: usize,
+    /// Mean over those rows of the share of the other raters' labels equal to this rater's:
+    /// how well one person predicts the others.
+    pub rater_vs_others: f64,
+    /// The same share for the score's label on the same rows.
+    pub score_vs_others: f64,
+}
+
+/// Agreement of a label (say CLIP's top style) with the labels raters chose.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelAgreement {
+    pub scores_file: String,
+    /// The ratings files, joined by ` + `.
+    pub ratings_file: String,
+    pub key: String,
+    pub score_column: String,
+    pub rating_column: String,
+    pub filtered_out: usize,
+    pub unmatched_scores: usize,
+    pub unmatched_ratings: usize,
+    pub skipped: usize,
+    pub skipped_examples: Vec<String>,
+    /// Rows with a score label and at least one rater's label.
+    pub n: usize,
+    /// Per row, the share of its raters' labels equal to the score's label, averaged over
+    /// rows (with one rater: the share of rows where they agree), with a bootstrap interval
+    /// that resamples rows.
+    pub agreement: Share,
+    pub resamples: usize,
+    pub seed: u64,
+    pub level: f64,
+    /// Each rater, in the order the files were given.
+    pub raters: Vec<LabelRater>,
+    /// Krippendorff's alpha with the nominal metric among the raters (several raters only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub krippendorff_alpha: Option<f64>,
+    /// The most frequent disagreements over every (row, rater) answer: score label, rater
+    /// label and count, most frequent first (at most 10).
+    pub confusions: Vec<(String, String, usize)>,
+}
+
+/// Krippendorff's alpha, nominal metric, of units each holding the labels raters gave it
+/// (missing ones left out); units with fewer than two labels are left out. NaN when the
+/// pooled labels are all one or fewer than two units pair.
+pub fn krippendorff_alpha_nominal<S: AsRef<str>>(units: &[Vec<S>]) -> f64 {
+    // Ordered pairs of differing labels among m values with counts n_c: m^2 - sum n_c^2.
+    fn differing<'a>(labels: impl Iterator<Item = &'a str>) -> (f64, f64) {
+        let mut counts: HashMap<&str, f64> = HashMap::new();
+        let mut m = 0.0;
+        for l in labels {
+            *counts.entry(l).or_default() += 1.0;
+            m += 1.0;
+        }
+        (m, m * m - counts.values().map(|c| c * c).sum::<f64>())
+    }
+    let pairable: Vec<&Vec<S>> = units.iter().filter(|u| u.len() >= 2).collect();
+    if pairable.len() < 2 {
+        return f64::NAN;
+    }
+    let mut observed = 0.0;
+    for u in &pairable {
+        let (m, d) = differing(u.iter().map(|l| l.as_ref()));
+        observed += d / (m - 1.0);
+    }
+    let (n, d) = differing(pairable.iter().flat_map(|u| u.iter().map(|l| l.as_ref())));
+    let expected = d / (n * (n - 1.0));
+    if expected <= 0.0 {
+        return f64::NAN;
+    }
+    1.0 - (observed / n) / expected
+}
+
+/// Cohen's kappa of paired labels; NaN when chance agreement is 1.
+pub fn cohen_kappa(a: &[&str], b: &[&str]) -> f64 {
+    let n = a.len() as f64;
+    let observed = a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / n;
+    let mut ca: HashMap<&str, f64> = HashMap::new();
+    let mut cb: HashMap<&str, f64> = HashMap::new();
+    for (&x, &y) in a.iter().zip(b) {
+        *ca.entry(x).or_default() += 1.0;
+        *cb.entry(y).or_default() += 1.0;
+    }
+    let chance: f64 = ca
+        .iter()
+        .map(|(l, c)| c * cb.get(l).copied().unwrap_or(0.0))
+        .sum::<f64>()
+        / (n * n);
+    if chance >= 1.0 {
+        return f64::NAN;
+    }
+    (observed - chance) / (1.0 - chance)
+}
+
+/// Reads the scores file and the ratings files and runs [`agree_labels`].
+pub fn agree_label_files<P: AsRef<Path>>(
+    scores: impl AsRef<Path>,
+    ratings: &[P],
+    opts: &AgreeOptions,
+) -> Result<LabelAgreement> {
+    let s = Table::read(scores)?;
+    let r = ratings
+        .iter()
+        .map(Table::read)
+        .collect::<Result<Vec<_>>>()?;
+    agree_labels(&s, &r, opts)
+}
+
+/// Matches the rows as [`agree_tables`] does, but compares labels (non-empty cells, trimmed,
+/// compared exactly): the score's label with each rater's, Cohen's kappa per rater, and with
+/// several raters, their nominal alpha and each rater and the score against the others.
+pub fn agree_labels(
+    scores: &Table,
+    raters: &[Table],
+    opts: &AgreeOptions,
+) -> Result<LabelAgreement> {
+    if !(opts.level > 0.0 && opts.level < 1.0) {
+        return Err(Error::value(
+            "level",
+            format!("{} (must be in (0, 1))", opts.level),
+        ));
+    }
+    if opts.resamples == 0 {
+        return Err(Error::value("resamples", "0 (at least 1 is needed)"));
+    }
+    let m = match_rows(scores, raters, opts, |c| !c.trim().is_empty(), "non-empty")?;
+    let rows: Vec<(&str, Vec<Option<&str>>)> = m
+        .rows
+        .iter()
+        .map(|(s, v)| (s.trim(), v.iter().map(|c| c.map(str::trim)).collect()))
+        .collect();
+    // Per row, the share of its raters' labels equal to the score's.
+    let shares: Vec<f64> = rows
+        .iter()
+        .map(|(s, v)| {
+            let given: Vec<&str> = v.iter().flatten().copied().collect();
+            given.iter().filter(|l| *l == s).count() as f64 / given.len() as f64
+        })
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let n = shares.len();
+    let mut boot: Vec<f64> = (0..opts.resamples)
+        .map(|_| {
+            (0..n)
+                .map(|_| shares[uniform_below(&mut rng, n)])
+                .sum::<f64>()
+                / n as f64
+        })
+        .collect();
+    boot.sort_by(f64::total_cmp);
+    let agreement = Share {
+        estimate: mean(&shares),
+        ci_low: quantile(&boot, (1.0 - opts.level) / 2.0),
+        ci_high: quantile(&boot, (1.0 + opts.level) / 2.0),
+    };
+    let mut per_rater = Vec::new();
+    for (r, file) in m.files.iter().enumerate() {
+        let (mut sl, mut rl) = (Vec::new(), Vec::new());
+        let (mut own, mut score) = (Vec::new(), Vec::new());
+        for (s, v) in &rows {
+            let Some(mine) = v[r] else { continue };
+            sl.push(*s);
+            rl.push(mine);
+            let others: Vec<&str> = v
+                .iter()
+                .enumerate()
+                .filter(|&(k, _)| k != r)
+                .filter_map(|(_, l)| *l)
+                .collect();
+            if !others.is_empty() {
+                let share = |x: &str| others.iter().filter(|o| **o == x).count() as f64;
+                own.push(share(mine) / others.len() as f64);
+                score.push(share(s) / others.len() as f64);
+            }
+        }
+        let agree = sl.iter().zip(&rl).filter(|(a, b)| a == b).count() as f64;
+        per_rater.push(LabelRater {
+            file: file.clone(),
+            n: sl.len(),
+            agreement: if sl.is_empty() {
+                f64::NAN
+            } else {
+                agree / sl.len() as f64
+            },
+            cohen_kappa: if sl.is_empty() {
+                f64::NAN
+            } else {
+                cohen_kappa(&sl, &rl)
+            },
+            n_others: own.len(),
+            rater_vs_others: if own.is_empty() { f64::NAN } else { mean(&own) },
+            score_vs_others: if score.is_empty() {
+                f64::NAN
+            } else {
+                mean(&score)
+            },
+        });
+    }
+    let mut confused: HashMap<(&str, &str), usize> = HashMap::new();
+    for (s, v) in &rows {
+        for l in v.iter().flatten().filter(|l| *l != s) {
+            *confused.entry((s, l)).or_default() += 1;
+        }
+    }
+    let mut confusions: Vec<(String, String, usize)> = confused
+        .into_iter()
+        .map(|((a, b), c)| (a.to_string(), b.to_string(), c))
+        .collect();
+    confusions.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| (&a.0, &a.1).cmp(&(&b.0, &b.1))));
+    confusions.truncate(10);
+    let units: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|(_, v)| v.iter().flatten().copied().collect())
+        .collect();
+    Ok(LabelAgreement {
+        scores_file: scores.path.display().to_string(),
+        ratings_file: m.ratings_desc(),
+        key: m.key.clone(),
+        score_column: opts.score_column.clone(),
+        rating_column: opts.rating_column.clone(),
+        filtered_out: m.filtered_out,
+        unmatched_scores: m.unmatched_scores,
+        unmatched_ratings: m.unmatched_ratings,
+        skipped: m.skipped,
+        skipped_examples: m.skipped_examples.clone(),
+        n,
+        agreement,
+        resamples: opts.resamples,
+        seed: opts.seed,
+        level: opts.level,
+        raters: per_rater,
+        krippendorff_alpha: (raters.len() > 1).then(|| krippendorff_alpha_nominal(&units)),
+        confusions,
     })
 }
 
