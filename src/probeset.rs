@@ -282,7 +282,8 @@ pub fn write(run_dir: &Path, results: &RunResults) -> Result<Vec<PathBuf>> {
 /// id only) with a select per target probe and the rating questions; the adherence question
 /// shows the intended target, folded so it does not prime the perceived-label answers, and is
 /// left out for an image without a target. Answers are kept in the browser's local storage as
-/// they are given; "Save CSV" asks for the rater's name and downloads `annotation.csv`'s
+/// they are given, under a key made from the sheet's ids and image hashes ("Start over" clears
+/// them for the next rater); "Save CSV" asks for the rater's name and downloads `annotation.csv`'s
 /// columns as `annotation-<name>.csv`, one file per rater for `agree --ratings`.
 fn annotation_html(
     results: &RunResults,
@@ -337,6 +338,19 @@ fn annotation_html(
     }
     let columns = sheet_columns(probes);
     let columns_js = serde_json::to_string(&columns).unwrap_or_else(|_| "[]".into());
+    // Stored answers belong to these images: a sheet re-made from other images (a new model,
+    // same recipe and ids) must not show the old answers.
+    let mut h = Sha256::new();
+    for &k in order {
+        h.update(ids[k].as_bytes());
+        h.update(b" ");
+        h.update(results.items[k].sha256.as_bytes());
+        h.update(b"\n");
+    }
+    let sheet_hash: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!(
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Annotation: {title}</title>
@@ -355,13 +369,14 @@ button {{ font-size: 1.1em; padding: .4em 1em; }}
 questions above <i>Intended target</i> before opening it. Leave a question empty if unsure. Answers are kept in this
 browser as you go, so the page can be closed and reopened. When done, press <b>Save CSV</b> and send the downloaded
 <code>annotation-&lt;your name&gt;.csv</code> back. Nothing leaves this page otherwise.</p>
-<p><label>Your name or initials <input type="text" id="rater" autocomplete="off"></label></p>
+<p><label>Your name or initials <input type="text" id="rater" autocomplete="off"></label>
+<button id="reset" type="button">Start over (new rater)</button></p>
 {body}
 <p><button id="save">Save CSV</button></p>
 <script>
 const columns = {columns_js};
 // Answers survive a closed tab: kept per sheet (its title and ids) in this browser.
-const store = 'artguide-annotation:' + document.title + ':' + [...document.querySelectorAll('section.item')].map(s => s.dataset.key).join(',');
+const store = 'artguide-annotation:{sheet_hash}';
 function field(v) {{ v = String(v); return /[",\n\r]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }}
 function saved() {{ try {{ return JSON.parse(localStorage.getItem(store)) || {{}}; }} catch (e) {{ return {{}}; }} }}
 function keep() {{
@@ -380,6 +395,12 @@ for (const s of document.querySelectorAll('section.item')) {{
 }}
 document.addEventListener('input', keep);
 document.addEventListener('change', keep);
+document.getElementById('reset').addEventListener('click', () => {{
+  if (!confirm('Clear the name and every answer on this page?')) return;
+  try {{ localStorage.removeItem(store); }} catch (e) {{}}
+  document.getElementById('rater').value = '';
+  for (const el of document.querySelectorAll('section.item [data-col]')) if (el.type !== 'hidden') el.value = '';
+}});
 document.getElementById('save').addEventListener('click', () => {{
   const rater = document.getElementById('rater').value.trim();
   if (!rater) {{ alert('Please type your name or initials first: each rater\'s file must have its own name.'); document.getElementById('rater').focus(); return; }}
@@ -392,7 +413,8 @@ document.getElementById('save').addEventListener('click', () => {{
   const blob = new Blob([rows.join('\n') + '\n'], {{ type: 'text/csv' }});
   const a = document.createElement('a');
   a.href = URL.createObjectURL(blob);
-  a.download = 'annotation-' + (rater.replace(/[^A-Za-z0-9_-]+/g, '_') || 'rater') + '.csv';
+  const name = rater.replace(/[^\p{{L}}\p{{N}}_-]+/gu, '_').replace(/^_+|_+$/g, '');
+  a.download = 'annotation-' + (name || 'rater') + '.csv';
   a.click();
 }});
 </script>
@@ -468,6 +490,21 @@ mod tests {
             html.matches("Intended: style Baroque; period 17th").count(),
             3
         );
+        // Answers kept in the browser belong to these images: other pixels under the same
+        // recipe and ids get another storage key.
+        let key = |html: &str| {
+            html.split("const store = '")
+                .nth(1)
+                .and_then(|s| s.split('\'').next())
+                .map(String::from)
+                .unwrap()
+        };
+        let mut other = r.clone();
+        other.items[2].sha256 = "ff".into();
+        let html2 = annotation_html(&other, &probes, &ids, &order);
+        assert_ne!(key(&html), key(&html2));
+        assert_eq!(key(&html), key(&annotation_html(&r, &probes, &ids, &order)));
+        assert!(html.contains("id=\"rater\"") && html.contains("id=\"reset\""));
     }
 
     /// Sheet files are written in sheet order: sorted by modification time they list the

@@ -876,29 +876,9 @@ fn a_resumed_run_keeps_its_scheduler_and_models() {
         .as_str()
         .unwrap()
         .contains("smoke/../smoke"));
-    // A run made with another SD model that exists here is not resumed with this one.
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let other = repo()
-        .join("tests/fixtures/tiny-sd-b")
-        .display()
-        .to_string();
-    let made = manifest["model"].clone();
-    manifest["model"] = other.clone().into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
     std::fs::remove_file(&image).unwrap();
-    let before = tree(&out);
-    let o = run(&smoke("probeset"), &out, &[]);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "resumed a run of another SD model");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("model") && err.contains(&other), "{err}");
-    assert!(
-        tree(&out) == before,
-        "the refused resume changed the run folder"
-    );
-    manifest["model"] = made;
-
     manifest["scheduler"] = "euler".into();
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
     assert!(!image.exists());
@@ -915,6 +895,72 @@ fn a_resumed_run_keeps_its_scheduler_and_models() {
         tree(&out) == before,
         "the refused resume changed the run folder"
     );
+}
+
+/// One recipe text in two folders, each with its own copy of the SD model: a run made from
+/// one is not resumed from the other (two existing folders are two models), and a run whose
+/// folder is gone here resumes with the new one.
+#[test]
+fn a_recipe_elsewhere_resumes_only_with_the_same_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "name: moved\nmodel: models/sd\nprobe_clip: {}\nsuite: {}\n\
+         generation: {{steps: 2, width: 32, height: 32}}\n\
+         experiments:\n  - name: e\n    prompt: \"{{subject}}\"\n    subjects: [a, b]\n    seeds: [0]\n",
+        repo().join("tests/fixtures/clip/tiny-clip-b").display(),
+        repo().join("probes/art.yaml").display()
+    );
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_dir() {
+                std::fs::create_dir_all(to.join(e.file_name())).unwrap();
+                for f in std::fs::read_dir(e.path()).unwrap() {
+                    let f = f.unwrap();
+                    std::fs::copy(f.path(), to.join(e.file_name()).join(f.file_name())).unwrap();
+                }
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    };
+    for d in ["a", "b"] {
+        copy(
+            &repo().join("tests/fixtures/tiny-sd-a"),
+            &tmp.path().join(d).join("models/sd"),
+        );
+        std::fs::write(tmp.path().join(d).join("r.yaml"), &text).unwrap();
+    }
+    let out = tmp.path().join("run");
+    let o = run(&tmp.path().join("a/r.yaml"), &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let image = out.join("images/e/s01-t00-seed0/baseline.png");
+    std::fs::remove_file(&image).unwrap();
+    let before = tree(&out);
+    let o = run(&tmp.path().join("b/r.yaml"), &out, &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "resumed with another folder's model");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("`models/sd`") && err.contains("a/models/sd") && err.contains("b/models/sd"),
+        "{err}"
+    );
+    assert!(
+        tree(&out) == before,
+        "the refused resume changed the run folder"
+    );
+    // With a/ gone (the run was moved here from another machine), b/'s model is taken.
+    std::fs::remove_dir_all(tmp.path().join("a")).unwrap();
+    let o = run(&tmp.path().join("b/r.yaml"), &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert!(results["model"].as_str().unwrap().ends_with("b/models/sd"));
+    for it in results["items"].as_array().unwrap() {
+        let keys: Vec<&String> = it["probes"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, [results["probe_clip"].as_str().unwrap()], "{it}");
+    }
 }
 
 /// The annotation form of the probe set in `out` is blind: images only under neutral ids

@@ -441,6 +441,50 @@ fn several_raters_match_scipy_and_krippendorff() {
         err.contains("annotation-rater5.csv") && err.contains("sheet_id"),
         "{err}"
     );
+    // One file given twice is not two raters in perfect agreement.
+    let again = dir.join("../raters/annotation-rater1.csv");
+    let err = agree_raters(dir.join("scores.csv"), &[files[0].clone(), again], &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("twice") && err.contains("annotation-rater1.csv"),
+        "{err}"
+    );
+    // A rater's sheet with no answer in the column is named, not averaged in as nothing.
+    let blank = tmp.path().join("annotation-blank.csv");
+    let text: String = std::fs::read_to_string(&files[0])
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut c: Vec<&str> = l.split(',').collect();
+            if c[0] != "sheet_id" {
+                c[2] = "";
+            }
+            c.join(",") + "\n"
+        })
+        .collect();
+    std::fs::write(&blank, text).unwrap();
+    let err = agree_raters(
+        dir.join("scores.csv"),
+        &[files[0].clone(), blank.clone()],
+        &o,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("annotation-blank.csv") && err.contains("adherence"),
+        "{err}"
+    );
+    // Numbers with a few `n/a` are not labels: no --nominal hint for a short sheet of them.
+    let na = tmp.path().join("annotation-na.csv");
+    std::fs::write(&na, "sheet_id,adherence\n0001,3\n0002,n/a\n0003,n/a\n").unwrap();
+    let err = agree_raters(dir.join("scores.csv"), &[na], &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("only 1 rows") && !err.contains("--nominal"),
+        "{err}"
+    );
 }
 
 /// Labels (`agree --nominal`) against scikit-learn's Cohen's kappa and the `krippendorff`

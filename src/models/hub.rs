@@ -140,14 +140,6 @@ pub fn same_id(a: &str, b: &str) -> bool {
     a == b || (Path::new(a).exists() && canonical_id(a) == canonical_id(b))
 }
 
-/// Whether two ids recorded for one recipe field can name the same model: the same model, or
-/// one of them a local folder that no longer exists here (the run folder was moved, or made
-/// on another machine), which cannot be told from the other.
-pub fn may_be_same(a: &str, b: &str) -> bool {
-    let gone = |id: &str| !looks_like_repo_id(id) && !Path::new(id).exists();
-    same_id(a, b) || gone(a) || gone(b)
-}
-
 /// `owner/name` with characters the hub allows.
 fn looks_like_repo_id(spec: &str) -> bool {
     let mut parts = spec.split('/');
@@ -253,11 +245,6 @@ mod tests {
     fn model_ids_as_folders() {
         assert!(same_id("src", "src/../src") && !same_id("src", "tests"));
         assert!(!same_id("a/b", "a/c") && same_id("a/b", "a/b"));
-        // A folder that is gone may be the other one; two hub ids or two folders that exist
-        // are told apart.
-        assert!(may_be_same("./gone/sd", "src") && may_be_same("src", "/gone/sd"));
-        assert!(!may_be_same("org/a", "org/b") && !may_be_same("src", "tests"));
-        assert!(!may_be_same("org/a", "src"));
     }
 
     #[test]

@@ -173,9 +173,10 @@ pub struct RaterAgreement {
     pub units: usize,
     /// Each rater against the mean of the others.
     pub raters: Vec<RaterStat>,
-    /// Mean over raters of `loo_spearman`: how well one person predicts the others.
+    /// Mean of `loo_spearman` (how well one person predicts the others) over the raters
+    /// where both it and `score_spearman` are defined.
     pub mean_loo_spearman: f64,
-    /// Mean over raters of `score_spearman`: the score against the same means.
+    /// Mean of `score_spearman` (the score against the same means) over the same raters.
     pub mean_score_spearman: f64,
 }
 
@@ -258,12 +259,16 @@ fn rater_agreement(
             },
         });
     }
+    // Both means over the same raters: those where both correlations are defined.
+    let both: Vec<&RaterStat> = stats
+        .iter()
+        .filter(|s| !s.loo_spearman.is_nan() && !s.score_spearman.is_nan())
+        .collect();
     let mean = |f: fn(&RaterStat) -> f64| {
-        let v: Vec<f64> = stats.iter().map(f).filter(|x| !x.is_nan()).collect();
-        if v.is_empty() {
+        if both.is_empty() {
             f64::NAN
         } else {
-            v.iter().sum::<f64>() / v.len() as f64
+            both.iter().map(|s| f(s)).sum::<f64>() / both.len() as f64
         }
     };
     let units: Vec<Vec<f64>> = ratings
@@ -312,6 +317,20 @@ fn match_rows<'a>(
     let Some(ratings) = raters.first() else {
         return Err(Error::value("ratings", "no ratings file given"));
     };
+    // One file given twice would count as two raters in perfect agreement.
+    let mut given = HashMap::new();
+    for t in raters {
+        let canonical = std::fs::canonicalize(&t.path).unwrap_or_else(|_| t.path.clone());
+        if let Some(first) = given.insert(canonical, &t.path) {
+            return Err(Error::file(
+                &t.path,
+                format!(
+                    "is given twice as --ratings (also as {}); give each rater's file once",
+                    first.display()
+                ),
+            ));
+        }
+    }
     let score_col = scores.column_index(&opts.score_column)?;
     let rating_cols = raters
         .iter()
@@ -463,6 +482,21 @@ fn match_rows<'a>(
             ),
         ));
     }
+    if raters.len() > 1 && rows.len() >= 3 {
+        for (r, t) in raters.iter().enumerate() {
+            if rows.iter().all(|(_, v)| v[r].is_none()) {
+                return Err(Error::file(
+                    &t.path,
+                    format!(
+                        "has no {kind} `{}` on any of the {} rows matched (an unanswered sheet, \
+                         or the answers in another column?)",
+                        opts.rating_column,
+                        rows.len()
+                    ),
+                ));
+            }
+        }
+    }
     if rows.len() < 3 {
         return Err(Error::value(
             "matched rows",
@@ -490,6 +524,19 @@ fn match_rows<'a>(
     })
 }
 
+/// Whether most score cells and most rating cells of the rows are not numbers.
+fn holds_labels(m: &Matched) -> bool {
+    let share =
+        |cells: &[&str]| cells.iter().filter(|c| number(c).is_none()).count() * 2 > cells.len();
+    let scores: Vec<&str> = m.rows.iter().map(|r| r.0).collect();
+    let ratings: Vec<&str> = m
+        .rows
+        .iter()
+        .flat_map(|r| r.1.iter().flatten().copied())
+        .collect();
+    share(&scores) && share(&ratings)
+}
+
 /// Matches the rows of `scores` and the ratings tables (one per rater) on the key column and
 /// correlates the score with the rating, averaged over the raters who gave one; with several
 /// raters, also measures their agreement ([`RaterAgreement`]). Errors as [`match_rows`]'s.
@@ -498,7 +545,7 @@ pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Re
         // Columns of labels (CLIP's top label, the style a rater chose) fail here as rows
         // without numbers: say how to compare them.
         match match_rows(scores, raters, opts, |c| !c.trim().is_empty(), "non-empty") {
-            Ok(_) if matches!(e, Error::Value { .. }) => Error::Msg(format!(
+            Ok(m) if matches!(e, Error::Value { .. }) && holds_labels(&m) => Error::Msg(format!(
                 "{e}; the columns hold labels: compare them with --nominal"
             )),
             _ => e,

@@ -269,6 +269,26 @@ impl LoadedRecipe {
         }
     }
 
+    /// Every model spec the recipe names, as written: the SD model, the probe CLIP, the guide
+    /// CLIP and each arm's own guide CLIP.
+    pub fn model_specs(&self) -> Vec<String> {
+        let r = &self.recipe;
+        let arms = r
+            .experiments
+            .iter()
+            .flat_map(|e| &e.arms)
+            .filter_map(|a| a.guidance.as_ref().and_then(|g| g.clip.clone()));
+        let mut v: Vec<String> = [Some(r.model.clone()), Some(r.probe_clip.clone())]
+            .into_iter()
+            .chain([r.guide_clip.clone()])
+            .flatten()
+            .chain(arms)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// A model or CLIP spec: the resolved path when it exists, else the spec as a hub id.
     /// A spec that can only be a path (starts with `.` or `/`, or has more than one `/`) and
     /// does not exist is an error naming the field.

@@ -79,64 +79,98 @@ impl Manifest {
         crate::output::write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes(), true)
     }
 
-    /// Takes `ids` as the models of this run and renames the answers' keys to match: one
-    /// recipe resolved from another path (a resumed run, a shard made elsewhere) spells the
-    /// same local model differently, and answers under two spellings would count as two
-    /// models. A recorded model that can be another one (an existing other folder, another
-    /// hub id) is refused as `(field, recorded, given)`.
+    /// Renames every model id of this manifest (its models and the answers' keys) to the
+    /// spelling `target` gives for the recipe spec it was resolved from: one recipe run from
+    /// another path (a resumed run, a shard made elsewhere) spells each local model
+    /// differently, and answers under two spellings would count as two models. An id names
+    /// its spec when it is the spec or ends with it (`recipes/../sd` for `../sd`), the longest
+    /// such spec winning. An id that is an existing folder other than its target (or not the
+    /// same hub id) is refused as `(spec, recorded, target)`; nothing is changed then.
     pub fn adopt(
         &mut self,
-        ids: &ModelIds,
-    ) -> std::result::Result<(), (&'static str, String, String)> {
-        use crate::models::hub::{may_be_same, same_id};
-        let fields = [
-            ("model", Some(&self.model), Some(&ids.model)),
-            ("probe_clip", Some(&self.probe_clip), Some(&ids.probe_clip)),
-            (
-                "guide_clip",
-                self.guide_clip.as_ref(),
-                ids.guide_clip.as_ref(),
-            ),
-        ];
-        let mut renames: Vec<(String, String)> = Vec::new();
-        for (field, old, new) in fields {
-            let (Some(old), Some(new)) = (old, new) else {
-                continue;
+        specs: &[String],
+        target: &BTreeMap<String, String>,
+    ) -> std::result::Result<(), (String, String, String)> {
+        use crate::models::hub::same_id;
+        let new_of = |id: &str| -> std::result::Result<Option<String>, (String, String, String)> {
+            let Some(spec) = spec_of(id, specs) else {
+                return Ok(None);
             };
-            if !self.items.is_empty() && !old.is_empty() && !may_be_same(old, new) {
-                return Err((field, old.clone(), new.clone()));
+            let Some(new) = target.get(spec) else {
+                return Ok(None);
+            };
+            // Both existing and different: two models. A folder missing here (a moved run, a
+            // shard made on another machine) cannot be told apart from its target.
+            if id != new && Path::new(id).exists() && Path::new(new).exists() && !same_id(id, new) {
+                return Err((spec.clone(), id.to_string(), new.clone()));
             }
-            renames.push((old.clone(), new.clone()));
-        }
-        let rename = |k: String| {
-            renames
-                .iter()
-                .find(|(old, _)| &k == old)
-                .map(|(_, new)| new)
-                .or_else(|| ids.answers.iter().find(|a| same_id(&k, a)))
-                .map_or(k.clone(), |new| new.clone())
+            Ok(Some(new.clone()))
         };
-        for e in self.items.values_mut() {
-            e.probes = std::mem::take(&mut e.probes)
-                .into_iter()
-                .map(|(k, v)| (rename(k), v))
-                .collect();
+        let mut renames: HashMap<String, String> = HashMap::new();
+        let ids = [
+            Some(&self.model),
+            Some(&self.probe_clip),
+            self.guide_clip.as_ref(),
+        ];
+        let keys = self.items.values().flat_map(|e| e.probes.keys());
+        for id in ids.into_iter().flatten().chain(keys) {
+            if !renames.contains_key(id) {
+                if let Some(new) = new_of(id)? {
+                    renames.insert(id.clone(), new);
+                }
+            }
         }
-        self.model = ids.model.clone();
-        self.probe_clip = ids.probe_clip.clone();
-        self.guide_clip = ids.guide_clip.clone();
+        let rename = |id: &mut String| {
+            if let Some(new) = renames.get(id.as_str()) {
+                id.clone_from(new);
+            }
+        };
+        rename(&mut self.model);
+        rename(&mut self.probe_clip);
+        if let Some(g) = self.guide_clip.as_mut() {
+            rename(g);
+        }
+        for e in self.items.values_mut() {
+            let old = std::mem::take(&mut e.probes);
+            for (mut k, v) in old {
+                rename(&mut k);
+                // Two spellings of one model: the answers are the same model's; keep one.
+                e.probes.entry(k).or_insert(v);
+            }
+        }
         Ok(())
     }
 }
 
-/// The models of a run: what its manifest records, and every model its answers are keyed by.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ModelIds {
-    pub model: String,
-    pub probe_clip: String,
-    pub guide_clip: Option<String>,
-    /// The probe CLIP and every guide CLIP.
-    pub answers: Vec<String>,
+/// The spec of `specs` that model id `id` was resolved from: `id` itself, or the longest
+/// spec `id` ends with, compared by path components (`./` ignored).
+fn spec_of<'a>(id: &str, specs: &'a [String]) -> Option<&'a String> {
+    let parts = |p: &str| -> Vec<String> {
+        Path::new(p)
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect()
+    };
+    let id_parts = parts(id);
+    specs
+        .iter()
+        .filter(|s| {
+            let sp = parts(s);
+            **s == id || (!sp.is_empty() && id_parts.ends_with(&sp))
+        })
+        .max_by_key(|s| parts(s).len())
+}
+
+/// The spelling of each spec in `ids` (a run's models as one process resolved them).
+fn spellings(specs: &[String], ids: &[&str]) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for id in ids {
+        if let Some(spec) = spec_of(id, specs) {
+            m.entry(spec.clone()).or_insert_with(|| id.to_string());
+        }
+    }
+    m
 }
 
 /// How to run.
@@ -428,22 +462,24 @@ pub fn execute(
             ));
         }
         manifest.scheduler = kind.cli_name().to_string();
-        let ids = ModelIds {
-            model: m.sd.id.clone(),
-            probe_clip: m.probers[0].encoder.id.clone(),
-            // The guide CLIPs' probers follow the probe CLIP's (see load_models).
-            guide_clip: m.probers.get(1).map(|p| p.encoder.id.clone()),
-            answers: m.probers.iter().map(|p| p.encoder.id.clone()).collect(),
-        };
-        manifest.adopt(&ids).map_err(|(field, made, now)| {
-            Error::file(
-                out.join(MANIFEST_FILE),
-                format!(
-                    "was made with {field} {made}, but the recipe now gives {now}; \
-                     choose another --out, or pass --force to make the run again"
-                ),
-            )
-        })?;
+        let specs = recipe.model_specs();
+        let mut now: Vec<&str> = vec![&m.sd.id];
+        now.extend(m.probers.iter().map(|p| p.encoder.id.as_str()));
+        manifest
+            .adopt(&specs, &spellings(&specs, &now))
+            .map_err(|(spec, made, now)| {
+                Error::file(
+                    out.join(MANIFEST_FILE),
+                    format!(
+                        "was made with `{spec}` at {made}, but the recipe now finds it at {now}, \
+                         another folder; choose another --out, or pass --force to make the run again"
+                    ),
+                )
+            })?;
+        manifest.model = m.sd.id.clone();
+        manifest.probe_clip = m.probers[0].encoder.id.clone();
+        // The guide CLIPs' probers follow the probe CLIP's (see load_models).
+        manifest.guide_clip = m.probers.get(1).map(|p| p.encoder.id.clone());
     }
     claim_folder(recipe, out, claim)?;
     for it in items.iter().filter(|it| done.contains(it.id.as_str())) {
@@ -710,23 +746,36 @@ pub fn merge(
         } else {
             // The first shard's spelling of each model; a shard started from the recipe at
             // another path names the same folders differently.
-            let answers = manifest
-                .items
-                .values()
-                .flat_map(|e| e.probes.keys().cloned())
-                .collect::<std::collections::BTreeSet<_>>();
-            let ids = ModelIds {
-                model: manifest.model.clone(),
-                probe_clip: manifest.probe_clip.clone(),
-                guide_clip: manifest.guide_clip.clone(),
-                answers: answers.into_iter().collect(),
-            };
-            m.adopt(&ids).map_err(|(field, made, first)| {
-                Error::file(
+            let specs = recipe.model_specs();
+            let first: Vec<&str> = [Some(&manifest.model), Some(&manifest.probe_clip)]
+                .into_iter()
+                .chain([manifest.guide_clip.as_ref()])
+                .flatten()
+                .chain(manifest.items.values().flat_map(|e| e.probes.keys()))
+                .map(String::as_str)
+                .collect();
+            m.adopt(&specs, &spellings(&specs, &first))
+                .map_err(|(spec, made, first)| {
+                    Error::file(
+                        dir.join(MANIFEST_FILE),
+                        format!(
+                            "was made with `{spec}` at {made}, the other shards at {first}, \
+                             another folder"
+                        ),
+                    )
+                })?;
+            if (m.model.as_str(), m.probe_clip.as_str())
+                != (manifest.model.as_str(), manifest.probe_clip.as_str())
+                && !m.items.is_empty()
+            {
+                return Err(Error::file(
                     dir.join(MANIFEST_FILE),
-                    format!("was made with {field} {made}, the other shards with {first}"),
-                )
-            })?;
+                    format!(
+                        "was made with models {} and {}, the other shards with {} and {}",
+                        m.model, m.probe_clip, manifest.model, manifest.probe_clip
+                    ),
+                ));
+            }
             if m.scheduler != manifest.scheduler
                 && !m.scheduler.is_empty()
                 && !manifest.scheduler.is_empty()
@@ -904,58 +953,71 @@ mod tests {
         }
     }
 
-    fn ids(model: &str, probe: &str, guide: &str) -> ModelIds {
-        ModelIds {
-            model: model.into(),
-            probe_clip: probe.into(),
-            guide_clip: Some(guide.into()),
-            answers: vec![probe.into(), guide.into()],
-        }
-    }
-
     #[test]
-    fn adopting_respells_the_same_folders_and_refuses_other_models() {
+    fn adopting_respells_by_recipe_spec_and_refuses_other_folders() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = |n: &str| {
-            let p = tmp.path().join(n);
-            std::fs::create_dir_all(&p).unwrap();
-            p.display().to_string()
-        };
-        let (sd, sd2, probe, guide) = (dir("sd"), dir("sd2"), dir("probe"), dir("guide"));
-        // `<tmp>/sd/../probe` is `<tmp>/probe`.
-        let spelled = |name: &str| format!("{sd}/../{name}");
-        // The same folders spelled through another path: every id and key takes the new
-        // spelling, and each CLIP keeps its own answers.
-        let mut m = manifest(&spelled("sd"), &spelled("probe"), &spelled("guide"));
-        m.adopt(&ids(&sd, &probe, &guide)).unwrap();
+        let root = tmp.path().display().to_string();
+        for d in [
+            "a/recipes",
+            "a/models/sd",
+            "a/models/clip",
+            "a/models/guide",
+            "b/recipes",
+            "b/models/sd",
+        ] {
+            std::fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        let specs: Vec<String> = [
+            "../models/sd",
+            "../models/clip",
+            "../models/guide",
+            "org/other",
+        ]
+        .map(String::from)
+        .to_vec();
+        let made = |d: &str, m: &str| format!("{root}/{d}/recipes/../models/{m}");
+        // Made from <tmp>/a/recipes/r.yaml; resumed as <tmp>/a/recipes/./../recipes/r.yaml.
+        let mut m = manifest(&made("a", "sd"), &made("a", "clip"), &made("a", "guide"));
+        m.items
+            .get_mut("e/c/a")
+            .unwrap()
+            .probes
+            .insert("org/other".into(), answer("o"));
+        let again = |name: &str| format!("{root}/a/recipes/./../recipes/../models/{name}");
+        let now: Vec<String> = ["sd", "clip", "guide"].map(again).to_vec();
+        let mut ids: Vec<&str> = now.iter().map(String::as_str).collect();
+        ids.push("org/other");
+        m.adopt(&specs, &spellings(&specs, &ids)).unwrap();
         assert_eq!(
             (m.model.as_str(), m.probe_clip.as_str()),
-            (sd.as_str(), probe.as_str())
+            (now[0].as_str(), now[1].as_str())
         );
-        assert_eq!(m.guide_clip.as_deref(), Some(guide.as_str()));
+        assert_eq!(m.guide_clip.as_deref(), Some(now[2].as_str()));
+        let probes = &m.items["e/c/a"].probes;
+        assert_eq!(probes.len(), 3, "{:?}", probes.keys());
+        assert_eq!(probes[&now[1]][0].probe, "p");
+        assert_eq!(probes[&now[2]][0].probe, "g");
+        assert_eq!(probes["org/other"][0].probe, "o");
+        // A run moved away from folders that are gone here takes the new spelling of each
+        // spec (guide CLIPs included, whatever their order).
+        let gone = |name: &str| format!("/gone/recipes/../models/{name}");
+        let mut m = manifest(&gone("sd"), &gone("clip"), &gone("guide"));
+        m.adopt(&specs, &spellings(&specs, &ids)).unwrap();
         let keys: Vec<&String> = m.items["e/c/a"].probes.keys().collect();
-        assert_eq!(keys, [&guide, &probe]);
-        assert_eq!(m.items["e/c/a"].probes[&probe][0].probe, "p");
-        assert_eq!(m.items["e/c/a"].probes[&guide][0].probe, "g");
-        // A recorded folder that no longer exists (a moved run) cannot be told from the new one.
-        let mut m = manifest("/gone/sd", "/gone/probe", &guide);
-        m.adopt(&ids(&sd, &probe, &guide)).unwrap();
-        assert!(m.items["e/c/a"].probes.contains_key(&probe));
-        // Another existing folder, or another hub id, is another model.
-        let mut m = manifest(&sd2, &probe, &guide);
+        assert_eq!(keys, [&now[1], &now[2]]);
+        // Made with <tmp>/b's copy, which exists: another model, refused, nothing changed.
+        let mut m = manifest(&made("b", "sd"), &made("a", "clip"), &made("a", "guide"));
         let before = m.clone();
+        let err = m.adopt(&specs, &spellings(&specs, &ids)).unwrap_err();
         assert_eq!(
-            m.adopt(&ids(&sd, &probe, &guide)),
-            Err(("model", sd2.clone(), sd.clone()))
+            err,
+            ("../models/sd".into(), made("b", "sd"), now[0].clone())
         );
         assert_eq!(m, before, "a refused adoption changed the manifest");
-        let mut m = manifest(&sd, "org/clip-a", &guide);
-        let err = m.adopt(&ids(&sd, "org/clip-b", &guide)).unwrap_err();
-        assert_eq!(err.0, "probe_clip");
-        // A manifest with no finished item takes any models.
-        let mut m = manifest(&sd2, "org/clip-a", &guide);
-        m.items.clear();
-        m.adopt(&ids(&sd, "org/clip-b", &guide)).unwrap();
-        assert_eq!(m.model, sd);
+        // The longest spec an id ends with wins; ids of no spec are left alone.
+        let specs2: Vec<String> = ["sd", "../models/sd"].map(String::from).to_vec();
+        assert_eq!(spec_of("x/../models/sd", &specs2).unwrap(), "../models/sd");
+        assert_eq!(spec_of("./sd", &specs2).unwrap(), "sd");
+        assert!(spec_of("x/other", &specs2).is_none());
     }
 }
