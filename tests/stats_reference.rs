@@ -450,6 +450,20 @@ fn several_raters_match_scipy_and_krippendorff() {
         err.contains("twice") && err.contains("annotation-rater1.csv"),
         "{err}"
     );
+    let (copy, hard) = (
+        tmp.path().join("copy.csv"),
+        tmp.path().join("hard-link.csv"),
+    );
+    std::fs::copy(&files[0], &copy).unwrap();
+    if std::fs::hard_link(&copy, &hard).is_ok() {
+        let err = agree_raters(dir.join("scores.csv"), &[copy, hard], &o)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("twice") && err.contains("hard-link.csv"),
+            "{err}"
+        );
+    }
     // A rater's sheet with no answer in the column is named, not averaged in as nothing.
     let blank = tmp.path().join("annotation-blank.csv");
     let text: String = std::fs::read_to_string(&files[0])

@@ -140,8 +140,19 @@ pub fn same_id(a: &str, b: &str) -> bool {
     a == b || (Path::new(a).exists() && canonical_id(a) == canonical_id(b))
 }
 
+/// Whether `id` names a hub model this machine has: shaped like `owner/name`, no such folder
+/// here, and in the cache (a relative folder of another working folder is not).
+pub fn is_cached_repo(id: &str, options: &HubOptions) -> bool {
+    looks_like_repo_id(id)
+        && !Path::new(id).exists()
+        && options
+            .cache_dir
+            .join(format!("models--{}", id.replace('/', "--")))
+            .is_dir()
+}
+
 /// `owner/name` with characters the hub allows.
-fn looks_like_repo_id(spec: &str) -> bool {
+pub fn looks_like_repo_id(spec: &str) -> bool {
     let mut parts = spec.split('/');
     let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
         return false;

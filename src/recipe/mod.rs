@@ -289,6 +289,15 @@ impl LoadedRecipe {
         v
     }
 
+    /// Each spec of [`model_specs`](Self::model_specs) as this process resolves it (the ids
+    /// a run made now records); specs that do not resolve here are left out.
+    pub fn resolved_specs(&self) -> BTreeMap<String, String> {
+        self.model_specs()
+            .into_iter()
+            .filter_map(|s| Some((s.clone(), self.resolve_model("model", &s).ok()?)))
+            .collect()
+    }
+
     /// A model or CLIP spec: the resolved path when it exists, else the spec as a hub id.
     /// A spec that can only be a path (starts with `.` or `/`, or has more than one `/`) and
     /// does not exist is an error naming the field.

@@ -84,14 +84,17 @@ impl Manifest {
     /// another path (a resumed run, a shard made elsewhere) spells each local model
     /// differently, and answers under two spellings would count as two models. An id names
     /// its spec when it is the spec or ends with it (`recipes/../sd` for `../sd`), the longest
-    /// such spec winning. An id that is an existing folder other than its target (or not the
-    /// same hub id) is refused as `(spec, recorded, target)`; nothing is changed then.
+    /// such spec winning. An id that is an existing folder other than its target, or a hub
+    /// model where the target is a folder (or the reverse), is refused as
+    /// `(spec, recorded, target)`; nothing is changed then.
     pub fn adopt(
         &mut self,
         specs: &[String],
         target: &BTreeMap<String, String>,
+        hub: &crate::models::hub::HubOptions,
     ) -> std::result::Result<(), (String, String, String)> {
-        use crate::models::hub::same_id;
+        use crate::models::hub::{is_cached_repo, looks_like_repo_id, same_id};
+        let folder = |id: &str| Path::new(id).exists();
         let new_of = |id: &str| -> std::result::Result<Option<String>, (String, String, String)> {
             let Some(spec) = spec_of(id, specs) else {
                 return Ok(None);
@@ -101,7 +104,12 @@ impl Manifest {
             };
             // Both existing and different: two models. A folder missing here (a moved run, a
             // shard made on another machine) cannot be told apart from its target.
-            if id != new && Path::new(id).exists() && Path::new(new).exists() && !same_id(id, new) {
+            // A hub model recorded (in the cache, no such folder here) and a folder now, or
+            // a folder recorded and a hub model now: two models.
+            let hub_now = looks_like_repo_id(new) && !folder(new);
+            let swapped =
+                (is_cached_repo(id, hub) && folder(new)) || (folder(id) && hub_now && id != new);
+            if swapped || (id != new && folder(id) && folder(new) && !same_id(id, new)) {
                 return Err((spec.clone(), id.to_string(), new.clone()));
             }
             Ok(Some(new.clone()))
@@ -375,6 +383,24 @@ pub fn execute(
         Claim::Replace => Manifest::default(),
         Claim::Resume | Claim::Start => Manifest::load(out)?,
     };
+    // Answers recorded under another spelling of the recipe's models (the recipe run from
+    // another path) take this run's, even when nothing is left to make.
+    manifest
+        .adopt(
+            &recipe.model_specs(),
+            &recipe.resolved_specs(),
+            &crate::models::hub::HubOptions::from_env(),
+        )
+        .map_err(|(spec, made, now)| {
+            Error::file(
+                out.join(MANIFEST_FILE),
+                format!(
+                    "was made with `{spec}` at {made}, but the recipe now finds it at {now}, \
+                     another model; choose another --out, or remove {} to make the run again",
+                    out.display()
+                ),
+            )
+        })?;
     // From the whole plan, not the shard: every shard probes with the same CLIPs, so shards
     // merge into exactly the unsharded run.
     let all: Vec<&PlanItem> = plan.items.iter().collect();
@@ -454,28 +480,15 @@ pub fn execute(
                 out.join(MANIFEST_FILE),
                 format!(
                     "was made with scheduler {}, but generation.scheduler `{}` now gives {}; \
-                     choose another --out, or pass --force to make the run again",
+                     choose another --out, or remove {} to make the run again",
                     manifest.scheduler,
                     r.generation.scheduler,
-                    kind.cli_name()
+                    kind.cli_name(),
+                    out.display()
                 ),
             ));
         }
         manifest.scheduler = kind.cli_name().to_string();
-        let specs = recipe.model_specs();
-        let mut now: Vec<&str> = vec![&m.sd.id];
-        now.extend(m.probers.iter().map(|p| p.encoder.id.as_str()));
-        manifest
-            .adopt(&specs, &spellings(&specs, &now))
-            .map_err(|(spec, made, now)| {
-                Error::file(
-                    out.join(MANIFEST_FILE),
-                    format!(
-                        "was made with `{spec}` at {made}, but the recipe now finds it at {now}, \
-                         another folder; choose another --out, or pass --force to make the run again"
-                    ),
-                )
-            })?;
         manifest.model = m.sd.id.clone();
         manifest.probe_clip = m.probers[0].encoder.id.clone();
         // The guide CLIPs' probers follow the probe CLIP's (see load_models).
@@ -728,6 +741,8 @@ pub fn merge(
 ) -> Result<RunResults> {
     let mut manifest = Manifest::default();
     let mut sources: HashMap<String, PathBuf> = HashMap::new();
+    let mut target: BTreeMap<String, String> = BTreeMap::new();
+    let hub = crate::models::hub::HubOptions::from_env();
     for dir in shards {
         let copy = dir.join(RECIPE_FILE);
         let text = std::fs::read_to_string(&copy).map_err(|e| Error::io(&copy, e))?;
@@ -738,32 +753,33 @@ pub fn merge(
             ));
         }
         let mut m = Manifest::load(dir)?;
+        // Each model in this process's spelling of the recipe (the plan's guide ids are in
+        // it too), else in the first shard's: shards started from the recipe at other paths
+        // name the same folders differently.
+        let specs = recipe.model_specs();
+        if target.is_empty() {
+            let first: Vec<&str> = [Some(&m.model), Some(&m.probe_clip)]
+                .into_iter()
+                .chain([m.guide_clip.as_ref()])
+                .flatten()
+                .chain(m.items.values().flat_map(|e| e.probes.keys()))
+                .map(String::as_str)
+                .collect();
+            target = spellings(&specs, &first);
+            target.extend(recipe.resolved_specs());
+        }
+        m.adopt(&specs, &target, &hub).map_err(|(spec, made, now)| {
+            Error::file(
+                dir.join(MANIFEST_FILE),
+                format!("was made with `{spec}` at {made}, but the recipe here finds it at {now}, another model"),
+            )
+        })?;
         if manifest.probe_clip.is_empty() {
             manifest.model = m.model.clone();
             manifest.probe_clip = m.probe_clip.clone();
             manifest.guide_clip = m.guide_clip.clone();
             manifest.scheduler = m.scheduler.clone();
         } else {
-            // The first shard's spelling of each model; a shard started from the recipe at
-            // another path names the same folders differently.
-            let specs = recipe.model_specs();
-            let first: Vec<&str> = [Some(&manifest.model), Some(&manifest.probe_clip)]
-                .into_iter()
-                .chain([manifest.guide_clip.as_ref()])
-                .flatten()
-                .chain(manifest.items.values().flat_map(|e| e.probes.keys()))
-                .map(String::as_str)
-                .collect();
-            m.adopt(&specs, &spellings(&specs, &first))
-                .map_err(|(spec, made, first)| {
-                    Error::file(
-                        dir.join(MANIFEST_FILE),
-                        format!(
-                            "was made with `{spec}` at {made}, the other shards at {first}, \
-                             another folder"
-                        ),
-                    )
-                })?;
             if (m.model.as_str(), m.probe_clip.as_str())
                 != (manifest.model.as_str(), manifest.probe_clip.as_str())
                 && !m.items.is_empty()
@@ -967,6 +983,11 @@ mod tests {
         ] {
             std::fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
+        let hub = crate::models::hub::HubOptions {
+            cache_dir: tmp.path().join("hf"),
+            offline: true,
+            revision: "main".into(),
+        };
         let specs: Vec<String> = [
             "../models/sd",
             "../models/clip",
@@ -987,7 +1008,7 @@ mod tests {
         let now: Vec<String> = ["sd", "clip", "guide"].map(again).to_vec();
         let mut ids: Vec<&str> = now.iter().map(String::as_str).collect();
         ids.push("org/other");
-        m.adopt(&specs, &spellings(&specs, &ids)).unwrap();
+        m.adopt(&specs, &spellings(&specs, &ids), &hub).unwrap();
         assert_eq!(
             (m.model.as_str(), m.probe_clip.as_str()),
             (now[0].as_str(), now[1].as_str())
@@ -1002,18 +1023,40 @@ mod tests {
         // spec (guide CLIPs included, whatever their order).
         let gone = |name: &str| format!("/gone/recipes/../models/{name}");
         let mut m = manifest(&gone("sd"), &gone("clip"), &gone("guide"));
-        m.adopt(&specs, &spellings(&specs, &ids)).unwrap();
+        m.adopt(&specs, &spellings(&specs, &ids), &hub).unwrap();
         let keys: Vec<&String> = m.items["e/c/a"].probes.keys().collect();
         assert_eq!(keys, [&now[1], &now[2]]);
         // Made with <tmp>/b's copy, which exists: another model, refused, nothing changed.
         let mut m = manifest(&made("b", "sd"), &made("a", "clip"), &made("a", "guide"));
         let before = m.clone();
-        let err = m.adopt(&specs, &spellings(&specs, &ids)).unwrap_err();
+        let err = m.adopt(&specs, &spellings(&specs, &ids), &hub).unwrap_err();
         assert_eq!(
             err,
             ("../models/sd".into(), made("b", "sd"), now[0].clone())
         );
         assert_eq!(m, before, "a refused adoption changed the manifest");
+        // A hub model recorded (in the cache) where the recipe now finds a folder, and the
+        // reverse: another model.
+        std::fs::create_dir_all(tmp.path().join("hf/models--org--other")).unwrap();
+        let mut to_folder = spellings(&specs, &ids);
+        to_folder.insert("org/other".into(), now[0].clone());
+        let mut m = manifest(&made("a", "sd"), &made("a", "clip"), &made("a", "guide"));
+        m.items
+            .get_mut("e/c/a")
+            .unwrap()
+            .probes
+            .insert("org/other".into(), answer("o"));
+        assert_eq!(
+            m.adopt(&specs, &to_folder, &hub).unwrap_err().0,
+            "org/other"
+        );
+        let mut m = manifest(&format!("{root}/a/models/sd"), "p", "g");
+        let to_hub = BTreeMap::from([("sd".to_string(), "org/sd".to_string())]);
+        let err = m.adopt(&["sd".to_string()], &to_hub, &hub).unwrap_err();
+        assert_eq!(
+            err,
+            ("sd".into(), format!("{root}/a/models/sd"), "org/sd".into())
+        );
         // The longest spec an id ends with wins; ids of no spec are left alone.
         let specs2: Vec<String> = ["sd", "../models/sd"].map(String::from).to_vec();
         assert_eq!(spec_of("x/../models/sd", &specs2).unwrap(), "../models/sd");
