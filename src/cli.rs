@@ -347,6 +347,10 @@ pub struct AgreeArgs {
     /// Keep only score rows where COLUMN equals VALUE, e.g. `class=a`.
     #[arg(long = "where", value_name = "COLUMN=VALUE")]
     pub filter: Option<String>,
+    /// A column of the ratings file(s) naming the rater, for one file holding every rater's
+    /// rows (long format).
+    #[arg(long, value_name = "COLUMN")]
+    pub rater_column: Option<String>,
     /// Compare labels, not numbers (e.g. `top_style` with the `perceived_style` raters
     /// chose): agreement share, Cohen's kappa, Krippendorff's nominal alpha.
     #[arg(long)]

@@ -460,6 +460,7 @@ fn run_agree(args: &AgreeArgs, mode: ProgressMode) -> Result<()> {
     opts.key = args.key.clone();
     opts.resamples = args.resamples;
     opts.seed = args.seed;
+    opts.rater_column = args.rater_column.clone();
     if let Some(f) = &args.filter {
         let (col, val) = f
             .split_once('=')

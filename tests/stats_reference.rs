@@ -551,3 +551,59 @@ fn rater_labels_match_scikit_learn_and_krippendorff() {
         "{err}"
     );
 }
+
+/// One long-format file with a rater column gives what one file per rater gives.
+#[test]
+fn a_rater_column_splits_one_file_into_raters() {
+    use artguide::probe::agree::{agree_label_files, agree_raters};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/raters");
+    let files: Vec<PathBuf> = (1..=4)
+        .map(|r| dir.join(format!("annotation-rater{r}.csv")))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let long = tmp.path().join("long.csv");
+    let mut text = String::new();
+    for (r, f) in files.iter().enumerate() {
+        for (i, line) in std::fs::read_to_string(f).unwrap().lines().enumerate() {
+            match (i, r) {
+                (0, 0) => text.push_str(&format!("who,{line}\n")),
+                (0, _) => {}
+                _ => text.push_str(&format!("r{},{line}\n", r + 1)),
+            }
+        }
+    }
+    std::fs::write(&long, &text).unwrap();
+    let scores = dir.join("scores.csv");
+    let mut o = AgreeOptions::new("p_intended_style", "adherence");
+    let by_file = agree_raters(&scores, &files, &o).unwrap();
+    o.rater_column = Some("who".into());
+    let by_column = agree_raters(&scores, &[&long], &o).unwrap();
+    assert_eq!(by_column.correlations, by_file.correlations);
+    let (a, b) = (by_column.raters.unwrap(), by_file.raters.unwrap());
+    assert_eq!(a.krippendorff_alpha, b.krippendorff_alpha);
+    assert_eq!(a.raters.len(), 4);
+    for (k, (x, y)) in a.raters.iter().zip(&b.raters).enumerate() {
+        assert!(
+            x.file.ends_with(&format!("long.csv[r{}]", k + 1)),
+            "{}",
+            x.file
+        );
+        assert_eq!(
+            (x.n, x.loo_spearman, x.score_spearman),
+            (y.n, y.loo_spearman, y.score_spearman)
+        );
+    }
+    let mut lo = AgreeOptions::new("top_style", "perceived_style");
+    let labels_by_file = agree_label_files(&scores, &files, &lo).unwrap();
+    lo.rater_column = Some("who".into());
+    let labels = agree_label_files(&scores, &[&long], &lo).unwrap();
+    assert_eq!(labels.agreement, labels_by_file.agreement);
+    assert_eq!(labels.krippendorff_alpha, labels_by_file.krippendorff_alpha);
+    // A row naming no rater is an error naming the file, column and line.
+    std::fs::write(&long, text.replacen("\nr2,", "\n,", 1)).unwrap();
+    let err = agree_raters(&scores, &[&long], &o).unwrap_err().to_string();
+    assert!(
+        err.contains("long.csv") && err.contains("who") && err.contains("line"),
+        "{err}"
+    );
+}

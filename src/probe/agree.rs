@@ -54,6 +54,9 @@ pub struct AgreeOptions {
     pub seed: u64,
     /// Confidence level of the interval (default 0.95).
     pub level: f64,
+    /// A column of the ratings files naming the rater: each file then holds several raters'
+    /// rows (long format), split into one rater per value.
+    pub rater_column: Option<String>,
 }
 
 impl AgreeOptions {
@@ -67,6 +70,7 @@ impl AgreeOptions {
             resamples: 1000,
             seed: 0,
             level: 0.95,
+            rater_column: None,
         }
     }
 }
@@ -151,11 +155,52 @@ pub fn agree_raters<P: AsRef<Path>>(
     opts: &AgreeOptions,
 ) -> Result<Agreement> {
     let s = Table::read(scores)?;
-    let r = ratings
-        .iter()
-        .map(Table::read)
-        .collect::<Result<Vec<_>>>()?;
-    agree_tables(&s, &r, opts)
+    agree_tables(&s, &read_raters(ratings, opts)?, opts)
+}
+
+/// Reads the ratings files, one rater each, or with `rater_column` one rater per value of
+/// that column (named `FILE[RATER]`, in order of first appearance; rows with an empty rater
+/// are an error naming the line).
+fn read_raters<P: AsRef<Path>>(ratings: &[P], opts: &AgreeOptions) -> Result<Vec<Table>> {
+    let mut out = Vec::new();
+    for path in ratings {
+        let t = Table::read(path)?;
+        let Some(col) = &opts.rater_column else {
+            out.push(t);
+            continue;
+        };
+        let c = t.column_index(col)?;
+        let mut split: Vec<(String, Table)> = Vec::new();
+        for (row, &line) in t.rows.iter().zip(&t.lines) {
+            let rater = row[c].trim();
+            if rater.is_empty() {
+                return Err(Error::field(
+                    &t.path,
+                    col,
+                    format!("line {line} names no rater"),
+                ));
+            }
+            let k = match split.iter().position(|(r, _)| r == rater) {
+                Some(k) => k,
+                None => {
+                    split.push((
+                        rater.to_string(),
+                        Table {
+                            path: format!("{}[{rater}]", t.path.display()).into(),
+                            headers: t.headers.clone(),
+                            rows: Vec::new(),
+                            lines: Vec::new(),
+                        },
+                    ));
+                    split.len() - 1
+                }
+            };
+            split[k].1.rows.push(row.clone());
+            split[k].1.lines.push(line);
+        }
+        out.extend(split.into_iter().map(|(_, t)| t));
+    }
+    Ok(out)
 }
 
 /// Parses a cell as a finite number; `None` for empty, non-numeric or non-finite cells.
@@ -718,11 +763,7 @@ pub fn agree_label_files<P: AsRef<Path>>(
     opts: &AgreeOptions,
 ) -> Result<LabelAgreement> {
     let s = Table::read(scores)?;
-    let r = ratings
-        .iter()
-        .map(Table::read)
-        .collect::<Result<Vec<_>>>()?;
-    agree_labels(&s, &r, opts)
+    agree_labels(&s, &read_raters(ratings, opts)?, opts)
 }
 
 /// Matches the rows as [`agree_tables`] does, but compares labels (non-empty cells, trimmed,
