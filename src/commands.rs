@@ -478,14 +478,7 @@ fn run_agree(args: &AgreeArgs, mode: ProgressMode) -> Result<()> {
         out!("{}", serde_json::to_string(&a)?);
     } else {
         let c = &a.correlations;
-        out!(
-            "{} vs {} on key `{}`: n = {} ({} skipped)",
-            args.score_column,
-            args.rating_column,
-            a.key,
-            c.n,
-            a.skipped
-        );
+        out!("{}", a.matching.summary(c.n));
         for (name, r) in [
             ("Spearman", &c.spearman),
             ("Kendall tau-b", &c.kendall),
@@ -535,14 +528,7 @@ fn print_label_agreement(
         out!("{}", serde_json::to_string(a)?);
         return Ok(());
     }
-    out!(
-        "{} vs {} on key `{}`: n = {} ({} skipped)",
-        a.score_column,
-        a.rating_column,
-        a.key,
-        a.n,
-        a.skipped
-    );
+    out!("{}", a.matching.summary(a.n));
     out!(
         "same label    {:.4}  [{:.4}, {:.4}] ({:.0}% bootstrap, {} resamples)",
         a.agreement.estimate,
@@ -577,8 +563,8 @@ fn print_label_agreement(
     if !a.confusions.is_empty() {
         out!(
             "most frequent disagreements ({} -> {}):",
-            a.score_column,
-            a.rating_column
+            a.matching.score_column,
+            a.matching.rating_column
         );
         for (s, r, c) in &a.confusions {
             out!("  {c:>5}  {s} -> {r}");

@@ -166,20 +166,20 @@ fn correlations_match_scipy() {
     for col in ["authenticity", "defects"] {
         let want = &e["correlations"][format!("p_ai~{col}")];
         let r = agree_files(&scores, &ratings, &agree_opts(col)).unwrap();
-        assert_eq!(r.key, "row");
+        assert_eq!(r.matching.key, "row");
         let c = &r.correlations;
         assert_eq!(c.n as u64, want["n"].as_u64().unwrap());
-        assert_eq!(r.skipped as u64, want["skipped"].as_u64().unwrap());
+        assert_eq!(r.matching.skipped as u64, want["skipped"].as_u64().unwrap());
         assert_eq!(
-            r.filtered_out as u64,
+            r.matching.filtered_out as u64,
             want["filtered_out"].as_u64().unwrap()
         );
         assert_eq!(
-            r.unmatched_scores as u64,
+            r.matching.unmatched_scores as u64,
             want["unmatched_scores"].as_u64().unwrap()
         );
         assert_eq!(
-            r.unmatched_ratings as u64,
+            r.matching.unmatched_ratings as u64,
             want["unmatched_ratings"].as_u64().unwrap()
         );
         for (name, got) in [
@@ -199,8 +199,8 @@ fn correlations_match_scipy() {
         &AgreeOptions::new("authenticity", "defects"),
     )
     .unwrap();
-    assert_eq!(r.key, "row");
-    assert_eq!(r.skipped as u64, want["skipped"].as_u64().unwrap());
+    assert_eq!(r.matching.key, "row");
+    assert_eq!(r.matching.skipped as u64, want["skipped"].as_u64().unwrap());
     assert_eq!(r.correlations.n as u64, want["n"].as_u64().unwrap());
     for (name, got) in [
         ("spearman", r.correlations.spearman.estimate),
@@ -397,9 +397,9 @@ fn several_raters_match_scipy_and_krippendorff() {
         let y = y.as_f64().unwrap();
         assert!((x - y).abs() < 1e-9, "{what}: {x} vs {y}");
     };
-    assert_eq!(a.key, "sheet_id");
+    assert_eq!(a.matching.key, "sheet_id");
     assert_eq!(a.correlations.n as u64, e["n"].as_u64().unwrap());
-    assert_eq!(a.skipped as u64, e["skipped"].as_u64().unwrap());
+    assert_eq!(a.matching.skipped as u64, e["skipped"].as_u64().unwrap());
     close(a.correlations.spearman.estimate, &e["spearman"], "spearman");
     close(a.correlations.kendall.estimate, &e["kendall"], "kendall");
     close(a.correlations.pearson.estimate, &e["pearson"], "pearson");
@@ -427,7 +427,7 @@ fn several_raters_match_scipy_and_krippendorff() {
     // One file gives the single-rater result, with no rater agreement.
     let one = agree_raters(dir.join("scores.csv"), &files[..1], &o).unwrap();
     assert!(one.raters.is_none());
-    assert!(one.ratings_file.ends_with("annotation-rater1.csv"));
+    assert!(one.matching.ratings_file.ends_with("annotation-rater1.csv"));
     // A key repeated in one rater's file is refused naming that file.
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("annotation-rater5.csv");
@@ -520,7 +520,7 @@ fn rater_labels_match_scikit_learn_and_krippendorff() {
         assert!((x - y).abs() < 1e-9, "{what}: {x} vs {y}");
     };
     assert_eq!(a.n as u64, e["n"].as_u64().unwrap());
-    assert_eq!(a.skipped as u64, e["skipped"].as_u64().unwrap());
+    assert_eq!(a.matching.skipped as u64, e["skipped"].as_u64().unwrap());
     close(a.agreement.estimate, &e["agreement"], "agreement");
     assert!(
         a.agreement.ci_low <= a.agreement.estimate && a.agreement.estimate <= a.agreement.ci_high

@@ -108,9 +108,9 @@ pub struct Correlations {
     pub level: f64,
 }
 
-/// The result of matching a scores table with a ratings table.
+/// How the rows of a scores table met the ratings tables: files, columns and what was left out.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Agreement {
+pub struct Matching {
     /// The scores file.
     pub scores_file: String,
     /// The ratings file (several joined by ` + `; the rating is their mean).
@@ -132,6 +132,24 @@ pub struct Agreement {
     pub skipped: usize,
     /// The keys of the first (at most 10) skipped rows, with the reason.
     pub skipped_examples: Vec<String>,
+}
+
+impl Matching {
+    /// The first line of a report: columns, key, pairs kept and rows skipped.
+    pub fn summary(&self, n: usize) -> String {
+        format!(
+            "{} vs {} on key `{}`: n = {n} ({} skipped)",
+            self.score_column, self.rating_column, self.key, self.skipped
+        )
+    }
+}
+
+/// The result of matching a scores table with a ratings table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Agreement {
+    /// Files, columns and rows left out.
+    #[serde(flatten)]
+    pub matching: Matching,
     /// The correlations over the `correlations.n` matched rows that were kept.
     pub correlations: Correlations,
     /// With several ratings files: the raters' agreement among themselves.
@@ -331,21 +349,11 @@ fn rater_agreement(
 
 /// The rows of a scores table matched with the ratings tables on the key column.
 struct Matched<'a> {
-    key: String,
+    matching: Matching,
+    /// Each ratings file, one per rater.
     files: Vec<String>,
-    filtered_out: usize,
-    unmatched_scores: usize,
-    unmatched_ratings: usize,
-    skipped: usize,
-    skipped_examples: Vec<String>,
     /// Kept rows: the score cell and each rater's cell (`None`: no row, or not a value).
     rows: Vec<(&'a str, Vec<Option<&'a str>>)>,
-}
-
-impl Matched<'_> {
-    fn ratings_desc(&self) -> String {
-        self.files.join(" + ")
-    }
 }
 
 /// What makes two paths one file: its device and inode where there are such (symbolic and
@@ -571,13 +579,19 @@ fn match_rows<'a>(
         ));
     }
     Ok(Matched {
-        key,
+        matching: Matching {
+            scores_file: scores.path.display().to_string(),
+            ratings_file: files.join(" + "),
+            key,
+            score_column: opts.score_column.clone(),
+            rating_column: opts.rating_column.clone(),
+            filtered_out,
+            unmatched_scores,
+            unmatched_ratings,
+            skipped,
+            skipped_examples,
+        },
         files,
-        filtered_out,
-        unmatched_scores,
-        unmatched_ratings,
-        skipped,
-        skipped_examples,
         rows,
     })
 }
@@ -624,18 +638,9 @@ pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Re
         .collect();
     let correlations = correlate(&xs, &ys, opts.resamples, opts.seed, opts.level)?;
     Ok(Agreement {
-        scores_file: scores.path.display().to_string(),
-        ratings_file: m.ratings_desc(),
-        key: m.key.clone(),
-        score_column: opts.score_column.clone(),
-        rating_column: opts.rating_column.clone(),
-        filtered_out: m.filtered_out,
-        unmatched_scores: m.unmatched_scores,
-        unmatched_ratings: m.unmatched_ratings,
-        skipped: m.skipped,
-        skipped_examples: m.skipped_examples.clone(),
-        correlations,
         raters: (raters.len() > 1).then(|| rater_agreement(&m.files, &xs, &per_rater)),
+        matching: m.matching,
+        correlations,
     })
 }
 
@@ -674,17 +679,9 @@ pub struct LabelRater {
 /// Agreement of a label (say CLIP's top style) with the labels raters chose.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabelAgreement {
-    pub scores_file: String,
-    /// The ratings files, joined by ` + `.
-    pub ratings_file: String,
-    pub key: String,
-    pub score_column: String,
-    pub rating_column: String,
-    pub filtered_out: usize,
-    pub unmatched_scores: usize,
-    pub unmatched_ratings: usize,
-    pub skipped: usize,
-    pub skipped_examples: Vec<String>,
+    /// Files, columns and rows left out.
+    #[serde(flatten)]
+    pub matching: Matching,
     /// Rows with a score label and at least one rater's label.
     pub n: usize,
     /// Per row, the share of its raters' labels equal to the score's label, averaged over
@@ -874,16 +871,7 @@ pub fn agree_labels(
         .map(|(_, v)| v.iter().flatten().copied().collect())
         .collect();
     Ok(LabelAgreement {
-        scores_file: scores.path.display().to_string(),
-        ratings_file: m.ratings_desc(),
-        key: m.key.clone(),
-        score_column: opts.score_column.clone(),
-        rating_column: opts.rating_column.clone(),
-        filtered_out: m.filtered_out,
-        unmatched_scores: m.unmatched_scores,
-        unmatched_ratings: m.unmatched_ratings,
-        skipped: m.skipped,
-        skipped_examples: m.skipped_examples.clone(),
+        matching: m.matching,
         n,
         agreement,
         resamples: opts.resamples,
