@@ -30,6 +30,17 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Asserts `o` failed (`what` says what it must not have done) with one line of stderr
+/// holding each of `needles`.
+fn assert_refused(o: &Output, what: &str, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "{what}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` is not in: {err}");
+    }
+}
+
 /// Every non-hidden file under `dir` (relative path -> bytes), sidecars' timings removed.
 fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
@@ -262,12 +273,10 @@ fn shards_merge_into_the_unsharded_run() {
         .arg(&c)
         .output()
         .unwrap();
-    let err = stderr(&o);
-    assert!(!o.status.success(), "merged shards of two SD models");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains("manifest.json") && err.contains("model") && err.contains(&other),
-        "{err}"
+    assert_refused(
+        &o,
+        "merged shards of two SD models",
+        &["manifest.json", "model", &other],
     );
     // A shard run in the folder of the whole run finds its items done and keeps
     // results.json whole (it used to cut it to the shard's items).
@@ -902,12 +911,10 @@ fn a_resumed_run_keeps_its_scheduler_and_models() {
     assert!(!image.exists());
     let before = tree(&out);
     let o = run(&smoke("probeset"), &out, &[]);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "resumed with another scheduler");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains("manifest.json") && err.contains("scheduler euler") && err.contains("ddim"),
-        "{err}"
+    assert_refused(
+        &o,
+        "resumed with another scheduler",
+        &["manifest.json", "scheduler euler", "ddim"],
     );
     assert!(
         tree(&out) == before,
@@ -957,12 +964,10 @@ fn a_recipe_elsewhere_resumes_only_with_the_same_models() {
     std::fs::remove_file(&image).unwrap();
     let before = tree(&out);
     let o = run(&tmp.path().join("b/r.yaml"), &out, &[]);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "resumed with another folder's model");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains("`models/sd`") && err.contains("a/models/sd") && err.contains("b/models/sd"),
-        "{err}"
+    assert_refused(
+        &o,
+        "resumed with another folder's model",
+        &["`models/sd`", "a/models/sd", "b/models/sd"],
     );
     assert!(
         tree(&out) == before,

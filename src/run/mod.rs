@@ -997,13 +997,18 @@ mod tests {
         .map(String::from)
         .to_vec();
         let made = |d: &str, m: &str| format!("{root}/{d}/recipes/../models/{m}");
-        // Made from <tmp>/a/recipes/r.yaml; resumed as <tmp>/a/recipes/./../recipes/r.yaml.
-        let mut m = manifest(&made("a", "sd"), &made("a", "clip"), &made("a", "guide"));
-        m.items
-            .get_mut("e/c/a")
-            .unwrap()
-            .probes
-            .insert("org/other".into(), answer("o"));
+        // Resumed as <tmp>/a/recipes/./../recipes/r.yaml.
+        // A manifest made from <tmp>/a/recipes/r.yaml, its item also answered by a hub CLIP.
+        let made_in_a = || {
+            let mut m = manifest(&made("a", "sd"), &made("a", "clip"), &made("a", "guide"));
+            m.items
+                .get_mut("e/c/a")
+                .unwrap()
+                .probes
+                .insert("org/other".into(), answer("o"));
+            m
+        };
+        let mut m = made_in_a();
         let again = |name: &str| format!("{root}/a/recipes/./../recipes/../models/{name}");
         let now: Vec<String> = ["sd", "clip", "guide"].map(again).to_vec();
         let mut ids: Vec<&str> = now.iter().map(String::as_str).collect();
@@ -1040,12 +1045,7 @@ mod tests {
         std::fs::create_dir_all(tmp.path().join("hf/models--org--other")).unwrap();
         let mut to_folder = spellings(&specs, &ids);
         to_folder.insert("org/other".into(), now[0].clone());
-        let mut m = manifest(&made("a", "sd"), &made("a", "clip"), &made("a", "guide"));
-        m.items
-            .get_mut("e/c/a")
-            .unwrap()
-            .probes
-            .insert("org/other".into(), answer("o"));
+        let mut m = made_in_a();
         assert_eq!(
             m.adopt(&specs, &to_folder, &hub).unwrap_err().0,
             "org/other"
