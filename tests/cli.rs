@@ -1305,3 +1305,65 @@ fn probe_cache_keeps_dtypes_apart() {
     assert_eq!(f32["cached"], 5);
     assert_eq!(f32["images"], f32_fresh["images"]);
 }
+
+/// A CLIP fine-tuned in its vision tower only (its file starts with the same header and text
+/// embeddings) gets its own cache entries: the cache key covers the whole weight file.
+#[test]
+fn probe_cache_keeps_fine_tunes_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tuned = tmp.path().join("tiny-clip-b-tuned");
+    std::fs::create_dir(&tuned).unwrap();
+    for f in std::fs::read_dir(clip_fixture("tiny-clip-b")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tuned.join(f.file_name().unwrap())).unwrap();
+    }
+    // Negate `visual_projection.weight` (f16: flip each sign bit), the file's last tensor.
+    let weights = tuned.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header["visual_projection.weight"];
+    assert_eq!(t["dtype"], "F16");
+    let (a, b) = (
+        8 + n + t["data_offsets"][0].as_u64().unwrap() as usize,
+        8 + n + t["data_offsets"][1].as_u64().unwrap() as usize,
+    );
+    assert!(a > 1 << 20, "the tensor must lie past the file's first MiB");
+    for i in (a..b).step_by(2) {
+        bytes[i + 1] ^= 0x80;
+    }
+    std::fs::write(&weights, bytes).unwrap();
+    let suite = tmp.path().join("suite.yaml");
+    std::fs::write(
+        &suite,
+        "probes:\n  - name: style\n    templates: [\"a painting in the style of {}\"]\n    labels: [Impressionism, Cubism, Baroque]\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("r.json");
+    let run = |clip: &Path, cache: bool| -> serde_json::Value {
+        let o = bin()
+            .args(["--quiet", "probe", "--clip"])
+            .arg(clip)
+            .arg("--suite")
+            .arg(&suite)
+            .arg("--out")
+            .arg(&out)
+            .arg("--cache")
+            .arg(tmp.path().join(if cache { "cache" } else { "fresh" }))
+            .arg(clip_fixture("images"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    };
+    let base = run(&clip_fixture("tiny-clip-b"), true);
+    assert_eq!(base["cached"], 0);
+    let tuned_fresh = run(&tuned, false);
+    assert_ne!(base["images"], tuned_fresh["images"]);
+    let tuned_cached = run(&tuned, true);
+    assert_eq!(
+        tuned_cached["cached"], 0,
+        "served the original's embeddings"
+    );
+    assert_eq!(tuned_cached["images"], tuned_fresh["images"]);
+}

@@ -24,24 +24,19 @@ pub struct ClipEncoder {
     pub id: String,
     pub device: Device,
     /// Identifies the weights and preprocessing, so cached embeddings are never reused across
-    /// models: sha256 of the configs, the weight file's length and its safetensors header.
-    /// It does not cover the dtype: the embedding cache adds [`ClipEncoder::dtype`] itself.
+    /// models: sha256 of the configs and of the whole weight file. (A fine-tune that kept the
+    /// text embeddings, which come first in the file, differs only further in.) It does not
+    /// cover the dtype: the embedding cache adds [`ClipEncoder::dtype`] itself.
     pub fingerprint: String,
 }
 
 fn fingerprint(config: &Path, pre: &Path, weights: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    use std::io::Read;
     let mut h = Sha256::new();
     for p in [config, pre] {
         h.update(std::fs::read(p).map_err(|e| Error::io(p, e))?);
     }
-    let mut f = std::fs::File::open(weights).map_err(|e| Error::io(weights, e))?;
-    let len = f.metadata().map_err(|e| Error::io(weights, e))?.len();
-    h.update(len.to_le_bytes());
-    let mut head = vec![0u8; len.min(1 << 20) as usize];
-    f.read_exact(&mut head).map_err(|e| Error::io(weights, e))?;
-    h.update(&head);
+    h.update(crate::output::sha256_file(weights)?);
     Ok(format!("{:x}", h.finalize()))
 }
 
