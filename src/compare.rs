@@ -135,6 +135,10 @@ fn canonical_ids(r: &mut RunResults) {
     r.model = canonical_id(&r.model);
     r.probe_clip = canonical_id(&r.probe_clip);
     r.guide_clip = r.guide_clip.as_deref().map(canonical_id);
+    r.made_with.fingerprints = std::mem::take(&mut r.made_with.fingerprints)
+        .into_iter()
+        .map(|(k, v)| (canonical_id(&k), v))
+        .collect();
     for it in &mut r.items {
         it.guide_clip = it.guide_clip.as_deref().map(canonical_id);
         it.probes = std::mem::take(&mut it.probes)
@@ -293,7 +297,8 @@ fn answer<'a>(it: &'a RunItem, model: &str, probe: &str) -> Option<&'a ProbeAnsw
 }
 
 /// Refuses to pair a guided item with a baseline of another plan: same experiment and cell
-/// names, but a different subject, target, seed, prompt or SD model.
+/// names, but a different subject, target, seed, prompt or SD model, or other weights behind
+/// the same model ids, another device or dtype.
 fn check_pair(
     (d, r, it): (&Path, &RunResults, &RunItem),
     (bd, br, base): (&Path, &RunResults, &RunItem),
@@ -311,14 +316,21 @@ fn check_pair(
         ("model", r.model.clone(), br.model.clone()),
     ]
     .into_iter()
-    .find(|(_, a, b)| a != b);
+    .find(|(_, a, b)| a != b)
+    .map(|(field, a, b)| (field.to_string(), a, b, "of the same recipe"))
+    // Same ids, but other weights, device or dtype: the shift would mix those in.
+    .or_else(|| {
+        r.made_with
+            .conflict(&br.made_with)
+            .map(|(field, a, b)| (field, a, b, "made with the same models, device and dtype"))
+    });
     match differs {
         None => Ok(()),
-        Some((field, a, b)) => Err(Error::file(
+        Some((field, a, b, advice)) => Err(Error::file(
             d.join(crate::run::results::RESULTS_FILE),
             format!(
                 "item {} and its baseline {} (in {}) differ in {field} (`{a}` vs `{b}`): \
-                 compare runs of the same recipe",
+                 compare runs {advice}",
                 it.id,
                 base.id,
                 bd.display()
@@ -776,6 +788,7 @@ mod tests {
             probe_clip: "probe".into(),
             guide_clip: Some("a".into()),
             item_guides: true,
+            made_with: Default::default(),
             suite: vec![
                 SuiteProbe {
                     name: "style".into(),
@@ -1005,6 +1018,31 @@ mod tests {
             err.contains("differ in model") && err.contains("`sdxl` vs `sd`"),
             "{err}"
         );
+        // The same ids made with other weights, or in another dtype: refused as well.
+        let made = |fp: &str, dtype: &str| {
+            let mut r = run("sd", vec![guided()]);
+            r.made_with = crate::run::MadeWith {
+                fingerprints: BTreeMap::from([("sd".into(), fp.into())]),
+                device: "cpu".into(),
+                dtype: dtype.into(),
+            };
+            r
+        };
+        let mut b = run("sd", base());
+        b.made_with = made("aaaaaaaaaaaaaaaa", "f32").made_with;
+        let ok = compare(
+            &loaded(vec![b.clone(), made("aaaaaaaaaaaaaaaa", "f32")]),
+            &opts,
+        );
+        assert_eq!(ok.unwrap().rows[0].n, 1);
+        let err = refused(vec![b.clone(), made("bbbbbbbbbbbbbbbb", "f32")]);
+        assert!(
+            err.contains("differ in the weights of sd")
+                && err.contains("`sha256 bbbbbbbbbbbb…` vs `sha256 aaaaaaaaaaaa…`"),
+            "{err}"
+        );
+        let err = refused(vec![b, made("aaaaaaaaaaaaaaaa", "f16")]);
+        assert!(err.contains("differ in dtype (`f16` vs `f32`)"), "{err}");
         let mut second = item("s0", "plain", ("style", "A"), None, 0.2);
         second.baseline = true;
         let err = refused(vec![run("sd", base()), run("sd", vec![second, guided()])]);

@@ -256,8 +256,8 @@ fn shards_merge_into_the_unsharded_run() {
         "merging the other-path shard first changed results.json"
     );
     // A shard made with another SD model is refused, naming the field and both models.
-    let mut m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(c.join("manifest.json")).unwrap()).unwrap();
+    let original = std::fs::read(c.join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&original).unwrap();
     let other = repo()
         .join("tests/fixtures/tiny-sd-b")
         .display()
@@ -278,6 +278,45 @@ fn shards_merge_into_the_unsharded_run() {
         "merged shards of two SD models",
         &["manifest.json", "model", &other],
     );
+    // So is one made with other weights behind the same spec (the folder changed between
+    // the shards, or differs between machines), or in another dtype.
+    let m: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    let sd = m["model"].as_str().unwrap().to_string();
+    let zeros = "0".repeat(64);
+    type Edit = fn(&mut serde_json::Value, &str, &str);
+    let edits: [(&str, Edit, &[&str]); 2] = [
+        (
+            "weights",
+            |m, sd, zeros| m["made_with"]["fingerprints"][sd] = zeros.into(),
+            &["weights of", "sha256 000000000000"],
+        ),
+        (
+            "dtype",
+            |m, _, _| m["made_with"]["dtype"] = "f16".into(),
+            &["dtype f16", "other shards with f32"],
+        ),
+    ];
+    for (what, edit, needles) in edits {
+        let mut m: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        assert!(
+            m["made_with"]["fingerprints"][&sd].is_string(),
+            "{}",
+            m["made_with"]
+        );
+        edit(&mut m, &sd, &zeros);
+        std::fs::write(c.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        let o = bin()
+            .args(["--quiet", "merge"])
+            .arg(&recipe)
+            .arg("--out")
+            .arg(tmp.path().join("m3"))
+            .arg(&a)
+            .arg(&c)
+            .output()
+            .unwrap();
+        assert_refused(&o, &format!("merged shards of other {what}"), needles);
+    }
+    std::fs::write(c.join("manifest.json"), &original).unwrap();
     // A shard run in the folder of the whole run finds its items done and keeps
     // results.json whole (it used to cut it to the shard's items).
     let o = run(&recipe, &whole, &["--shard", "0/2"]);
@@ -922,9 +961,9 @@ fn a_resumed_run_keeps_its_scheduler_and_models() {
     );
 }
 
-/// One recipe text in two folders, each with its own copy of the SD model: a run made from
-/// one is not resumed from the other (two existing folders are two models), and a run whose
-/// folder is gone here resumes with the new one.
+/// One recipe text in three folders, each with its own SD model under the same relative
+/// path: a run made from one resumes from a folder holding the same weights (though the first
+/// folder still exists), and not from one holding other weights, nor in another dtype.
 #[test]
 fn a_recipe_elsewhere_resumes_only_with_the_same_models() {
     let tmp = tempfile::tempdir().unwrap();
@@ -950,9 +989,9 @@ fn a_recipe_elsewhere_resumes_only_with_the_same_models() {
             }
         }
     };
-    for d in ["a", "b"] {
+    for (d, model) in [("a", "tiny-sd-a"), ("b", "tiny-sd-b"), ("c", "tiny-sd-a")] {
         copy(
-            &repo().join("tests/fixtures/tiny-sd-a"),
+            &repo().join("tests/fixtures").join(model),
             &tmp.path().join(d).join("models/sd"),
         );
         std::fs::write(tmp.path().join(d).join("r.yaml"), &text).unwrap();
@@ -966,20 +1005,40 @@ fn a_recipe_elsewhere_resumes_only_with_the_same_models() {
     let o = run(&tmp.path().join("b/r.yaml"), &out, &[]);
     assert_refused(
         &o,
-        "resumed with another folder's model",
-        &["`models/sd`", "a/models/sd", "b/models/sd"],
+        "resumed with other weights",
+        &["manifest.json", "weights of", "b/models/sd", "sha256"],
     );
     assert!(
         tree(&out) == before,
         "the refused resume changed the run folder"
     );
-    // With a/ gone (the run was moved here from another machine), b/'s model is taken.
-    std::fs::remove_dir_all(tmp.path().join("a")).unwrap();
-    let o = run(&tmp.path().join("b/r.yaml"), &out, &[]);
+    let o = run(&tmp.path().join("a/r.yaml"), &out, &["--dtype", "f16"]);
+    assert_refused(&o, "resumed in another dtype", &["dtype f32", "has f16"]);
+    assert!(
+        tree(&out) == before,
+        "the refused resume changed the run folder"
+    );
+    // c/ holds a copy of a/'s model: the same weights, whatever the path.
+    let o = run(&tmp.path().join("c/r.yaml"), &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
-    assert!(results["model"].as_str().unwrap().ends_with("b/models/sd"));
+    let model = results["model"].as_str().unwrap();
+    assert!(model.ends_with("c/models/sd"), "{model}");
+    let made_with = &results["made_with"];
+    assert_eq!(made_with["dtype"], "f32");
+    assert_eq!(made_with["device"], "cpu");
+    let fingerprinted: Vec<&String> = made_with["fingerprints"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(
+        fingerprinted.len(),
+        2,
+        "the SD model and the probe CLIP: {made_with}"
+    );
+    assert!(made_with["fingerprints"][model].is_string(), "{made_with}");
     for it in results["items"].as_array().unwrap() {
         let keys: Vec<&String> = it["probes"].as_object().unwrap().keys().collect();
         assert_eq!(keys, [results["probe_clip"].as_str().unwrap()], "{it}");

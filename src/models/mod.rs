@@ -11,3 +11,13 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+
+/// The kind of a device as runs record it: `cpu`, `cuda` or `metal` (the ordinal is left
+/// out: it does not change results).
+pub fn device_kind(device: &candle_core::Device) -> &'static str {
+    match device {
+        candle_core::Device::Cpu => "cpu",
+        candle_core::Device::Cuda(_) => "cuda",
+        candle_core::Device::Metal(_) => "metal",
+    }
+}

@@ -41,11 +41,8 @@ impl EmbeddingCache {
     pub fn for_precision(&self, dtype: DType, device: &Device) -> Self {
         let mut precision = dtype.as_str().to_string();
         if matches!(dtype, DType::F16 | DType::BF16) {
-            precision += match device {
-                Device::Cpu => "-cpu",
-                Device::Cuda(_) => "-cuda",
-                Device::Metal(_) => "-metal",
-            };
+            precision += "-";
+            precision += crate::models::device_kind(device);
         }
         EmbeddingCache {
             root: self.root.clone(),

@@ -53,7 +53,56 @@ pub struct Manifest {
     /// in manifests written before it was recorded.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scheduler: String,
+    /// What the items were made with beyond the recipe, empty in older manifests: the
+    /// content fingerprint of each model id above (and of every guide CLIP), so a resume or
+    /// merge that finds other weights behind a spec is refused whatever the paths; the
+    /// device kind (`cpu`, `cuda`) and dtype, which change the images' bytes.
+    #[serde(default, skip_serializing_if = "MadeWith::is_empty")]
+    pub made_with: MadeWith,
     pub items: BTreeMap<String, ManifestEntry>,
+}
+
+/// The weights, device and precision a run's items were made with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MadeWith {
+    /// Model id -> sha256 over its files (the SD model's weight and config files; a CLIP's
+    /// configs and weights).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fingerprints: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub device: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dtype: String,
+}
+
+impl MadeWith {
+    /// Whether nothing is recorded (a manifest from before these were).
+    pub fn is_empty(&self) -> bool {
+        self.fingerprints.is_empty() && self.device.is_empty() && self.dtype.is_empty()
+    }
+
+    /// The first way `other` differs from `self` where both say something, as
+    /// (what, ours, theirs): a model with other weights, another device or dtype.
+    pub fn conflict(&self, other: &MadeWith) -> Option<(String, String, String)> {
+        for (id, fp) in &self.fingerprints {
+            if let Some(o) = other.fingerprints.get(id).filter(|o| *o != fp) {
+                return Some((format!("the weights of {id}"), short(fp), short(o)));
+            }
+        }
+        [
+            ("device", &self.device, &other.device),
+            ("dtype", &self.dtype, &other.dtype),
+        ]
+        .into_iter()
+        .find(|(_, a, b)| !a.is_empty() && !b.is_empty() && a != b)
+        .map(|(what, a, b)| (what.to_string(), a.clone(), b.clone()))
+    }
+}
+
+/// The first 12 hex digits of a fingerprint, enough to tell two apart in a message.
+fn short(fp: &str) -> String {
+    format!("sha256 {}…", &fp[..12.min(fp.len())])
 }
 
 impl Manifest {
@@ -84,9 +133,10 @@ impl Manifest {
     /// another path (a resumed run, a shard made elsewhere) spells each local model
     /// differently, and answers under two spellings would count as two models. An id names
     /// its spec when it is the spec or ends with it (`recipes/../sd` for `../sd`), the longest
-    /// such spec winning. An id that is an existing folder other than its target, or a hub
-    /// model where the target is a folder (or the reverse), is refused as
-    /// `(spec, recorded, target)`; nothing is changed then.
+    /// such spec winning. In a manifest without fingerprints (made before they were
+    /// recorded), an id that is an existing folder other than its target, or a hub model
+    /// where the target is a folder (or the reverse), is refused as `(spec, recorded,
+    /// target)`, and nothing is changed; with fingerprints, the weights decide once loaded.
     pub fn adopt(
         &mut self,
         specs: &[String],
@@ -95,6 +145,8 @@ impl Manifest {
     ) -> std::result::Result<(), (String, String, String)> {
         use crate::models::hub::{is_cached_repo, looks_like_repo_id, same_id};
         let folder = |id: &str| Path::new(id).exists();
+        // Paths only guess; recorded weights tell (`check_made_with`, after loading).
+        let fingerprinted = !self.made_with.fingerprints.is_empty();
         let new_of = |id: &str| -> std::result::Result<Option<String>, (String, String, String)> {
             let Some(spec) = spec_of(id, specs) else {
                 return Ok(None);
@@ -109,7 +161,8 @@ impl Manifest {
             let hub_now = looks_like_repo_id(new) && !folder(new);
             let swapped =
                 (is_cached_repo(id, hub) && folder(new)) || (folder(id) && hub_now && id != new);
-            if swapped || (id != new && folder(id) && folder(new) && !same_id(id, new)) {
+            let other_folder = id != new && folder(id) && folder(new) && !same_id(id, new);
+            if !fingerprinted && (swapped || other_folder) {
                 return Err((spec.clone(), id.to_string(), new.clone()));
             }
             Ok(Some(new.clone()))
@@ -121,7 +174,13 @@ impl Manifest {
             self.guide_clip.as_ref(),
         ];
         let keys = self.items.values().flat_map(|e| e.probes.keys());
-        for id in ids.into_iter().flatten().chain(keys) {
+        let fingerprinted_ids = self.made_with.fingerprints.keys();
+        for id in ids
+            .into_iter()
+            .flatten()
+            .chain(keys)
+            .chain(fingerprinted_ids)
+        {
             if !renames.contains_key(id) {
                 if let Some(new) = new_of(id)? {
                     renames.insert(id.clone(), new);
@@ -137,6 +196,10 @@ impl Manifest {
         rename(&mut self.probe_clip);
         if let Some(g) = self.guide_clip.as_mut() {
             rename(g);
+        }
+        for (mut id, fp) in std::mem::take(&mut self.made_with.fingerprints) {
+            rename(&mut id);
+            self.made_with.fingerprints.entry(id).or_insert(fp);
         }
         for e in self.items.values_mut() {
             let old = std::mem::take(&mut e.probes);
@@ -347,6 +410,17 @@ struct Models {
     guide_clips: HashMap<String, (GuideClip, ClipTokenizer)>,
     decoders: HashMap<String, GuidanceDecoder>,
     init_image: Option<candle_core::Tensor>,
+    made_with: MadeWith,
+}
+
+/// One fingerprint of an SD model from its files' SHA-256s (relative name -> hash).
+fn sd_fingerprint(hashes: &BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (rel, sha) in hashes {
+        h.update(format!("{rel} {sha}\n"));
+    }
+    format!("{:x}", h.finalize())
 }
 
 /// The CLIPs that guide some arm of the plan.
@@ -435,6 +509,19 @@ pub fn execute(
         )?);
     }
     if let Some(m) = &models {
+        // Whatever the paths say, items made with other weights (or on another device, in
+        // another dtype) are not finished with these.
+        if !manifest.items.is_empty() {
+            if let Some((what, then, now)) = manifest.made_with.conflict(&m.made_with) {
+                return Err(Error::file(
+                    out.join(MANIFEST_FILE),
+                    format!(
+                        "was made with {what} {then}, but this run has {now}; resume with \
+                         the same models, --device and --dtype, or choose another --out"
+                    ),
+                ));
+            }
+        }
         // Items of one arm share their settings (size, steps, strength, guidance: its images,
         // decoder and cutouts, so its memory need): the first item of each arm still to make
         // is checked, so a bad later arm fails before the first image, not after it.
@@ -488,6 +575,7 @@ pub fn execute(
                 ),
             ));
         }
+        manifest.made_with = m.made_with.clone();
         manifest.scheduler = kind.cli_name().to_string();
         manifest.model = m.sd.id.clone();
         manifest.probe_clip = m.probers[0].encoder.id.clone();
@@ -575,6 +663,15 @@ fn load_models(
         )?),
         None => None,
     };
+    let mut fingerprints = BTreeMap::from([(sd.id.clone(), sd_fingerprint(&hashes))]);
+    for p in &probers {
+        fingerprints.insert(p.encoder.id.clone(), p.encoder.fingerprint.clone());
+    }
+    let made_with = MadeWith {
+        fingerprints,
+        device: crate::models::device_kind(&load.device).into(),
+        dtype: load.dtype.as_str().into(),
+    };
     Ok(Models {
         sd,
         hashes,
@@ -582,6 +679,7 @@ fn load_models(
         guide_clips,
         decoders,
         init_image,
+        made_with,
     })
 }
 
@@ -717,6 +815,7 @@ pub fn assemble(
         probe_clip: manifest.probe_clip.clone(),
         guide_clip: manifest.guide_clip.clone(),
         item_guides: true,
+        made_with: manifest.made_with.clone(),
         suite: suite
             .probes
             .iter()
@@ -740,6 +839,8 @@ pub fn merge(
     force: bool,
 ) -> Result<RunResults> {
     let mut manifest = Manifest::default();
+    // What the shards with items were made with, checked to agree.
+    let mut made_with = MadeWith::default();
     let mut sources: HashMap<String, PathBuf> = HashMap::new();
     let mut target: BTreeMap<String, String> = BTreeMap::new();
     let hub = crate::models::hub::HubOptions::from_env();
@@ -806,6 +907,24 @@ pub fn merge(
                 ));
             }
         }
+        if !m.items.is_empty() {
+            if let Some((what, here, there)) = made_with.conflict(&m.made_with) {
+                return Err(Error::file(
+                    dir.join(MANIFEST_FILE),
+                    format!("was made with {what} {there}, the other shards with {here}"),
+                ));
+            }
+            let fps = std::mem::take(&mut m.made_with.fingerprints);
+            made_with.fingerprints.extend(fps);
+            for (mine, theirs) in [
+                (&mut made_with.device, &m.made_with.device),
+                (&mut made_with.dtype, &m.made_with.dtype),
+            ] {
+                if mine.is_empty() {
+                    mine.clone_from(theirs);
+                }
+            }
+        }
         for (id, e) in m.items {
             if image_matches(dir, &id, &e) {
                 sources.insert(id.clone(), dir.clone());
@@ -826,6 +945,7 @@ pub fn merge(
             plan.items.len()
         )));
     }
+    manifest.made_with = made_with;
     prepare(recipe, out, force)?;
     for it in &plan.items {
         let src = &sources[&it.id];
@@ -959,6 +1079,7 @@ mod tests {
             probe_clip: probe.into(),
             guide_clip: Some(guide.into()),
             scheduler: "ddim".into(),
+            made_with: MadeWith::default(),
             items: BTreeMap::from([(
                 "e/c/a".into(),
                 ManifestEntry {
@@ -1040,6 +1161,16 @@ mod tests {
             ("../models/sd".into(), made("b", "sd"), now[0].clone())
         );
         assert_eq!(m, before, "a refused adoption changed the manifest");
+        // With fingerprints recorded, paths only rename (the weights are compared once
+        // loaded), and the fingerprints follow their ids.
+        let mut m = before.clone();
+        m.made_with.fingerprints = BTreeMap::from([(made("b", "sd"), "f".to_string())]);
+        m.adopt(&specs, &spellings(&specs, &ids), &hub).unwrap();
+        assert_eq!(m.model, now[0]);
+        assert_eq!(
+            m.made_with.fingerprints,
+            BTreeMap::from([(now[0].clone(), "f".to_string())])
+        );
         // A hub model recorded (in the cache) where the recipe now finds a folder, and the
         // reverse: another model.
         std::fs::create_dir_all(tmp.path().join("hf/models--org--other")).unwrap();

@@ -75,6 +75,10 @@ pub struct RunResults {
     /// an image no CLIP guided); results without it know only the run's `guide_clip`.
     #[serde(default)]
     pub item_guides: bool,
+    /// The models' fingerprints, the device kind and dtype the items were made with (absent
+    /// from results of older versions).
+    #[serde(default, skip_serializing_if = "crate::run::MadeWith::is_empty")]
+    pub made_with: crate::run::MadeWith,
     /// Probe names and their labels, in suite order.
     pub suite: Vec<SuiteProbe>,
     pub items: Vec<RunItem>,
