@@ -201,6 +201,8 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
             .is_ok_and(|t| t == recipe.text);
         match e {
             e if !started => anyhow::Error::new(e),
+            // The folder's run is not this one's to finish: resuming would not help.
+            e @ crate::Error::NotResumable { .. } => anyhow::Error::new(e),
             crate::Error::Interrupted => anyhow::Error::new(e).context(format!(
                 "run stopped; finished images are kept in {}: run the same command to resume",
                 out.display()
@@ -776,9 +778,10 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
     // Hash model files on another core while the first image is sampled.
     let files: Vec<(String, PathBuf)> = model.files.clone().into_iter().collect();
     let hasher = std::thread::spawn(move || -> crate::Result<BTreeMap<String, String>> {
+        let cache = crate::models::file_hash::HashCache::default();
         files
             .into_iter()
-            .map(|(rel, p)| Ok((rel, output::sha256_file(&p)?)))
+            .map(|(rel, p)| Ok((rel, cache.sha256(&p)?)))
             .collect()
     });
     let mut hashes: Option<BTreeMap<String, String>> = None;

@@ -31,6 +31,10 @@ pub enum Error {
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Msg(String),
+    /// A run folder whose finished items this run may not join (made with other models,
+    /// scheduler, device or dtype); nothing was written.
+    #[error("{}: {message}", path.display())]
+    NotResumable { path: PathBuf, message: String },
     /// Stopped by Ctrl-C at a safe point; nothing partial was written.
     #[error("interrupted (Ctrl-C); nothing partial was written")]
     Interrupted,

@@ -334,11 +334,7 @@ pub fn generation_params(
         model: model.id.clone(),
         model_hash,
         dtype: dtype_name(model.dtype).into(),
-        device: if model.device.is_cuda() {
-            "cuda".into()
-        } else {
-            "cpu".into()
-        },
+        device: crate::models::device_kind(&model.device).into(),
         strength: opts.init_image.as_ref().map(|_| opts.strength),
         init_image,
         batch_index: g.index as u32,

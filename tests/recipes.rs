@@ -31,11 +31,12 @@ fn stderr(o: &Output) -> String {
 }
 
 /// Asserts `o` failed (`what` says what it must not have done) with one line of stderr
-/// holding each of `needles`.
+/// holding each of `needles`, and no advice to resume (which would fail the same way).
 fn assert_refused(o: &Output, what: &str, needles: &[&str]) {
     let err = stderr(o);
     assert!(!o.status.success(), "{what}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!err.contains("to resume"), "{err}");
     for n in needles {
         assert!(err.contains(n), "`{n}` is not in: {err}");
     }

@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod clip_preprocess;
+pub mod file_hash;
 pub mod hub;
 pub mod sd;
 pub mod stable_diffusion;

@@ -36,7 +36,7 @@ fn fingerprint(config: &Path, pre: &Path, weights: &Path) -> Result<String> {
     for p in [config, pre] {
         h.update(std::fs::read(p).map_err(|e| Error::io(p, e))?);
     }
-    h.update(crate::output::sha256_file(weights)?);
+    h.update(crate::models::file_hash::HashCache::default().sha256(weights)?);
     Ok(format!("{:x}", h.finalize()))
 }
 

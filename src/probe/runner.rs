@@ -58,11 +58,7 @@ impl EmbeddingCache {
 
     /// The default root: $XDG_CACHE_HOME/artguide/clip-embeddings or ~/.cache/....
     pub fn default_root() -> PathBuf {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from(".cache"));
-        base.join("artguide/clip-embeddings")
+        crate::models::file_hash::cache_home().join("clip-embeddings")
     }
 
     fn path(&self, sha: &str) -> PathBuf {

@@ -128,6 +128,20 @@ impl Manifest {
         crate::output::write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes(), true)
     }
 
+    /// Every model id this manifest names, repeats included: its models, the answers' keys
+    /// and the fingerprinted ids.
+    fn ids(&self) -> impl Iterator<Item = &String> {
+        [
+            Some(&self.model),
+            Some(&self.probe_clip),
+            self.guide_clip.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.items.values().flat_map(|e| e.probes.keys()))
+        .chain(self.made_with.fingerprints.keys())
+    }
+
     /// Renames every model id of this manifest (its models and the answers' keys) to the
     /// spelling `target` gives for the recipe spec it was resolved from: one recipe run from
     /// another path (a resumed run, a shard made elsewhere) spells each local model
@@ -168,19 +182,7 @@ impl Manifest {
             Ok(Some(new.clone()))
         };
         let mut renames: HashMap<String, String> = HashMap::new();
-        let ids = [
-            Some(&self.model),
-            Some(&self.probe_clip),
-            self.guide_clip.as_ref(),
-        ];
-        let keys = self.items.values().flat_map(|e| e.probes.keys());
-        let fingerprinted_ids = self.made_with.fingerprints.keys();
-        for id in ids
-            .into_iter()
-            .flatten()
-            .chain(keys)
-            .chain(fingerprinted_ids)
-        {
+        for id in self.ids() {
             if !renames.contains_key(id) {
                 if let Some(new) = new_of(id)? {
                     renames.insert(id.clone(), new);
@@ -226,11 +228,12 @@ fn spec_of<'a>(id: &str, specs: &'a [String]) -> Option<&'a String> {
     let id_parts = parts(id);
     specs
         .iter()
-        .filter(|s| {
+        .filter_map(|s| {
             let sp = parts(s);
-            **s == id || (!sp.is_empty() && id_parts.ends_with(&sp))
+            (s == id || (!sp.is_empty() && id_parts.ends_with(&sp))).then_some((sp.len(), s))
         })
-        .max_by_key(|s| parts(s).len())
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, s)| s)
 }
 
 /// The spelling of each spec in `ids` (a run's models as one process resolved them).
@@ -465,15 +468,13 @@ pub fn execute(
             &recipe.resolved_specs(),
             &crate::models::hub::HubOptions::from_env(),
         )
-        .map_err(|(spec, made, now)| {
-            Error::file(
-                out.join(MANIFEST_FILE),
-                format!(
-                    "was made with `{spec}` at {made}, but the recipe now finds it at {now}, \
+        .map_err(|(spec, made, now)| Error::NotResumable {
+            path: out.join(MANIFEST_FILE),
+            message: format!(
+                "was made with `{spec}` at {made}, but the recipe now finds it at {now}, \
                      another model; choose another --out, or remove {} to make the run again",
-                    out.display()
-                ),
-            )
+                out.display()
+            ),
         })?;
     // From the whole plan, not the shard: every shard probes with the same CLIPs, so shards
     // merge into exactly the unsharded run.
@@ -513,13 +514,13 @@ pub fn execute(
         // another dtype) are not finished with these.
         if !manifest.items.is_empty() {
             if let Some((what, then, now)) = manifest.made_with.conflict(&m.made_with) {
-                return Err(Error::file(
-                    out.join(MANIFEST_FILE),
-                    format!(
+                return Err(Error::NotResumable {
+                    path: out.join(MANIFEST_FILE),
+                    message: format!(
                         "was made with {what} {then}, but this run has {now}; resume with \
                          the same models, --device and --dtype, or choose another --out"
                     ),
-                ));
+                });
             }
         }
         // Items of one arm share their settings (size, steps, strength, guidance: its images,
@@ -563,9 +564,9 @@ pub fn execute(
             && !manifest.scheduler.is_empty()
             && manifest.scheduler != kind.cli_name()
         {
-            return Err(Error::file(
-                out.join(MANIFEST_FILE),
-                format!(
+            return Err(Error::NotResumable {
+                path: out.join(MANIFEST_FILE),
+                message: format!(
                     "was made with scheduler {}, but generation.scheduler `{}` now gives {}; \
                      choose another --out, or remove {} to make the run again",
                     manifest.scheduler,
@@ -573,7 +574,7 @@ pub fn execute(
                     kind.cli_name(),
                     out.display()
                 ),
-            ));
+            });
         }
         manifest.made_with = m.made_with.clone();
         manifest.scheduler = kind.cli_name().to_string();
@@ -625,10 +626,11 @@ fn load_models(
 ) -> Result<Models> {
     let r = &recipe.recipe;
     let sd = SdModel::load(&recipe.resolve_model("model", &r.model)?, load)?;
+    let cache = crate::models::file_hash::HashCache::default();
     let hashes = sd
         .files
         .iter()
-        .map(|(rel, p)| Ok((rel.clone(), crate::output::sha256_file(p)?)))
+        .map(|(rel, p)| Ok((rel.clone(), cache.sha256(p)?)))
         .collect::<Result<BTreeMap<_, _>>>()?;
     let mut probers = vec![Prober::new(
         ClipEncoder::load(probe_spec, &load.hub, load.dtype, &load.device)?,
@@ -670,7 +672,7 @@ fn load_models(
     let made_with = MadeWith {
         fingerprints,
         device: crate::models::device_kind(&load.device).into(),
-        dtype: load.dtype.as_str().into(),
+        dtype: generate::dtype_name(load.dtype).into(),
     };
     Ok(Models {
         sd,
@@ -844,6 +846,7 @@ pub fn merge(
     let mut sources: HashMap<String, PathBuf> = HashMap::new();
     let mut target: BTreeMap<String, String> = BTreeMap::new();
     let hub = crate::models::hub::HubOptions::from_env();
+    let specs = recipe.model_specs();
     for dir in shards {
         let copy = dir.join(RECIPE_FILE);
         let text = std::fs::read_to_string(&copy).map_err(|e| Error::io(&copy, e))?;
@@ -857,15 +860,8 @@ pub fn merge(
         // Each model in this process's spelling of the recipe (the plan's guide ids are in
         // it too), else in the first shard's: shards started from the recipe at other paths
         // name the same folders differently.
-        let specs = recipe.model_specs();
         if target.is_empty() {
-            let first: Vec<&str> = [Some(&m.model), Some(&m.probe_clip)]
-                .into_iter()
-                .chain([m.guide_clip.as_ref()])
-                .flatten()
-                .chain(m.items.values().flat_map(|e| e.probes.keys()))
-                .map(String::as_str)
-                .collect();
+            let first: Vec<&str> = m.ids().map(String::as_str).collect();
             target = spellings(&specs, &first);
             target.extend(recipe.resolved_specs());
         }
