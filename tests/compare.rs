@@ -8,6 +8,11 @@ use std::process::{Command, Output};
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_artguide"));
     c.env("HF_HUB_OFFLINE", "1");
+    // Caches (model hashes, embeddings) under target/, not the user's home.
+    c.env(
+        "XDG_CACHE_HOME",
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("xdg-cache"),
+    );
     c
 }
 

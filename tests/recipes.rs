@@ -8,6 +8,11 @@ use std::process::{Command, Output};
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_artguide"));
     c.env("HF_HUB_OFFLINE", "1");
+    // Caches (model hashes, embeddings) under target/, not the user's home.
+    c.env(
+        "XDG_CACHE_HOME",
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("xdg-cache"),
+    );
     c
 }
 
@@ -964,7 +969,8 @@ fn a_resumed_run_keeps_its_scheduler_and_models() {
 
 /// One recipe text in three folders, each with its own SD model under the same relative
 /// path: a run made from one resumes from a folder holding the same weights (though the first
-/// folder still exists), and not from one holding other weights, nor in another dtype.
+/// folder still exists), and not from one holding other weights, nor in another dtype; a
+/// finished run, which loads nothing, is not relabelled with another existing folder.
 #[test]
 fn a_recipe_elsewhere_resumes_only_with_the_same_models() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1000,6 +1006,16 @@ fn a_recipe_elsewhere_resumes_only_with_the_same_models() {
     let out = tmp.path().join("run");
     let o = run(&tmp.path().join("a/r.yaml"), &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // Finished, nothing is loaded to weigh, so the paths decide: b/'s folder is another
+    // existing folder (results.json would otherwise name it for a/'s answers).
+    let finished = tree(&out);
+    let o = run(&tmp.path().join("b/r.yaml"), &out, &[]);
+    assert_refused(
+        &o,
+        "a finished run relabelled with another folder's model",
+        &["`models/sd`", "a/models/sd", "b/models/sd"],
+    );
+    assert!(tree(&out) == finished, "the refused resume changed the run");
     let image = out.join("images/e/s01-t00-seed0/baseline.png");
     std::fs::remove_file(&image).unwrap();
     let before = tree(&out);

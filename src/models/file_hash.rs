@@ -20,10 +20,16 @@ pub fn cache_home() -> PathBuf {
 /// File SHA-256s by canonical path. An entry is used only while the file's size,
 /// modification and status-change times, device and inode are those it was hashed with: any
 /// write, copy over or rename onto the path changes the status-change time, which no tool
-/// can set back. A cache that cannot be read or written is skipped (the hash is computed).
+/// can set back (on unix; elsewhere size and modification time decide, and network file
+/// systems may not keep a real status-change time). A cache that cannot be read or written
+/// is skipped (the hash is computed).
 #[derive(Debug, Clone)]
 pub struct HashCache {
     root: PathBuf,
+    /// How long a file must have been left alone before its hash is remembered: file times
+    /// tick with a coarse clock, so a write in the same tick as the hashing leaves them as
+    /// they were (git's "racily clean" entries).
+    settle: std::time::Duration,
 }
 
 /// What a cached hash was computed from.
@@ -56,11 +62,7 @@ impl Stamp {
         #[cfg(unix)]
         let (changed_ns, dev, ino) = {
             use std::os::unix::fs::MetadataExt;
-            (
-                m.ctime() * 1_000_000_000 + m.ctime_nsec(),
-                m.dev(),
-                m.ino(),
-            )
+            (m.ctime() * 1_000_000_000 + m.ctime_nsec(), m.dev(), m.ino())
         };
         // Without status-change times and inodes, size and modification time decide.
         #[cfg(not(unix))]
@@ -84,7 +86,10 @@ impl Default for HashCache {
 impl HashCache {
     /// A cache kept in `root` (one small JSON file per hashed file).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        HashCache { root: root.into() }
+        HashCache {
+            root: root.into(),
+            settle: std::time::Duration::from_secs(2),
+        }
     }
 
     /// The SHA-256 (lowercase hex) of the file at `path`, from the cache when the file is
@@ -102,9 +107,19 @@ impl HashCache {
                 return Ok(e.sha256);
             }
         }
-        let sha256 = crate::output::sha256_file(path)?;
-        // Remembered only when the file did not change while it was read.
-        if let Some(stamp) = before.filter(|s| Stamp::of(&canonical).as_ref() == Some(s)) {
+        // The canonical path, which the stamp is of: a symbolic link re-pointed meanwhile
+        // must not lend its new target's hash to the old one.
+        let sha256 = crate::output::sha256_file(&canonical)?;
+        // Remembered only when the file did not change while it was read, and had settled.
+        let settled = |s: &Stamp| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128);
+            let last = (s.modified_ns as i128).max(s.changed_ns as i128);
+            now - last >= self.settle.as_nanos() as i128
+        };
+        let unchanged = |s: &Stamp| Stamp::of(&canonical).as_ref() == Some(s);
+        if let Some(stamp) = before.filter(|s| settled(s) && unchanged(s)) {
             let entry = Entry {
                 path: canonical,
                 stamp,
@@ -134,14 +149,19 @@ mod tests {
     #[test]
     fn hashes_are_remembered_until_the_file_changes() {
         let tmp = tempfile::tempdir().unwrap();
-        let cache = HashCache::new(tmp.path().join("cache"));
+        let mut cache = HashCache::new(tmp.path().join("cache"));
+        cache.settle = std::time::Duration::from_millis(100);
         let file = tmp.path().join("w.safetensors");
         std::fs::write(&file, b"weights one").unwrap();
         let real = crate::output::sha256_file(&file).unwrap();
+        // Just written: hashed, not remembered yet.
         assert_eq!(cache.sha256(&file).unwrap(), real);
-        // The second call reads the entry: a planted hash comes back while the file is
-        // unchanged, which shows the file was not read again.
         let slot = cache.slot(&std::fs::canonicalize(&file).unwrap());
+        assert!(!slot.exists(), "a file that had not settled was remembered");
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        assert_eq!(cache.sha256(&file).unwrap(), real);
+        // The next call reads the entry: a planted hash comes back while the file is
+        // unchanged, which shows the file was not read again.
         let mut entry: Entry = serde_json::from_slice(&std::fs::read(&slot).unwrap()).unwrap();
         let planted = "ab".repeat(32);
         entry.sha256.clone_from(&planted);
@@ -155,10 +175,8 @@ mod tests {
             assert_eq!(cache.sha256(&link).unwrap(), planted);
         }
         // Rewritten with other bytes of the same length, then its modification time set back:
-        // the status-change time still differs, so the hash is computed again. (File times
-        // tick with the kernel's coarse clock, a few ms: wait past one tick first.)
+        // the status-change time still differs, so the hash is computed again.
         let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50));
         std::fs::write(&file, b"weights two").unwrap();
         std::fs::File::options()
             .write(true)

@@ -147,20 +147,22 @@ impl Manifest {
     /// another path (a resumed run, a shard made elsewhere) spells each local model
     /// differently, and answers under two spellings would count as two models. An id names
     /// its spec when it is the spec or ends with it (`recipes/../sd` for `../sd`), the longest
-    /// such spec winning. In a manifest without fingerprints (made before they were
-    /// recorded), an id that is an existing folder other than its target, or a hub model
-    /// where the target is a folder (or the reverse), is refused as `(spec, recorded,
-    /// target)`, and nothing is changed; with fingerprints, the weights decide once loaded.
+    /// such spec winning. An id that is an existing folder other than its target, or a hub
+    /// model where the target is a folder (or the reverse), is refused as `(spec, recorded,
+    /// target)`, and nothing is changed; unless `weighed` says the caller compares the
+    /// recorded fingerprints with the loaded models' (and this manifest has them), which
+    /// tells what paths only guess. Two spellings with different fingerprints that would
+    /// become one id are refused too.
     pub fn adopt(
         &mut self,
         specs: &[String],
         target: &BTreeMap<String, String>,
         hub: &crate::models::hub::HubOptions,
+        weighed: bool,
     ) -> std::result::Result<(), (String, String, String)> {
         use crate::models::hub::{is_cached_repo, looks_like_repo_id, same_id};
         let folder = |id: &str| Path::new(id).exists();
-        // Paths only guess; recorded weights tell (`check_made_with`, after loading).
-        let fingerprinted = !self.made_with.fingerprints.is_empty();
+        let fingerprinted = weighed && !self.made_with.fingerprints.is_empty();
         let new_of = |id: &str| -> std::result::Result<Option<String>, (String, String, String)> {
             let Some(spec) = spec_of(id, specs) else {
                 return Ok(None);
@@ -187,6 +189,14 @@ impl Manifest {
                 if let Some(new) = new_of(id)? {
                     renames.insert(id.clone(), new);
                 }
+            }
+        }
+        let mut weights: HashMap<&str, (&str, &str)> = HashMap::new();
+        for (id, fp) in &self.made_with.fingerprints {
+            let new = renames.get(id).unwrap_or(id);
+            if let Some((other, _)) = weights.insert(new, (id, fp)).filter(|(_, f)| f != fp) {
+                let spec = spec_of(id, specs).cloned().unwrap_or_default();
+                return Err((spec, other.to_string(), id.clone()));
             }
         }
         let rename = |id: &mut String| {
@@ -460,22 +470,6 @@ pub fn execute(
         Claim::Replace => Manifest::default(),
         Claim::Resume | Claim::Start => Manifest::load(out)?,
     };
-    // Answers recorded under another spelling of the recipe's models (the recipe run from
-    // another path) take this run's, even when nothing is left to make.
-    manifest
-        .adopt(
-            &recipe.model_specs(),
-            &recipe.resolved_specs(),
-            &crate::models::hub::HubOptions::from_env(),
-        )
-        .map_err(|(spec, made, now)| Error::NotResumable {
-            path: out.join(MANIFEST_FILE),
-            message: format!(
-                "was made with `{spec}` at {made}, but the recipe now finds it at {now}, \
-                     another model; choose another --out, or remove {} to make the run again",
-                out.display()
-            ),
-        })?;
     // From the whole plan, not the shard: every shard probes with the same CLIPs, so shards
     // merge into exactly the unsharded run.
     let all: Vec<&PlanItem> = plan.items.iter().collect();
@@ -494,11 +488,31 @@ pub fn execute(
         .copied()
         .filter(|it| !done.contains(it.id.as_str()))
         .collect();
+    // The models are loaded (and the recorded fingerprints checked against them) only when
+    // there is something to make.
+    let loading = !todo.is_empty() || manifest.probe_clip.is_empty();
+    // Answers recorded under another spelling of the recipe's models (the recipe run from
+    // another path) take this run's, even when nothing is left to make.
+    manifest
+        .adopt(
+            &recipe.model_specs(),
+            &recipe.resolved_specs(),
+            &crate::models::hub::HubOptions::from_env(),
+            loading,
+        )
+        .map_err(|(spec, made, now)| Error::NotResumable {
+            path: out.join(MANIFEST_FILE),
+            message: format!(
+                "was made with `{spec}` at {made}, but the recipe now finds it at {now}, \
+                 another model; choose another --out, or remove {} to make the run again",
+                out.display()
+            ),
+        })?;
     let r = &recipe.recipe;
     let probe_spec = recipe.resolve_model("probe_clip", &r.probe_clip)?;
     let guides = guide_specs(&all);
     let mut models: Option<Models> = None;
-    if !todo.is_empty() || manifest.probe_clip.is_empty() {
+    if loading {
         models = Some(load_models(
             recipe,
             suite,
@@ -513,6 +527,25 @@ pub fn execute(
         // Whatever the paths say, items made with other weights (or on another device, in
         // another dtype) are not finished with these.
         if !manifest.items.is_empty() {
+            // Every model this run loads was recorded (ids were respelled by `adopt`): one
+            // that was not is a model the items were not made with.
+            let recorded = &manifest.made_with.fingerprints;
+            let unrecorded = m
+                .made_with
+                .fingerprints
+                .keys()
+                .find(|id| !recorded.contains_key(*id));
+            if let Some(id) = unrecorded.filter(|_| !recorded.is_empty()) {
+                return Err(Error::NotResumable {
+                    path: out.join(MANIFEST_FILE),
+                    message: format!(
+                        "records no fingerprint for {id}, which this run loads: the items were \
+                         made with other models; choose another --out, or remove {} to make \
+                         the run again",
+                        out.display()
+                    ),
+                });
+            }
             if let Some((what, then, now)) = manifest.made_with.conflict(&m.made_with) {
                 return Err(Error::NotResumable {
                     path: out.join(MANIFEST_FILE),
@@ -576,7 +609,11 @@ pub fn execute(
                 ),
             });
         }
-        manifest.made_with = m.made_with.clone();
+        // Items made before fingerprints were recorded keep none: this run's would be a
+        // claim about them.
+        if manifest.items.is_empty() || !manifest.made_with.is_empty() {
+            manifest.made_with = m.made_with.clone();
+        }
         manifest.scheduler = kind.cli_name().to_string();
         manifest.model = m.sd.id.clone();
         manifest.probe_clip = m.probers[0].encoder.id.clone();
@@ -841,8 +878,10 @@ pub fn merge(
     force: bool,
 ) -> Result<RunResults> {
     let mut manifest = Manifest::default();
-    // What the shards with items were made with, checked to agree.
+    // What the shards with items were made with, checked to agree; unknown (left empty)
+    // when a shard with items predates the record.
     let mut made_with = MadeWith::default();
+    let mut unknown = false;
     let mut sources: HashMap<String, PathBuf> = HashMap::new();
     let mut target: BTreeMap<String, String> = BTreeMap::new();
     let hub = crate::models::hub::HubOptions::from_env();
@@ -865,7 +904,7 @@ pub fn merge(
             target = spellings(&specs, &first);
             target.extend(recipe.resolved_specs());
         }
-        m.adopt(&specs, &target, &hub).map_err(|(spec, made, now)| {
+        m.adopt(&specs, &target, &hub, false).map_err(|(spec, made, now)| {
             Error::file(
                 dir.join(MANIFEST_FILE),
                 format!("was made with `{spec}` at {made}, but the recipe here finds it at {now}, another model"),
@@ -904,6 +943,7 @@ pub fn merge(
             }
         }
         if !m.items.is_empty() {
+            unknown |= m.made_with.is_empty();
             if let Some((what, here, there)) = made_with.conflict(&m.made_with) {
                 return Err(Error::file(
                     dir.join(MANIFEST_FILE),
@@ -941,7 +981,9 @@ pub fn merge(
             plan.items.len()
         )));
     }
-    manifest.made_with = made_with;
+    if !unknown {
+        manifest.made_with = made_with;
+    }
     prepare(recipe, out, force)?;
     for it in &plan.items {
         let src = &sources[&it.id];
@@ -1130,7 +1172,8 @@ mod tests {
         let now: Vec<String> = ["sd", "clip", "guide"].map(again).to_vec();
         let mut ids: Vec<&str> = now.iter().map(String::as_str).collect();
         ids.push("org/other");
-        m.adopt(&specs, &spellings(&specs, &ids), &hub).unwrap();
+        m.adopt(&specs, &spellings(&specs, &ids), &hub, true)
+            .unwrap();
         assert_eq!(
             (m.model.as_str(), m.probe_clip.as_str()),
             (now[0].as_str(), now[1].as_str())
@@ -1145,13 +1188,16 @@ mod tests {
         // spec (guide CLIPs included, whatever their order).
         let gone = |name: &str| format!("/gone/recipes/../models/{name}");
         let mut m = manifest(&gone("sd"), &gone("clip"), &gone("guide"));
-        m.adopt(&specs, &spellings(&specs, &ids), &hub).unwrap();
+        m.adopt(&specs, &spellings(&specs, &ids), &hub, true)
+            .unwrap();
         let keys: Vec<&String> = m.items["e/c/a"].probes.keys().collect();
         assert_eq!(keys, [&now[1], &now[2]]);
         // Made with <tmp>/b's copy, which exists: another model, refused, nothing changed.
         let mut m = manifest(&made("b", "sd"), &made("a", "clip"), &made("a", "guide"));
         let before = m.clone();
-        let err = m.adopt(&specs, &spellings(&specs, &ids), &hub).unwrap_err();
+        let err = m
+            .adopt(&specs, &spellings(&specs, &ids), &hub, true)
+            .unwrap_err();
         assert_eq!(
             err,
             ("../models/sd".into(), made("b", "sd"), now[0].clone())
@@ -1161,12 +1207,28 @@ mod tests {
         // loaded), and the fingerprints follow their ids.
         let mut m = before.clone();
         m.made_with.fingerprints = BTreeMap::from([(made("b", "sd"), "f".to_string())]);
-        m.adopt(&specs, &spellings(&specs, &ids), &hub).unwrap();
+        m.adopt(&specs, &spellings(&specs, &ids), &hub, true)
+            .unwrap();
         assert_eq!(m.model, now[0]);
         assert_eq!(
             m.made_with.fingerprints,
             BTreeMap::from([(now[0].clone(), "f".to_string())])
         );
+        // Unless nothing will be loaded to compare them (merge, a finished resume).
+        let mut m = before.clone();
+        m.made_with.fingerprints = BTreeMap::from([(made("b", "sd"), "f".to_string())]);
+        let err = m.adopt(&specs, &spellings(&specs, &ids), &hub, false);
+        assert_eq!(err.unwrap_err().1, made("b", "sd"));
+        // Two spellings of one spec recorded with different weights: not one model.
+        let mut m = manifest(&gone("sd"), &gone("clip"), &gone("guide"));
+        m.made_with.fingerprints = BTreeMap::from([
+            (gone("sd"), "f".to_string()),
+            ("/other/recipes/../models/sd".to_string(), "g".to_string()),
+        ]);
+        let before = m.clone();
+        let err = m.adopt(&specs, &spellings(&specs, &ids), &hub, true);
+        assert_eq!(err.unwrap_err().0, "../models/sd");
+        assert_eq!(m, before);
         // A hub model recorded (in the cache) where the recipe now finds a folder, and the
         // reverse: another model.
         std::fs::create_dir_all(tmp.path().join("hf/models--org--other")).unwrap();
@@ -1174,12 +1236,14 @@ mod tests {
         to_folder.insert("org/other".into(), now[0].clone());
         let mut m = made_in_a();
         assert_eq!(
-            m.adopt(&specs, &to_folder, &hub).unwrap_err().0,
+            m.adopt(&specs, &to_folder, &hub, true).unwrap_err().0,
             "org/other"
         );
         let mut m = manifest(&format!("{root}/a/models/sd"), "p", "g");
         let to_hub = BTreeMap::from([("sd".to_string(), "org/sd".to_string())]);
-        let err = m.adopt(&["sd".to_string()], &to_hub, &hub).unwrap_err();
+        let err = m
+            .adopt(&["sd".to_string()], &to_hub, &hub, true)
+            .unwrap_err();
         assert_eq!(
             err,
             ("sd".into(), format!("{root}/a/models/sd"), "org/sd".into())
