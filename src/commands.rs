@@ -307,7 +307,10 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     let mut all = Vec::new();
     for spec in models {
         let enc = ClipEncoder::load(spec, &opts.hub, opts.dtype, &opts.device)?;
-        let cache = (!args.no_cache).then(|| EmbeddingCache::new(&cache_root, &enc.fingerprint));
+        let cache = match args.no_cache {
+            true => None,
+            false => Some(EmbeddingCache::new(&cache_root, enc.fingerprint()?)),
+        };
         all.push(runner::probe_images(
             &enc,
             &suite,

@@ -23,11 +23,10 @@ pub struct ClipEncoder {
     pub preprocessor: ClipPreprocessor,
     pub id: String,
     pub device: Device,
-    /// Identifies the weights and preprocessing, so cached embeddings are never reused across
-    /// models: sha256 of the configs and of the whole weight file. (A fine-tune that kept the
-    /// text embeddings, which come first in the file, differs only further in.) It does not
-    /// cover the dtype: the embedding cache adds [`ClipEncoder::dtype`] itself.
-    pub fingerprint: String,
+    /// config.json, preprocessor_config.json and model.safetensors: what
+    /// [`ClipEncoder::fingerprint`] covers.
+    files: [PathBuf; 3],
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 fn fingerprint(config: &Path, pre: &Path, weights: &Path) -> Result<String> {
@@ -70,15 +69,29 @@ impl ClipEncoder {
             repo.find(optional)?;
         }
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-        let fingerprint = fingerprint(&config, &pre, &dir.join("model.safetensors"))?;
         Ok(ClipEncoder {
             model: ClipModel::from_dir(&dir, dtype, device, norm)?,
             tokenizer: ClipTokenizer::from_dir(&dir)?,
-            fingerprint,
+            files: [config, pre.clone(), dir.join("model.safetensors")],
+            fingerprint: std::sync::OnceLock::new(),
             preprocessor: ClipPreprocessor::from_file(&pre)?,
             id: repo.id(),
             device: device.clone(),
         })
+    }
+
+    /// Identifies the weights and preprocessing, so cached embeddings are never reused across
+    /// models: sha256 of the configs and of the whole weight file. (A fine-tune that kept the
+    /// text embeddings, which come first in the file, differs only further in.) It does not
+    /// cover the dtype: the embedding cache adds [`ClipEncoder::dtype`] itself. Computed on
+    /// first use, since a guide CLIP never needs it.
+    pub fn fingerprint(&self) -> Result<&str> {
+        if let Some(f) = self.fingerprint.get() {
+            return Ok(f);
+        }
+        let [config, pre, weights] = &self.files;
+        let f = fingerprint(config, pre, weights)?;
+        Ok(self.fingerprint.get_or_init(|| f))
     }
 
     /// The dtype the model's weights were loaded in and its forward passes run in.

@@ -704,7 +704,7 @@ fn load_models(
     };
     let mut fingerprints = BTreeMap::from([(sd.id.clone(), sd_fingerprint(&hashes))]);
     for p in &probers {
-        fingerprints.insert(p.encoder.id.clone(), p.encoder.fingerprint.clone());
+        fingerprints.insert(p.encoder.id.clone(), p.encoder.fingerprint()?.to_string());
     }
     let made_with = MadeWith {
         fingerprints,
