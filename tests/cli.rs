@@ -1236,6 +1236,8 @@ fn sdxl_folder_generates_reproducibly_with_all_files_hashed() {
         "text_encoder_2/model.safetensors",
         "text_encoder_2/config.json",
         "unet/diffusion_pytorch_model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer_2/merges.txt",
     ] {
         assert!(files.contains_key(rel), "{rel} not hashed: {files:?}");
     }

@@ -181,7 +181,8 @@ pub struct SdModel {
     /// layer, as diffusers' SDXL pipelines do.
     pub text_encoder_2: Option<PooledTextEncoder>,
     pub scheduler_config: SchedulerConfig,
-    /// Weight and config files used, relative name -> path (hashed into the sidecar).
+    /// Weight, config and tokenizer files used, relative name -> path (hashed into the
+    /// sidecar and a run's fingerprint of the model).
     pub files: BTreeMap<String, PathBuf>,
     pub device: Device,
     pub dtype: DType,
@@ -258,10 +259,13 @@ impl SdModel {
             &unet_spec,
             &unet_cfg_path,
         )?;
-        let tokenizer = load_tokenizer(&repo, "tokenizer")?;
-        let tokenizer_2 = match dual {
-            true => Some(load_tokenizer(&repo, "tokenizer_2")?),
-            false => None,
+        let (tokenizer, tokenizer_files) = load_tokenizer(&repo, "tokenizer")?;
+        let (tokenizer_2, tokenizer_2_files) = match dual {
+            true => {
+                let (t, f) = load_tokenizer(&repo, "tokenizer_2")?;
+                (Some(t), f)
+            }
+            false => (None, BTreeMap::new()),
         };
 
         let (unet_rel, unet_w) = weight_file(&repo, "unet", "diffusion_pytorch_model")?;
@@ -281,6 +285,8 @@ impl SdModel {
         {
             files.insert(rel.clone(), p.clone());
         }
+        files.extend(tokenizer_files);
+        files.extend(tokenizer_2_files);
 
         let (device, dtype) = (&opts.device, opts.dtype);
         let text_vb =
@@ -625,22 +631,33 @@ fn vae_dtype(spec: &VaeSpec, dtype: DType) -> DType {
     }
 }
 
-/// A tokenizer folder (`tokenizer.json`, or `vocab.json` + `merges.txt`) of the model.
-fn load_tokenizer(repo: &ModelRepo, dir: &str) -> Result<ClipTokenizer> {
+/// A tokenizer folder (`tokenizer.json`, or `vocab.json` + `merges.txt`) of the model, with
+/// the files of it that exist (relative name -> path), which decide the prompt's tokens as
+/// much as the weights decide the image.
+fn load_tokenizer(
+    repo: &ModelRepo,
+    dir: &str,
+) -> Result<(ClipTokenizer, BTreeMap<String, PathBuf>)> {
     let first = match repo.find(&format!("{dir}/tokenizer.json"))? {
         Some(p) => p,
         None => repo.get(&format!("{dir}/vocab.json"))?,
     };
     // Pull the other tokenizer files into the cache too (hub repos).
+    let mut files = BTreeMap::new();
     for name in [
+        "tokenizer.json",
+        "vocab.json",
         "merges.txt",
         "tokenizer_config.json",
         "special_tokens_map.json",
     ] {
-        repo.find(&format!("{dir}/{name}"))?;
+        let rel = format!("{dir}/{name}");
+        if let Some(p) = repo.find(&rel)? {
+            files.insert(rel, p);
+        }
     }
     let folder = first.parent().map(Path::to_path_buf).unwrap_or_default();
-    ClipTokenizer::from_dir(&folder)
+    Ok((ClipTokenizer::from_dir(&folder)?, files))
 }
 
 /// candle's shape errors from our weight backend already name the tensor; add the file.

@@ -66,8 +66,8 @@ pub struct Manifest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MadeWith {
-    /// Model id -> sha256 over its files (the SD model's weight and config files; a CLIP's
-    /// configs and weights).
+    /// Model id -> sha256 over its files (the SD model's weight, config and tokenizer files;
+    /// a CLIP's configs and weights).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fingerprints: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
