@@ -7,12 +7,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::models::hub::{canonical_id, same_id};
-use crate::probe::agree::quantile;
+use crate::probe::agree::bootstrap_mean;
 use crate::probe::runner::ProbeAnswer;
 use crate::run::results::{RunItem, RunResults, SuiteProbe};
 use crate::{Error, Result};
@@ -262,28 +260,6 @@ fn erfc(x: f64) -> f64 {
     } else {
         2.0 - r
     }
-}
-
-/// Percentile bootstrap interval of the mean of `d`.
-pub fn bootstrap_mean(d: &[f64], resamples: usize, seed: u64, level: f64) -> (f64, f64) {
-    if d.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n = d.len();
-    let mut means: Vec<f64> = (0..resamples.max(1))
-        .map(|_| {
-            (0..n)
-                .map(|_| d[crate::probe::uniform_below(&mut rng, n)])
-                .sum::<f64>()
-                / n as f64
-        })
-        .collect();
-    means.sort_by(f64::total_cmp);
-    (
-        quantile(&means, (1.0 - level) / 2.0),
-        quantile(&means, (1.0 + level) / 2.0),
-    )
 }
 
 /// A guided item and its baseline.

@@ -771,15 +771,7 @@ pub fn agree_labels(
     raters: &[Table],
     opts: &AgreeOptions,
 ) -> Result<LabelAgreement> {
-    if !(opts.level > 0.0 && opts.level < 1.0) {
-        return Err(Error::value(
-            "level",
-            format!("{} (must be in (0, 1))", opts.level),
-        ));
-    }
-    if opts.resamples == 0 {
-        return Err(Error::value("resamples", "0 (at least 1 is needed)"));
-    }
+    check_bootstrap(opts.resamples, opts.level)?;
     let m = match_rows(scores, raters, opts, |c| !c.trim().is_empty(), "non-empty")?;
     let rows: Vec<(&str, Vec<Option<&str>>)> = m
         .rows
@@ -795,21 +787,12 @@ pub fn agree_labels(
         })
         .collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let n = shares.len();
-    let mut boot: Vec<f64> = (0..opts.resamples)
-        .map(|_| {
-            (0..n)
-                .map(|_| shares[uniform_below(&mut rng, n)])
-                .sum::<f64>()
-                / n as f64
-        })
-        .collect();
-    boot.sort_by(f64::total_cmp);
+    let (ci_low, ci_high) = bootstrap_mean(&shares, opts.resamples, opts.seed, opts.level);
     let agreement = Share {
         estimate: mean(&shares),
-        ci_low: quantile(&boot, (1.0 - opts.level) / 2.0),
-        ci_high: quantile(&boot, (1.0 + opts.level) / 2.0),
+        ci_low,
+        ci_high,
     };
     let mut per_rater = Vec::new();
     for (r, file) in m.files.iter().enumerate() {
@@ -907,15 +890,7 @@ pub fn correlate(
     if x.iter().chain(y).any(|v| !v.is_finite()) {
         return Err(Error::value("pairs", "values must be finite numbers"));
     }
-    if !(level > 0.0 && level < 1.0) {
-        return Err(Error::value(
-            "level",
-            format!("{level} (must be in (0, 1))"),
-        ));
-    }
-    if resamples == 0 {
-        return Err(Error::value("resamples", "0 (at least 1 is needed)"));
-    }
+    check_bootstrap(resamples, level)?;
     let n = x.len();
     let stats = |x: &[f64], y: &[f64]| [spearman(x, y), kendall_tau_b(x, y), pearson(x, y)];
     let point = stats(x, y);
@@ -959,6 +934,37 @@ pub fn correlate(
         seed,
         level,
     })
+}
+
+/// Refuses a bootstrap of no resamples or a confidence level outside (0, 1).
+fn check_bootstrap(resamples: usize, level: f64) -> Result<()> {
+    if !(level > 0.0 && level < 1.0) {
+        return Err(Error::value(
+            "level",
+            format!("{level} (must be in (0, 1))"),
+        ));
+    }
+    if resamples == 0 {
+        return Err(Error::value("resamples", "0 (at least 1 is needed)"));
+    }
+    Ok(())
+}
+
+/// Percentile bootstrap interval of the mean of `d`.
+pub fn bootstrap_mean(d: &[f64], resamples: usize, seed: u64, level: f64) -> (f64, f64) {
+    if d.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = d.len();
+    let mut means: Vec<f64> = (0..resamples.max(1))
+        .map(|_| (0..n).map(|_| d[uniform_below(&mut rng, n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    (
+        quantile(&means, (1.0 - level) / 2.0),
+        quantile(&means, (1.0 + level) / 2.0),
+    )
 }
 
 /// The `q` quantile of sorted values, interpolating linearly (numpy's default); NaN if empty.
