@@ -779,13 +779,9 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
     }
 
     // Hash model files on another core while the first image is sampled.
-    let files: Vec<(String, PathBuf)> = model.files.clone().into_iter().collect();
-    let hasher = std::thread::spawn(move || -> crate::Result<BTreeMap<String, String>> {
-        let cache = crate::models::file_hash::HashCache::default();
-        files
-            .into_iter()
-            .map(|(rel, p)| Ok((rel, cache.sha256(&p)?)))
-            .collect()
+    let files = model.files.clone();
+    let hasher = std::thread::spawn(move || {
+        crate::models::file_hash::HashCache::default().sha256_files(&files)
     });
     let mut hashes: Option<BTreeMap<String, String>> = None;
     let mut hasher = Some(hasher);

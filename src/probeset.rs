@@ -347,10 +347,7 @@ fn annotation_html(
         h.update(results.items[k].sha256.as_bytes());
         h.update(b"\n");
     }
-    let sheet_hash: String = h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sheet_hash = &format!("{:x}", h.finalize())[..16];
     format!(
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Annotation: {title}</title>

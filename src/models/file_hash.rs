@@ -2,6 +2,7 @@
 //! model of several GB is read in full once rather than at every load (hashing SDXL's 7 GB
 //! takes longer than generating an image with it on a GPU).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -126,12 +127,23 @@ impl HashCache {
                 sha256: sha256.clone(),
             };
             if let Ok(bytes) = serde_json::to_vec(&entry) {
-                let _ = std::fs::create_dir_all(&self.root)
-                    .map_err(|e| crate::Error::io(&self.root, e))
-                    .and_then(|()| crate::output::write_atomic(&slot, &bytes, true));
+                if std::fs::create_dir_all(&self.root).is_ok() {
+                    let _ = crate::output::write_atomic(&slot, &bytes, true);
+                }
             }
         }
         Ok(sha256)
+    }
+
+    /// [`HashCache::sha256`] of each file (relative name -> path), by the same names.
+    pub fn sha256_files(
+        &self,
+        files: &BTreeMap<String, PathBuf>,
+    ) -> Result<BTreeMap<String, String>> {
+        files
+            .iter()
+            .map(|(rel, p)| Ok((rel.clone(), self.sha256(p)?)))
+            .collect()
     }
 
     fn slot(&self, canonical: &Path) -> PathBuf {

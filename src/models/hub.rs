@@ -143,12 +143,7 @@ pub fn same_id(a: &str, b: &str) -> bool {
 /// Whether `id` names a hub model this machine has: shaped like `owner/name`, no such folder
 /// here, and in the cache (a relative folder of another working folder is not).
 pub fn is_cached_repo(id: &str, options: &HubOptions) -> bool {
-    looks_like_repo_id(id)
-        && !Path::new(id).exists()
-        && options
-            .cache_dir
-            .join(format!("models--{}", id.replace('/', "--")))
-            .is_dir()
+    looks_like_repo_id(id) && !Path::new(id).exists() && repo_dir(&options.cache_dir, id).is_dir()
 }
 
 /// `owner/name` with characters the hub allows.
@@ -166,10 +161,15 @@ pub fn looks_like_repo_id(spec: &str) -> bool {
     ok(owner) && ok(name)
 }
 
+/// A hub repo's folder in the huggingface_hub cache: `models--owner--name`.
+fn repo_dir(cache_dir: &Path, repo_id: &str) -> PathBuf {
+    cache_dir.join(format!("models--{}", repo_id.replace('/', "--")))
+}
+
 /// Looks a file up in the huggingface_hub cache layout:
 /// `models--owner--name/refs/<rev>` holds a commit, `snapshots/<commit>/<file>` the file.
 pub fn cached_file(cache_dir: &Path, repo_id: &str, revision: &str, rel: &str) -> Option<PathBuf> {
-    let repo_dir = cache_dir.join(format!("models--{}", repo_id.replace('/', "--")));
+    let repo_dir = repo_dir(cache_dir, repo_id);
     let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
     let commit = if is_commit {
         revision.to_string()

@@ -638,11 +638,7 @@ fn load_tokenizer(
     repo: &ModelRepo,
     dir: &str,
 ) -> Result<(ClipTokenizer, BTreeMap<String, PathBuf>)> {
-    let first = match repo.find(&format!("{dir}/tokenizer.json"))? {
-        Some(p) => p,
-        None => repo.get(&format!("{dir}/vocab.json"))?,
-    };
-    // Pull the other tokenizer files into the cache too (hub repos).
+    // Every tokenizer file there is, pulled into the cache too (hub repos).
     let mut files = BTreeMap::new();
     for name in [
         "tokenizer.json",
@@ -656,6 +652,10 @@ fn load_tokenizer(
             files.insert(rel, p);
         }
     }
+    let (json, vocab) = (format!("{dir}/tokenizer.json"), format!("{dir}/vocab.json"));
+    let Some(first) = files.get(&json).or_else(|| files.get(&vocab)) else {
+        return Err(repo.missing(&vocab));
+    };
     let folder = first.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok((ClipTokenizer::from_dir(&folder)?, files))
 }

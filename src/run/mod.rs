@@ -663,12 +663,7 @@ fn load_models(
 ) -> Result<Models> {
     let r = &recipe.recipe;
     let sd = SdModel::load(&recipe.resolve_model("model", &r.model)?, load)?;
-    let cache = crate::models::file_hash::HashCache::default();
-    let hashes = sd
-        .files
-        .iter()
-        .map(|(rel, p)| Ok((rel.clone(), cache.sha256(p)?)))
-        .collect::<Result<BTreeMap<_, _>>>()?;
+    let hashes = crate::models::file_hash::HashCache::default().sha256_files(&sd.files)?;
     let mut probers = vec![Prober::new(
         ClipEncoder::load(probe_spec, &load.hub, load.dtype, &load.device)?,
         suite.clone(),
