@@ -1262,34 +1262,41 @@ fn version_names_the_compiled_gpu_features() {
     );
 }
 
+/// Probes the fixture images with `clip` on a three-style suite written in `dir`, with
+/// `extra` flags, and returns the results JSON (the run must succeed).
+fn probe_styles(dir: &Path, clip: &Path, extra: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let suite = dir.join("suite.yaml");
+    std::fs::write(
+        &suite,
+        "probes:\n  - name: style\n    templates: [\"a painting in the style of {}\"]\n    labels: [Impressionism, Cubism, Baroque]\n",
+    )
+    .unwrap();
+    let out = dir.join("r.json");
+    let o = bin()
+        .args(["--quiet", "probe", "--clip"])
+        .arg(clip)
+        .arg("--suite")
+        .arg(&suite)
+        .arg("--out")
+        .arg(&out)
+        .args(extra)
+        .arg(clip_fixture("images"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
 /// The embedding cache is keyed by dtype as well as model: an f16 probe's embeddings are not
 /// served to an f32 probe (nor the reverse), and each cached run equals a `--no-cache` run in
 /// its own dtype.
 #[test]
 fn probe_cache_keeps_dtypes_apart() {
     let tmp = tempfile::tempdir().unwrap();
-    let suite = tmp.path().join("suite.yaml");
-    std::fs::write(
-        &suite,
-        "probes:\n  - name: style\n    templates: [\"a painting in the style of {}\"]\n    labels: [Impressionism, Cubism, Baroque]\n",
-    )
-    .unwrap();
     let cache = tmp.path().join("cache");
-    let out = tmp.path().join("r.json");
     let run = |extra: &[&str]| -> serde_json::Value {
-        let o = bin()
-            .args(["--quiet", "probe", "--clip"])
-            .arg(clip_fixture("tiny-clip-b"))
-            .arg("--suite")
-            .arg(&suite)
-            .arg("--out")
-            .arg(&out)
-            .args(extra)
-            .arg(clip_fixture("images"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+        let extra: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
+        probe_styles(tmp.path(), &clip_fixture("tiny-clip-b"), &extra)
     };
     let cache_arg = cache.to_str().unwrap();
     let f32_fresh = run(&["--no-cache"]);
@@ -1340,28 +1347,9 @@ fn probe_cache_keeps_fine_tunes_apart() {
         bytes[i + 1] ^= 0x80;
     }
     std::fs::write(&weights, bytes).unwrap();
-    let suite = tmp.path().join("suite.yaml");
-    std::fs::write(
-        &suite,
-        "probes:\n  - name: style\n    templates: [\"a painting in the style of {}\"]\n    labels: [Impressionism, Cubism, Baroque]\n",
-    )
-    .unwrap();
-    let out = tmp.path().join("r.json");
     let run = |clip: &Path, cache: bool| -> serde_json::Value {
-        let o = bin()
-            .args(["--quiet", "probe", "--clip"])
-            .arg(clip)
-            .arg("--suite")
-            .arg(&suite)
-            .arg("--out")
-            .arg(&out)
-            .arg("--cache")
-            .arg(tmp.path().join(if cache { "cache" } else { "fresh" }))
-            .arg(clip_fixture("images"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+        let dir = tmp.path().join(if cache { "cache" } else { "fresh" });
+        probe_styles(tmp.path(), clip, &["--cache".as_ref(), dir.as_os_str()])
     };
     let base = run(&clip_fixture("tiny-clip-b"), true);
     assert_eq!(base["cached"], 0);

@@ -31,6 +31,18 @@ fn run(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `artguide merge RECIPE --out OUT SHARDS...`.
+fn merge(recipe: &Path, out: &Path, shards: &[&Path]) -> Output {
+    bin()
+        .args(["--quiet", "merge"])
+        .arg(recipe)
+        .arg("--out")
+        .arg(out)
+        .args(shards)
+        .output()
+        .unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -184,15 +196,7 @@ fn shards_merge_into_the_unsharded_run() {
         let o = run(&recipe, dir, &["--shard", shard]);
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    let o = bin()
-        .args(["--quiet", "merge"])
-        .arg(&recipe)
-        .arg("--out")
-        .arg(&merged)
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
+    let o = merge(&recipe, &merged, &[&a, &b]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (tw, tm) = (tree(&whole), tree(&merged));
     let names = |t: &[(String, Vec<u8>)]| t.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
@@ -222,15 +226,7 @@ fn shards_merge_into_the_unsharded_run() {
         model(&a),
         "the shards spell the model the same way"
     );
-    let o = bin()
-        .args(["--quiet", "merge"])
-        .arg(&recipe)
-        .arg("--out")
-        .arg(&merged2)
-        .arg(&a)
-        .arg(&c)
-        .output()
-        .unwrap();
+    let o = merge(&recipe, &merged2, &[&a, &c]);
     assert!(o.status.success(), "{}", stderr(&o));
     // The PNGs' text records each model's path as run, so only their hashes may differ.
     let results_json = |dir: &Path| {
@@ -247,15 +243,7 @@ fn shards_merge_into_the_unsharded_run() {
     );
     // Merged with the other-path shard first: the answers still take the spelling of the
     // recipe given to merge, which the items' guide ids are in (compare finds the guide).
-    let o = bin()
-        .args(["--quiet", "merge"])
-        .arg(&recipe)
-        .arg("--out")
-        .arg(tmp.path().join("m4"))
-        .arg(&c)
-        .arg(&a)
-        .output()
-        .unwrap();
+    let o = merge(&recipe, &tmp.path().join("m4"), &[&c, &a]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         results_json(&tmp.path().join("m4")) == results_json(&whole),
@@ -270,15 +258,7 @@ fn shards_merge_into_the_unsharded_run() {
         .to_string();
     m["model"] = other.clone().into();
     std::fs::write(c.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
-    let o = bin()
-        .args(["--quiet", "merge"])
-        .arg(&recipe)
-        .arg("--out")
-        .arg(tmp.path().join("m3"))
-        .arg(&a)
-        .arg(&c)
-        .output()
-        .unwrap();
+    let o = merge(&recipe, &tmp.path().join("m3"), &[&a, &c]);
     assert_refused(
         &o,
         "merged shards of two SD models",
@@ -311,15 +291,7 @@ fn shards_merge_into_the_unsharded_run() {
         );
         edit(&mut m, &sd, &zeros);
         std::fs::write(c.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
-        let o = bin()
-            .args(["--quiet", "merge"])
-            .arg(&recipe)
-            .arg("--out")
-            .arg(tmp.path().join("m3"))
-            .arg(&a)
-            .arg(&c)
-            .output()
-            .unwrap();
+        let o = merge(&recipe, &tmp.path().join("m3"), &[&a, &c]);
         assert_refused(&o, &format!("merged shards of other {what}"), needles);
     }
     std::fs::write(c.join("manifest.json"), &original).unwrap();
@@ -345,14 +317,7 @@ fn shards_merge_into_the_unsharded_run() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(items_in(&whole), before - 1);
     // Merging with a shard missing is refused by name.
-    let o = bin()
-        .args(["--quiet", "merge"])
-        .arg(&recipe)
-        .arg("--out")
-        .arg(tmp.path().join("m2"))
-        .arg(&a)
-        .output()
-        .unwrap();
+    let o = merge(&recipe, &tmp.path().join("m2"), &[&a]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("in no shard"), "{}", stderr(&o));
 }
