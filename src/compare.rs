@@ -1,8 +1,9 @@
 //! Paired comparisons of guided arms against their unguided baseline, from runs'
 //! `results.json`: per experiment, arm, probe model and probe, the shift of the target label's
-//! probability (bootstrap interval, sign and Wilcoxon tests), the rate at which the top label
-//! flips to the target, the KL divergence of the label distributions, and side effects on the
-//! probes the target does not name.
+//! probability (bootstrap interval, sign and Wilcoxon tests, Holm-adjusted over the report,
+//! rank-biserial effect size), the rate at which the top label flips to the target, the KL
+//! divergence of the label distributions, and side effects on the probes the target does not
+//! name.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -49,12 +50,16 @@ pub struct CompareRow {
     /// Pairs compared.
     pub n: usize,
     /// Target rows: mean of P_arm(target) - P_baseline(target), its bootstrap interval, the
-    /// two-sided sign-test and Wilcoxon signed-rank p-values, and the flip rate.
+    /// two-sided sign-test and Wilcoxon signed-rank p-values, the Wilcoxon p adjusted by
+    /// Holm's method over every tested row of the comparison, the matched-pairs
+    /// rank-biserial correlation, and the flip rate.
     pub mean_shift: Option<f64>,
     pub ci_low: Option<f64>,
     pub ci_high: Option<f64>,
     pub sign_p: Option<f64>,
     pub wilcoxon_p: Option<f64>,
+    pub wilcoxon_p_holm: Option<f64>,
+    pub rank_biserial: Option<f64>,
     pub flip_rate: Option<f64>,
     /// Mean KL(P_arm || P_baseline), nats.
     pub mean_kl: f64,
@@ -233,6 +238,37 @@ pub fn wilcoxon(d: &[f64]) -> f64 {
     }
     let z = (t - mean) / var.sqrt();
     (2.0 * normal_cdf(z)).min(1.0)
+}
+
+/// Matched-pairs rank-biserial correlation of the differences, zeros dropped as in
+/// [`wilcoxon`]: (R+ - R-) / (R+ + R-), from -1 (every pair fell) to 1 (every pair rose); 0
+/// when no difference is non-zero. The effect size that goes with the signed-rank test
+/// (Kerby 2014), comparable across rows with different n where p-values are not.
+pub fn rank_biserial(d: &[f64]) -> f64 {
+    let d: Vec<f64> = d.iter().copied().filter(|&x| x != 0.0).collect();
+    if d.is_empty() {
+        return 0.0;
+    }
+    let abs: Vec<f64> = d.iter().map(|x| x.abs()).collect();
+    let ranks = crate::probe::average_ranks(&abs);
+    let signed: f64 = d.iter().zip(&ranks).map(|(x, r)| x.signum() * r).sum();
+    signed / ranks.iter().sum::<f64>()
+}
+
+/// Holm's step-down adjustment of a family of p-values, in their order: the i-th smallest
+/// becomes the running maximum of (m - i) * p over the sorted list, capped at 1. Controls
+/// the family-wise error rate as Bonferroni does, and rejects at least as much.
+pub fn holm(p: &[f64]) -> Vec<f64> {
+    let m = p.len();
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let mut out = vec![0.0; m];
+    let mut running = 0.0f64;
+    for (i, &k) in order.iter().enumerate() {
+        running = running.max(((m - i) as f64 * p[k]).min(1.0));
+        out[k] = running;
+    }
+    out
 }
 
 /// Standard normal CDF (erfc via a rational approximation accurate to ~1e-7).
@@ -444,6 +480,9 @@ fn compare_pairs(
         ci_high: ci.map(|c| c.1),
         sign_p: of_shifts(&sign_test),
         wilcoxon_p: of_shifts(&wilcoxon),
+        // Filled in once every row is known: the family is the whole comparison.
+        wilcoxon_p_holm: None,
+        rank_biserial: of_shifts(&rank_biserial),
         flip_rate: of_shifts(&|d| flips as f64 / d.len() as f64),
         mean_kl: kls.iter().sum::<f64>() / n as f64,
         top_change_rate: changes as f64 / n as f64,
@@ -566,6 +605,20 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
             }
         }
     }
+    // One family: every tested row of this comparison (all experiments, arms, probe models),
+    // so a row reported as significant survives the number of rows the report shows.
+    let tested: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].wilcoxon_p.is_some())
+        .collect();
+    let adjusted = holm(
+        &tested
+            .iter()
+            .filter_map(|&i| rows[i].wilcoxon_p)
+            .collect::<Vec<_>>(),
+    );
+    for (&i, p) in tested.iter().zip(adjusted) {
+        rows[i].wilcoxon_p_holm = Some(p);
+    }
     Ok(Summary {
         tool: "artguide".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -598,6 +651,8 @@ impl Summary {
             "ci_high",
             "sign_p",
             "wilcoxon_p",
+            "wilcoxon_p_holm",
+            "rank_biserial",
             "flip_rate",
             "mean_kl",
             "top_change_rate",
@@ -620,6 +675,8 @@ impl Summary {
                     o(r.ci_high),
                     o(r.sign_p),
                     o(r.wilcoxon_p),
+                    o(r.wilcoxon_p_holm),
+                    o(r.rank_biserial),
                     o(r.flip_rate),
                     format!("{}", r.mean_kl),
                     format!("{}", r.top_change_rate),
@@ -720,6 +777,35 @@ mod tests {
     }
 
     const WILCOXON_60: f64 = 0.016733071607703435;
+
+    #[test]
+    fn rank_biserial_matches_pingouin() {
+        // pingouin 0.7.0: pingouin.wilcoxon(np.array(d))["RBC"] (zeros dropped)
+        // [0.5,-0.2,0.9,0.35,0.7,-0.05,1.1,0.6] -> 0.833333 (= 30/36)
+        let exact = [0.5, -0.2, 0.9, 0.35, 0.7, -0.05, 1.1, 0.6];
+        assert!((rank_biserial(&exact) - 30.0 / 36.0).abs() < 1e-12);
+        // [0.5,-0.5,0.5,0.25,0.25,-0.1,0.8,0.5,0.3,0.0] -> 0.666667 (= 30/45)
+        let ties = [0.5, -0.5, 0.5, 0.25, 0.25, -0.1, 0.8, 0.5, 0.3, 0.0];
+        assert!((rank_biserial(&ties) - 30.0 / 45.0).abs() < 1e-12);
+        let fell: Vec<f64> = exact.iter().map(|x| -x).collect();
+        assert!((rank_biserial(&fell) + 30.0 / 36.0).abs() < 1e-12);
+        assert_eq!(rank_biserial(&[0.0, 0.0]), 0.0);
+    }
+
+    #[test]
+    fn holm_matches_statsmodels() {
+        // statsmodels 0.15.0: multipletests(p, method="holm")[1]
+        let p = [0.01, 0.04, 0.03, 0.04, 0.005, 0.5, 0.2];
+        let want = [0.06, 0.16, 0.15, 0.16, 0.035, 0.5, 0.4];
+        for (got, want) in holm(&p).iter().zip(want) {
+            assert!((got - want).abs() < 1e-12, "{:?}", holm(&p));
+        }
+        // Capped at 1: [0.5, 0.6, 0.01] -> [1.0, 1.0, 0.03]
+        let got = holm(&[0.5, 0.6, 0.01]);
+        assert_eq!(got[..2], [1.0, 1.0]);
+        assert!((got[2] - 0.03).abs() < 1e-12);
+        assert!(holm(&[]).is_empty());
+    }
 
     /// An item of cell `cell` with target `target` (probe, label), answered by each model in
     /// `models` with P(first label) = `p` for every probe.
@@ -822,6 +908,17 @@ mod tests {
         assert_eq!(side.top_change_rate, 0.0);
         assert_eq!(row("period", true).n, 3);
         assert_eq!(row("period", false).n, 5);
+        // Every pair rose: exact Wilcoxon p 2/2^5 (style) and 2/2^3 (period), r = 1. Holm's
+        // family is the four tested rows (two probes, two probe models), not each row alone.
+        assert_eq!(style.wilcoxon_p, Some(0.0625));
+        assert_eq!(style.rank_biserial, Some(1.0));
+        assert_eq!(side.wilcoxon_p_holm, None);
+        let tested: Vec<_> = s.rows.iter().filter(|r| r.wilcoxon_p.is_some()).collect();
+        assert_eq!(tested.len(), 4);
+        for r in tested {
+            let want = if r.probe == "style" { 0.25 } else { 0.5 };
+            assert_eq!(r.wilcoxon_p_holm, Some(want), "{r:?}");
+        }
     }
 
     /// An arm that names its own guide CLIP is judged by the others: the probe CLIP that

@@ -136,6 +136,18 @@ fn compare_summary_matches_results_and_report_is_self_contained() {
                 assert!(f(&row["ci_low"]) <= mean + 1e-9 && mean <= f(&row["ci_high"]) + 1e-9);
                 assert!((f(&row["flip_rate"]) - flips as f64 / 6.0).abs() < 1e-12);
                 assert!(f(&row["wilcoxon_p"]) > 0.0 && f(&row["wilcoxon_p"]) <= 1.0);
+                // Holm over the whole report never lowers a p-value.
+                assert!(f(&row["wilcoxon_p_holm"]) >= f(&row["wilcoxon_p"]));
+                // Rank-biserial: average ranks of |d| (zeros dropped), signed, over their sum.
+                let d: Vec<f64> = shifts.iter().copied().filter(|x| *x != 0.0).collect();
+                let rank = |x: f64| {
+                    let below = d.iter().filter(|y| y.abs() < x.abs()).count() as f64;
+                    let tied = d.iter().filter(|y| y.abs() == x.abs()).count() as f64;
+                    below + (tied + 1.0) / 2.0
+                };
+                let total: f64 = d.iter().map(|&x| rank(x)).sum();
+                let rbc = d.iter().map(|&x| x.signum() * rank(x)).sum::<f64>() / total;
+                assert!((f(&row["rank_biserial"]) - rbc).abs() < 1e-9, "{row}");
             } else {
                 assert_eq!(row["targeted"], false);
                 assert!(row["mean_shift"].is_null());

@@ -98,8 +98,7 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
     if tests > 1 {
         let _ = writeln!(
             h,
-            "<p class=\"note\">The p-values are per row and not adjusted for the {tests} tested rows of this report: with a Bonferroni correction, a row is significant at 5% when p &lt; {:.2e}.</p>",
-            0.05 / tests as f64
+            "<p class=\"note\">Holm p: the Wilcoxon p adjusted by Holm's step-down method over the {tests} tested rows of this report (all experiments, arms and probe models), so a row with Holm p &lt; 0.05 stays significant at 5% family-wise; the sign and Wilcoxon p-values are per row. r: matched-pairs rank-biserial correlation, from -1 (every pair fell) to 1 (every pair rose).</p>"
         );
     }
     let grids = cells(loaded);
@@ -139,14 +138,15 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
                 })
                 .collect();
             h.push_str(&svg::bar_chart(&bars));
-            h.push_str("<table><tr><th>arm</th><th>probe</th><th>model</th><th>n</th><th>mean shift</th><th>95% CI</th><th>flip rate</th><th>sign p</th><th>Wilcoxon p</th><th>KL</th></tr>\n");
+            h.push_str("<table><tr><th>arm</th><th>probe</th><th>model</th><th>n</th><th>mean shift</th><th>95% CI</th><th>flip rate</th><th>sign p</th><th>Wilcoxon p</th><th>Holm p</th><th>r</th><th>KL</th></tr>\n");
             for r in &targeted {
                 let _ = writeln!(
                     h,
-                    "<tr><td>{}</td><td>{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>[{}, {}]</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td></tr>",
+                    "<tr><td>{}</td><td>{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>[{}, {}]</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td></tr>",
                     escape(&r.arm), escape(&r.probe), escape(&r.model), escape(&r.role), r.n,
                     fmt(r.mean_shift, 4), fmt(r.ci_low, 4), fmt(r.ci_high, 4), fmt(r.flip_rate, 3),
-                    fmt(r.sign_p, 4), fmt(r.wilcoxon_p, 4), r.mean_kl
+                    fmt(r.sign_p, 4), fmt(r.wilcoxon_p, 4), fmt(r.wilcoxon_p_holm, 4),
+                    fmt(r.rank_biserial, 3), r.mean_kl
                 );
             }
             h.push_str("</table>\n");
@@ -213,6 +213,8 @@ mod tests {
             ci_high: Some(0.15),
             sign_p: Some(0.5),
             wilcoxon_p: Some(0.5),
+            wilcoxon_p_holm: Some(1.0),
+            rank_biserial: Some(0.2),
             flip_rate: Some(0.0),
             mean_kl: 0.0,
             top_change_rate: 0.0,
@@ -246,7 +248,7 @@ mod tests {
         assert_eq!(h.matches("<h2>Experiment e1</h2>").count(), 1, "{h}");
         assert_eq!(h.matches("<h2>Experiment e2</h2>").count(), 1);
         assert!(
-            h.contains("3 tested rows") && h.contains("p &lt; 1.67e-2"),
+            h.contains("3 tested rows") && h.contains("<th>Holm p</th>"),
             "{h}"
         );
         assert!(!h.contains("Rows with n &lt;"));
