@@ -146,7 +146,7 @@ pub enum Command {
     Run(RecipeArgs),
     /// Join the folders of a sharded run into one run.
     Merge(MergeArgs),
-    /// Paired guided-vs-baseline statistics of runs: summary.json, summary.csv, report.html.
+    /// Paired guided-vs-baseline statistics of runs: summary.json, summary.csv, targets.csv, report.html.
     Compare(CompareArgs),
     /// Run a recipe as an AI-art probe set: images, labels.csv, clip_scores.csv and a blinded
     /// annotation sheet (annotation.csv + annotation.html, images under neutral ids in sheet/)
@@ -184,7 +184,7 @@ pub struct CompareArgs {
     /// Run folders (each with results.json).
     #[arg(required = true)]
     pub runs: Vec<PathBuf>,
-    /// Where summary.json, summary.csv and report.html go (default: the first run folder).
+    /// Where summary.json, summary.csv, targets.csv and report.html go (default: the first run folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Bootstrap resamples for the intervals.

@@ -243,13 +243,13 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
     }
     if mode == ProgressMode::Bar {
         out!(
-            "| experiment | arm | probe | judge | n | mean shift [{:.0}% CI] | flip | Wilcoxon p |",
+            "| experiment | arm | probe | judge | n | mean shift [{:.0}% CI] | flip | Wilcoxon p | Holm p | r |",
             summary.level * 100.0
         );
-        out!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        out!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for r in summary.rows.iter().filter(|r| r.targeted) {
             out!(
-                "| {} | {} | {} | {} | {} | {:+.4} [{:+.4}, {:+.4}] | {:.2} | {:.4} |",
+                "| {} | {} | {} | {} | {} | {:+.4} [{:+.4}, {:+.4}] | {:.2} | {:.4} | {:.4} | {:+.2} |",
                 r.experiment,
                 r.arm,
                 r.probe,
@@ -259,7 +259,9 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
                 r.ci_low.unwrap_or(f64::NAN),
                 r.ci_high.unwrap_or(f64::NAN),
                 r.flip_rate.unwrap_or(f64::NAN),
-                r.wilcoxon_p.unwrap_or(f64::NAN)
+                r.wilcoxon_p.unwrap_or(f64::NAN),
+                r.wilcoxon_p_holm.unwrap_or(f64::NAN),
+                r.rank_biserial.unwrap_or(f64::NAN)
             );
         }
         for f in files {

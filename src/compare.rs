@@ -67,6 +67,20 @@ pub struct CompareRow {
     pub top_change_rate: f64,
 }
 
+/// One targeted row restricted to the pairs aimed at one label: which targets moved, and
+/// what the probe saw instead.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TargetRow {
+    /// The target label of these pairs.
+    pub label: String,
+    /// The statistics over these pairs (`wilcoxon_p_holm` adjusted over all target rows).
+    #[serde(flatten)]
+    pub row: CompareRow,
+    /// How often each label was the probe's top label: guided images, then their baselines.
+    pub arm_top: BTreeMap<String, usize>,
+    pub baseline_top: BTreeMap<String, usize>,
+}
+
 /// The whole comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -83,6 +97,8 @@ pub struct Summary {
     pub seed: u64,
     pub level: f64,
     pub rows: Vec<CompareRow>,
+    /// The targeted rows broken down by target label.
+    pub targets: Vec<TargetRow>,
 }
 
 /// Runs loaded for comparison: items of all runs, with the folder each came from.
@@ -489,6 +505,36 @@ fn compare_pairs(
     })
 }
 
+/// Counts of the probe's top label over `pairs`: in the guided images, then in their baselines.
+fn top_labels(
+    pairs: &[&Pair],
+    model: &str,
+    probe: &str,
+) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+    let (mut arm, mut base) = (BTreeMap::new(), BTreeMap::new());
+    for (a, b) in pairs {
+        if let (Some(pa), Some(pb)) = (answer(a, model, probe), answer(b, model, probe)) {
+            *arm.entry(pa.top.clone()).or_insert(0) += 1;
+            *base.entry(pb.top.clone()).or_insert(0) += 1;
+        }
+    }
+    (arm, base)
+}
+
+/// Sets `wilcoxon_p_holm` of every row with a Wilcoxon p, adjusted over all of them.
+fn adjust_holm<'a>(rows: impl Iterator<Item = &'a mut CompareRow>) {
+    let mut tested: Vec<&mut CompareRow> = rows.filter(|r| r.wilcoxon_p.is_some()).collect();
+    let adjusted = holm(
+        &tested
+            .iter()
+            .filter_map(|r| r.wilcoxon_p)
+            .collect::<Vec<_>>(),
+    );
+    for (r, p) in tested.iter_mut().zip(adjusted) {
+        r.wilcoxon_p_holm = Some(p);
+    }
+}
+
 /// Compares every guided arm with its baseline.
 pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
     if opts.resamples == 0 {
@@ -561,6 +607,7 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
     models.sort_by_key(|m| (m != &first.probe_clip, m.clone()));
     let item_guides = loaded.runs.iter().all(|(_, r)| r.item_guides);
     let mut rows = Vec::new();
+    let mut targets = Vec::new();
     for ((experiment, arm), pairs) in &groups {
         // The CLIP that guided this arm: none for an arm without CLIP terms (TV only), the
         // run's for results that do not record it per image.
@@ -591,14 +638,37 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
                         .as_ref()
                         .is_some_and(|t| t.labels.contains_key(&probe.name))
                 });
-                for (targeted, group) in [(true, aimed), (false, side)] {
-                    if let Some(row) = compare_pairs(&group, model, &probe.name, targeted, opts) {
-                        rows.push(CompareRow {
-                            experiment: experiment.clone(),
-                            arm: arm.clone(),
-                            model: model.clone(),
-                            role: role(model).into(),
-                            ..row
+                let named = |row: CompareRow| CompareRow {
+                    experiment: experiment.clone(),
+                    arm: arm.clone(),
+                    model: model.clone(),
+                    role: role(model).into(),
+                    ..row
+                };
+                for (targeted, group) in [(true, &aimed), (false, &side)] {
+                    if let Some(row) = compare_pairs(group, model, &probe.name, targeted, opts) {
+                        rows.push(named(row));
+                    }
+                }
+                let mut by_label: BTreeMap<&str, Vec<&Pair>> = BTreeMap::new();
+                for &pair in &aimed {
+                    if let Some(label) = pair
+                        .0
+                        .target
+                        .as_ref()
+                        .and_then(|t| t.labels.get(&probe.name))
+                    {
+                        by_label.entry(label).or_default().push(pair);
+                    }
+                }
+                for (label, group) in by_label {
+                    if let Some(row) = compare_pairs(&group, model, &probe.name, true, opts) {
+                        let (arm_top, baseline_top) = top_labels(&group, model, &probe.name);
+                        targets.push(TargetRow {
+                            label: label.to_string(),
+                            row: named(row),
+                            arm_top,
+                            baseline_top,
                         });
                     }
                 }
@@ -606,19 +676,10 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         }
     }
     // One family: every tested row of this comparison (all experiments, arms, probe models),
-    // so a row reported as significant survives the number of rows the report shows.
-    let tested: Vec<usize> = (0..rows.len())
-        .filter(|&i| rows[i].wilcoxon_p.is_some())
-        .collect();
-    let adjusted = holm(
-        &tested
-            .iter()
-            .filter_map(|&i| rows[i].wilcoxon_p)
-            .collect::<Vec<_>>(),
-    );
-    for (&i, p) in tested.iter().zip(adjusted) {
-        rows[i].wilcoxon_p_holm = Some(p);
-    }
+    // so a row reported as significant survives the number of rows the report shows. The
+    // breakdown by target is a second family.
+    adjust_holm(rows.iter_mut());
+    adjust_holm(targets.iter_mut().map(|t| &mut t.row));
     Ok(Summary {
         tool: "artguide".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -632,73 +693,119 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         seed: opts.seed,
         level: opts.level,
         rows,
+        targets,
     })
+}
+
+/// The CSV columns of a [`CompareRow`].
+const ROW_COLUMNS: [&str; 17] = [
+    "experiment",
+    "arm",
+    "model",
+    "role",
+    "probe",
+    "targeted",
+    "n",
+    "mean_shift",
+    "ci_low",
+    "ci_high",
+    "sign_p",
+    "wilcoxon_p",
+    "wilcoxon_p_holm",
+    "rank_biserial",
+    "flip_rate",
+    "mean_kl",
+    "top_change_rate",
+];
+
+/// A [`CompareRow`]'s CSV cells, in [`ROW_COLUMNS`] order (empty where a metric does not apply).
+fn row_cells(r: &CompareRow) -> Vec<String> {
+    let o = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
+    vec![
+        r.experiment.clone(),
+        r.arm.clone(),
+        r.model.clone(),
+        r.role.clone(),
+        r.probe.clone(),
+        r.targeted.to_string(),
+        r.n.to_string(),
+        o(r.mean_shift),
+        o(r.ci_low),
+        o(r.ci_high),
+        o(r.sign_p),
+        o(r.wilcoxon_p),
+        o(r.wilcoxon_p_holm),
+        o(r.rank_biserial),
+        o(r.flip_rate),
+        format!("{}", r.mean_kl),
+        format!("{}", r.top_change_rate),
+    ]
+}
+
+/// Label counts, most frequent first (ties by name).
+pub fn by_count(counts: &BTreeMap<String, usize>) -> Vec<(&str, usize)> {
+    let mut v: Vec<(&str, usize)> = counts.iter().map(|(l, &c)| (l.as_str(), c)).collect();
+    v.sort_by_key(|&(l, c)| (std::cmp::Reverse(c), l));
+    v
+}
+
+/// Label counts as `label:count` joined by `;`, most frequent first.
+fn counts_text(counts: &BTreeMap<String, usize>) -> String {
+    by_count(counts)
+        .iter()
+        .map(|(l, c)| format!("{l}:{c}"))
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 impl Summary {
     /// The CSV header and rows (one per comparison; empty cells where a metric does not apply).
     pub fn csv(&self) -> (Vec<&'static str>, Vec<Vec<String>>) {
-        let header = vec![
-            "experiment",
-            "arm",
-            "model",
-            "role",
-            "probe",
-            "targeted",
-            "n",
-            "mean_shift",
-            "ci_low",
-            "ci_high",
-            "sign_p",
-            "wilcoxon_p",
-            "wilcoxon_p_holm",
-            "rank_biserial",
-            "flip_rate",
-            "mean_kl",
-            "top_change_rate",
-        ];
-        let o = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
+        (
+            ROW_COLUMNS.to_vec(),
+            self.rows.iter().map(row_cells).collect(),
+        )
+    }
+
+    /// The breakdown by target label as CSV: a row's columns, then the label and the top-label
+    /// counts of the guided images and of their baselines.
+    pub fn targets_csv(&self) -> (Vec<&'static str>, Vec<Vec<String>>) {
+        let mut header = ROW_COLUMNS.to_vec();
+        header.extend(["label", "arm_top", "baseline_top"]);
         let rows = self
-            .rows
+            .targets
             .iter()
-            .map(|r| {
-                vec![
-                    r.experiment.clone(),
-                    r.arm.clone(),
-                    r.model.clone(),
-                    r.role.clone(),
-                    r.probe.clone(),
-                    r.targeted.to_string(),
-                    r.n.to_string(),
-                    o(r.mean_shift),
-                    o(r.ci_low),
-                    o(r.ci_high),
-                    o(r.sign_p),
-                    o(r.wilcoxon_p),
-                    o(r.wilcoxon_p_holm),
-                    o(r.rank_biserial),
-                    o(r.flip_rate),
-                    format!("{}", r.mean_kl),
-                    format!("{}", r.top_change_rate),
-                ]
+            .map(|t| {
+                let mut cells = row_cells(&t.row);
+                cells.extend([
+                    t.label.clone(),
+                    counts_text(&t.arm_top),
+                    counts_text(&t.baseline_top),
+                ]);
+                cells
             })
             .collect();
         (header, rows)
     }
 }
 
-/// Writes summary.json, summary.csv and report.html into `out`; returns their paths.
+/// Writes summary.json, summary.csv, targets.csv and report.html into `out`; returns their
+/// paths.
 pub fn write_outputs(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let json = serde_json::to_string_pretty(summary).map_err(|e| Error::Msg(e.to_string()))?;
-    let (header, rows) = summary.csv();
     let mut paths = Vec::new();
     let p = out.join("summary.json");
     crate::output::write_atomic(&p, json.as_bytes(), true)?;
     paths.push(p);
-    let p = out.join("summary.csv");
-    crate::probe::table::write_csv(&p, &header, &rows)?;
-    paths.push(p);
+    for (name, (header, rows)) in [
+        ("summary.csv", summary.csv()),
+        ("targets.csv", summary.targets_csv()),
+    ] {
+        let p = out.join(name);
+        crate::probe::table::write_csv(&p, &header, &rows)?;
+        paths.push(p);
+    }
     let p = out.join("report.html");
     let html = crate::report::html(loaded, summary, out)?;
     crate::output::write_atomic(&p, html.as_bytes(), true)?;
@@ -919,6 +1026,63 @@ mod tests {
             let want = if r.probe == "style" { 0.25 } else { 0.5 };
             assert_eq!(r.wilcoxon_p_holm, Some(want), "{r:?}");
         }
+    }
+
+    /// Two style targets in one experiment: the pooled row mixes them, the breakdown tells
+    /// them apart (a target that moved, one that fell) with what the probe saw instead.
+    #[test]
+    fn targets_break_the_targeted_rows_down() {
+        let mut items = Vec::new();
+        for c in 0..4 {
+            let cell = format!("a{c}");
+            items.push(item(&cell, "baseline", ("style", "A"), None, 0.2));
+            items.push(item(&cell, "g", ("style", "A"), Some("a"), 0.6));
+        }
+        for c in 0..3 {
+            // Aimed at B, but P(B) falls from 0.7 to 0.6.
+            let cell = format!("b{c}");
+            items.push(item(&cell, "baseline", ("style", "B"), None, 0.3));
+            items.push(item(&cell, "g", ("style", "B"), Some("a"), 0.4));
+        }
+        let s = compare(&loaded(vec![run("sd", items)]), &CompareOptions::default()).unwrap();
+        let pooled = s
+            .rows
+            .iter()
+            .find(|r| r.model == "probe" && r.probe == "style" && r.targeted)
+            .unwrap();
+        assert_eq!(pooled.n, 7);
+        assert_eq!(s.targets.len(), 4, "two labels x two probe models");
+        let t = |label: &str| {
+            s.targets
+                .iter()
+                .find(|t| t.row.model == "probe" && t.label == label)
+                .unwrap()
+        };
+        let (a, b) = (t("A"), t("B"));
+        assert_eq!((a.row.n, b.row.n), (4, 3));
+        assert!((a.row.mean_shift.unwrap() - 0.4).abs() < 1e-6);
+        assert!((b.row.mean_shift.unwrap() + 0.1).abs() < 1e-6);
+        assert_eq!(
+            (a.row.rank_biserial, b.row.rank_biserial),
+            (Some(1.0), Some(-1.0))
+        );
+        assert_eq!((a.row.flip_rate, b.row.flip_rate), (Some(1.0), Some(0.0)));
+        assert_eq!(a.arm_top, [("A".to_string(), 4)].into());
+        assert_eq!(a.baseline_top, [("B".to_string(), 4)].into());
+        assert_eq!(b.arm_top, [("B".to_string(), 3)].into());
+        // Exact p 2/2^4 (A) and 2/2^3 (B) twice each (two models); Holm over these four.
+        assert_eq!(a.row.wilcoxon_p, Some(0.125));
+        assert_eq!(
+            (a.row.wilcoxon_p_holm, b.row.wilcoxon_p_holm),
+            (Some(0.5), Some(0.5))
+        );
+        let (header, rows) = s.targets_csv();
+        assert_eq!(header.len(), rows[0].len());
+        let a_csv = rows
+            .iter()
+            .find(|r| r[2] == "probe" && r[17] == "A")
+            .unwrap();
+        assert_eq!((a_csv[18].as_str(), a_csv[19].as_str()), ("A:4", "B:4"));
     }
 
     /// An arm that names its own guide CLIP is judged by the others: the probe CLIP that

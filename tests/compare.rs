@@ -158,6 +158,35 @@ fn compare_summary_matches_results_and_report_is_self_contained() {
     assert_eq!(checked, 4);
     let csv = std::fs::read_to_string(report_dir.join("summary.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + rows.len());
+    // One target: its breakdown row is the pooled targeted row with the top labels added.
+    let targets = summary["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2, "one per probe model");
+    for t in targets {
+        assert_eq!(t["label"], "Impressionism");
+        let pooled = rows
+            .iter()
+            .find(|r| r["model"] == t["model"] && r["targeted"] == true && r["probe"] == "style")
+            .unwrap();
+        for k in [
+            "n",
+            "mean_shift",
+            "wilcoxon_p",
+            "rank_biserial",
+            "flip_rate",
+        ] {
+            assert_eq!(t[k], pooled[k], "{k}");
+        }
+        let count = |m: &serde_json::Value| {
+            m.as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum::<u64>()
+        };
+        assert_eq!((count(&t["arm_top"]), count(&t["baseline_top"])), (6, 6));
+    }
+    let csv = std::fs::read_to_string(report_dir.join("targets.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + targets.len());
 
     // The report: no network, every referenced file exists.
     let html = std::fs::read_to_string(report_dir.join("report.html")).unwrap();

@@ -157,6 +157,30 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
                 );
             }
         }
+        let by_target: Vec<_> = summary
+            .targets
+            .iter()
+            .filter(|t| t.row.experiment == exp)
+            .collect();
+        let labels: std::collections::BTreeSet<&str> =
+            by_target.iter().map(|t| t.label.as_str()).collect();
+        // With one target the breakdown repeats the table above.
+        if labels.len() > 1 {
+            h.push_str("<h3>By target: which targets moved, and what the probe saw</h3>\n<table><tr><th>arm</th><th>probe</th><th>model</th><th>target</th><th>n</th><th>mean shift</th><th>95% CI</th><th>flip rate</th><th>Wilcoxon p</th><th>Holm p</th><th>top labels, guided</th><th>top labels, baseline</th></tr>\n");
+            for t in by_target {
+                let r = &t.row;
+                let _ = writeln!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td><td>[{}, {}]</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    escape(&r.arm), escape(&r.probe), escape(&r.model), escape(&r.role),
+                    escape(&t.label), r.n, fmt(r.mean_shift, 4), fmt(r.ci_low, 4),
+                    fmt(r.ci_high, 4), fmt(r.flip_rate, 3), fmt(r.wilcoxon_p, 4),
+                    fmt(r.wilcoxon_p_holm, 4), escape(&top_text(&t.arm_top)),
+                    escape(&top_text(&t.baseline_top))
+                );
+            }
+            h.push_str("</table>\n<p class=\"note\">Holm p here is adjusted over every row of this breakdown (a second family, apart from the pooled rows above). Top labels: how many images had each top label, most frequent first.</p>\n");
+        }
         let side: Vec<_> = rows.iter().filter(|r| !r.targeted).collect();
         if !side.is_empty() {
             h.push_str("<h3>Side effects: probes the target does not name</h3>\n<table><tr><th>arm</th><th>probe</th><th>model</th><th>n</th><th>mean KL (nats)</th><th>top label changed</th></tr>\n");
@@ -192,6 +216,15 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
     }
     h.push_str("</body></html>\n");
     Ok(h)
+}
+
+/// Top-label counts for a table cell: `Cubism 5, Baroque 1`.
+fn top_text(counts: &std::collections::BTreeMap<String, usize>) -> String {
+    crate::compare::by_count(counts)
+        .iter()
+        .map(|(l, c)| format!("{l} {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -235,6 +268,7 @@ mod tests {
             seed: 0,
             level: 0.95,
             rows,
+            targets: vec![],
         }
     }
 
@@ -255,6 +289,30 @@ mod tests {
         let h = html(&none, &summary(vec![row("e1", 2)]), Path::new("/tmp")).unwrap();
         assert!(
             h.contains("Rows with n &lt; 10 pairs") && !h.contains("tested rows"),
+            "{h}"
+        );
+    }
+
+    /// The breakdown by target shows only where an experiment has several targets, with the
+    /// top labels most frequent first.
+    #[test]
+    fn breakdown_by_target_where_targets_differ() {
+        let none = Loaded { runs: vec![] };
+        let target = |label: &str| crate::compare::TargetRow {
+            label: label.into(),
+            row: row("e1", 20),
+            arm_top: [("Cubism".to_string(), 2), ("Baroque".to_string(), 5)].into(),
+            baseline_top: [("Baroque".to_string(), 7)].into(),
+        };
+        let mut s = summary(vec![row("e1", 20)]);
+        s.targets = vec![target("Cubism")];
+        let h = html(&none, &s, Path::new("/tmp")).unwrap();
+        assert!(!h.contains("By target"), "{h}");
+        s.targets.push(target("Baroque"));
+        let h = html(&none, &s, Path::new("/tmp")).unwrap();
+        assert!(h.contains("<h3>By target"), "{h}");
+        assert!(
+            h.contains("<td>Baroque 5, Cubism 2</td><td>Baroque 7</td>"),
             "{h}"
         );
     }
