@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -293,6 +293,17 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
         // Before the long part: a bad labels file should not cost a probing pass.
         crate::probe::evaluate::check_labels(&paths, labels)?;
     }
+    let outputs: Vec<(&str, &Path)> = [("--out", &args.out), ("--csv", &args.csv)]
+        .into_iter()
+        .filter_map(|(flag, p)| Some((flag, p.as_deref()?)))
+        .collect();
+    let inputs: Vec<&Path> = paths
+        .iter()
+        .map(PathBuf::as_path)
+        .chain([args.suite.as_path()])
+        .chain(args.labels.as_deref())
+        .collect();
+    output::prepare_output_files(&outputs, &inputs)?;
     let opts = load_options(&args.run)?;
     let cache_root = args
         .cache
@@ -395,6 +406,23 @@ fn run_embed(args: &EmbedArgs, mode: ProgressMode) -> Result<()> {
     use crate::probe::embed::{self, ClipEncoder, OnError};
     let opts = load_options(&args.run)?;
     let paths = embed::collect_images(&args.images)?;
+    let list = match &args.list {
+        Some(l) => l.clone(),
+        None if args.out.extension().is_some_and(|e| e == "csv") => {
+            return Err(crate::Error::value(
+                "--out",
+                format!(
+                    "{}: the row list goes to the --out path with .csv by default, which is \
+                     this path; give --out a .npy name or --list another path",
+                    args.out.display()
+                ),
+            )
+            .into())
+        }
+        None => args.out.with_extension("csv"),
+    };
+    let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    output::prepare_output_files(&[("--out", &args.out), ("--list", &list)], &inputs)?;
     let enc = ClipEncoder::load(&args.clip, &opts.hub, opts.dtype, &opts.device)?;
     let progress = Progress::new(mode, paths.len() as u64, "embedding");
     let on_error = match args.on_error {
@@ -410,10 +438,6 @@ fn run_embed(args: &EmbedArgs, mode: ProgressMode) -> Result<()> {
         &progress,
     )?;
     progress.finish();
-    let list = args
-        .list
-        .clone()
-        .unwrap_or_else(|| args.out.with_extension("csv"));
     let rows: Vec<Vec<String>> = kept
         .iter()
         .enumerate()
@@ -435,6 +459,9 @@ fn run_separate(args: &SeparateArgs, mode: ProgressMode) -> Result<()> {
         ..Default::default()
     };
     opts.logistic.c = args.c;
+    if let Some(path) = &args.scores {
+        output::prepare_output_files(&[("--scores", path)], &[&args.class_a, &args.class_b])?;
+    }
     let sep = crate::probe::linear::separate_files(&args.class_a, &args.class_b, &opts)?;
     if let Some(path) = &args.scores {
         sep.write_scores_csv(path, &args.label_a, &args.label_b)?;

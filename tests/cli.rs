@@ -437,6 +437,81 @@ fn a_closed_pipe_is_not_a_crash() {
     assert!(o.stderr.is_empty(), "{}", stderr(&o));
 }
 
+/// An output path that is an input or another output is refused before any work, and the
+/// file stays as it was; an output's missing folder is made.
+#[test]
+fn outputs_never_replace_inputs_or_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("in.png");
+    std::fs::copy(clip_fixture("images/img0_37x23_rgb.png"), &img).unwrap();
+    let class_a = tmp.path().join("a.npy");
+    std::fs::copy(emb("a.npy"), &class_a).unwrap();
+    let before = (
+        std::fs::read(&img).unwrap(),
+        std::fs::read(&class_a).unwrap(),
+    );
+    let embed = |out: &Path, list: Option<&Path>| {
+        let mut c = bin();
+        c.args(["--quiet", "embed", "--clip"])
+            .arg(clip_fixture("tiny-clip-a"))
+            .arg("--out")
+            .arg(out);
+        if let Some(l) = list {
+            c.arg("--list").arg(l);
+        }
+        c.arg(&img).output().unwrap()
+    };
+    let npy = tmp.path().join("e.npy");
+    let o = embed(&npy, Some(&img));
+    assert_says(&o, false, &["--list", "in.png is one of the inputs"]);
+    let o = embed(&npy, Some(&npy));
+    assert_says(&o, false, &["--list", "e.npy is also the --out output"]);
+    // The default row list is the --out path with .csv: a .csv --out would be both.
+    let o = embed(&tmp.path().join("e.csv"), None);
+    assert_says(&o, false, &["--out", "e.csv", "give --out a .npy name"]);
+    let o = bin()
+        .args(["--quiet", "separate", "--class-a"])
+        .arg(&class_a)
+        .arg("--class-b")
+        .arg(emb("b.npy"))
+        .arg("--scores")
+        .arg(tmp.path().join(".").join("a.npy"))
+        .output()
+        .unwrap();
+    assert_says(&o, false, &["--scores", "a.npy is one of the inputs"]);
+    let probe = |out: &Path, csv: &Path| {
+        bin()
+            .args(["--quiet", "probe", "--clip"])
+            .arg(clip_fixture("tiny-clip-a"))
+            .arg("--suite")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/art.yaml"))
+            .arg("--out")
+            .arg(out)
+            .arg("--csv")
+            .arg(csv)
+            .arg("--no-cache")
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    let same = tmp.path().join("r.json");
+    let o = probe(&same, &same);
+    assert_says(&o, false, &["--csv", "r.json is also the --out output"]);
+    assert!(!same.exists());
+    assert_eq!(
+        (
+            std::fs::read(&img).unwrap(),
+            std::fs::read(&class_a).unwrap()
+        ),
+        before
+    );
+    // Folders that do not exist yet are made before the work.
+    let (out, csv) = (tmp.path().join("new/r.json"), tmp.path().join("new2/r.csv"));
+    let o = probe(&out, &csv);
+    assert_says(&o, true, &[]);
+    assert!(out.is_file() && csv.is_file());
+}
+
 fn emb(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/embeddings")

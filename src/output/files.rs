@@ -272,6 +272,73 @@ pub fn prepare_output_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What makes two paths one file: its device and inode where there are such (symbolic and
+/// hard links alike), else its canonical path; for a file that does not exist yet, its
+/// folder's canonical path and its name.
+pub fn file_identity(path: &Path) -> (u64, u64, PathBuf) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = fs::metadata(path) {
+            return (m.dev(), m.ino(), PathBuf::new());
+        }
+    }
+    if let Ok(c) = fs::canonicalize(path) {
+        return (0, 0, c);
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (fs::canonicalize(parent), path.file_name()) {
+        (Ok(dir), Some(name)) => (0, 0, dir.join(name)),
+        _ => (0, 0, path.to_path_buf()),
+    }
+}
+
+/// Prepares a command's output files before its work, so a bad path costs nothing: refuses
+/// an output path that is a folder, one of the `inputs`, or another output (either would be
+/// overwritten and lost), and creates each output's folder, proving it writable. `outputs`
+/// are (flag, path), the flag naming the output in errors.
+pub fn prepare_output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Result<()> {
+    let inputs: Vec<_> = inputs.iter().map(|p| file_identity(p)).collect();
+    let mut seen: Vec<(&str, (u64, u64, PathBuf))> = Vec::new();
+    for &(flag, path) in outputs {
+        if path.is_dir() {
+            return Err(Error::file(
+                path,
+                format!("is a folder; {flag} expects a file path"),
+            ));
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        prepare_output_dir(dir)?;
+        let id = file_identity(path);
+        if let Some((other, _)) = seen.iter().find(|(_, s)| *s == id) {
+            return Err(Error::value(
+                flag,
+                format!(
+                    "{} is also the {other} output; give each output its own path",
+                    path.display()
+                ),
+            ));
+        }
+        if inputs.contains(&id) {
+            return Err(Error::value(
+                flag,
+                format!(
+                    "{} is one of the inputs; writing it would destroy that input",
+                    path.display()
+                ),
+            ));
+        }
+        seen.push((flag, id));
+    }
+    Ok(())
+}
+
 /// Computes the sha256 of a file, streaming; lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;

@@ -22,8 +22,8 @@ mod pngio;
 mod sidecar;
 
 pub use files::{
-    check_output_dir, next_free_stem, prepare_output_dir, sha256_file, short_hash, write_atomic,
-    OutputSet,
+    check_output_dir, file_identity, next_free_stem, prepare_output_dir, prepare_output_files,
+    sha256_file, short_hash, write_atomic, OutputSet,
 };
 pub use images::{load_image_rgb, load_image_rgb8, tensor_to_rgb8, tensors_safetensors};
 pub use params::{

@@ -356,20 +356,6 @@ struct Matched<'a> {
     rows: Vec<(&'a str, Vec<Option<&'a str>>)>,
 }
 
-/// What makes two paths one file: its device and inode where there are such (symbolic and
-/// hard links alike), else its canonical path.
-fn file_identity(path: &Path) -> (u64, u64, std::path::PathBuf) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(m) = std::fs::metadata(path) {
-            return (m.dev(), m.ino(), std::path::PathBuf::new());
-        }
-    }
-    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    (0, 0, canonical)
-}
-
 /// Matches the rows of `scores` with the ratings tables (one per rater) on the key column,
 /// keeping those whose score and at least one rating are values (`is_value`, described as
 /// `kind` in errors). Errors name the file and column at fault: an unknown column (listing
@@ -387,7 +373,7 @@ fn match_rows<'a>(
     // One file given twice would count as two raters in perfect agreement.
     let mut given = HashMap::new();
     for t in raters {
-        if let Some(first) = given.insert(file_identity(&t.path), &t.path) {
+        if let Some(first) = given.insert(crate::output::file_identity(&t.path), &t.path) {
             return Err(Error::file(
                 &t.path,
                 format!(
