@@ -169,6 +169,8 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
                     ))
                     .unwrap_or_default()
             ),
+            // A setting the model refuses (a size it cannot make) fails the real run too.
+            Err(e @ crate::Error::Field { .. }) => return Err(e.into()),
             Err(e) => out!("estimated time: unavailable ({e})"),
         }
         return Ok(None);
@@ -769,7 +771,12 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         latents,
         guide: None,
     };
-    generate::validate(&model, &gopts)?;
+    generate::validate(&model, &gopts).map_err(|e| match (e, &args.init_image) {
+        (crate::Error::Value { name, message }, Some(p)) if name == "init-image" => {
+            anyhow::anyhow!("--init-image {}: {message}", p.display())
+        }
+        (e, _) => e.into(),
+    })?;
     let mut gopts = gopts;
     if let Some(cfg) = guidance.filter(GuidanceConfig::is_active) {
         loading.event(

@@ -81,6 +81,12 @@ pub fn load_latents(path: &Path, expect: (usize, usize, usize)) -> Result<Tensor
 /// Checks options against the model before any work starts.
 pub fn validate(model: &SdModel, opts: &GenerateOptions) -> Result<(usize, usize, usize)> {
     check_counts(opts.steps, opts.num_images, opts.guidance_scale)?;
+    if !opts.eta.is_finite() || opts.eta < 0.0 {
+        return Err(Error::value(
+            "eta",
+            format!("{}: expected a finite number >= 0", opts.eta),
+        ));
+    }
     let shape = model.latent_shape(opts.width, opts.height)?;
     if let Some(l) = &opts.latents {
         if l.dim(0)? < opts.num_images {
@@ -99,7 +105,11 @@ pub fn validate(model: &SdModel, opts: &GenerateOptions) -> Result<(usize, usize
         if (w, h) != (opts.width, opts.height) {
             return Err(Error::value(
                 "init-image",
-                format!("is {w}x{h}; expected {}x{}", opts.width, opts.height),
+                format!(
+                    "is {w}x{h}, but the images are {}x{} (width x height); the init image is \
+                     not resized: resize it or leave the size unset",
+                    opts.width, opts.height
+                ),
             ));
         }
         schedulers::img2img_start_index(opts.steps, opts.strength)?;

@@ -353,6 +353,23 @@ fn cheap_mistakes_are_named_before_any_work() {
     );
     assert_says(&o, false, &["invalid width: 33"]);
     assert!(!stderr(&o).contains("--init-image"), "{}", stderr(&o));
+    // A fitting init image of another size than --width x --height is named, with both sizes.
+    let o = generate(
+        &tiny(),
+        &fresh,
+        &[
+            "--init-image",
+            out.join("00000-5.png").to_str().unwrap(),
+            "--width",
+            "64",
+        ],
+    );
+    assert_says(
+        &o,
+        false,
+        &["--init-image", "00000-5.png: is 32x32", "64x32"],
+    );
+    assert!(!fresh.exists());
     #[cfg(target_os = "linux")]
     {
         // An output folder that cannot be made fails before the model runs.

@@ -451,11 +451,34 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             .replace("text: \"{target}\"", "text: \"{subject}\""),
             vec!["s01", "empty text"],
         ),
+        (
+            "negative eta",
+            good.replace("  steps: 4\n", "  steps: 4\n  eta: -1\n"),
+            vec!["generation.eta", "-1", ">= 0"],
+        ),
+        (
+            "zero width",
+            good.replace("width: 32", "width: 0"),
+            vec!["generation.width", "positive image size"],
+        ),
+        (
+            "a folder as init image",
+            good.replace("  steps: 4\n", "  steps: 4\n  init_image: ../assets\n"),
+            vec!["generation.init_image", "is a folder"],
+        ),
         // Found only once the model is loaded, still before anything is written.
         (
             "size off the latent grid",
             good.replace("width: 32", "width: 33"),
-            vec!["width", "33"],
+            vec!["generation.width", "33"],
+        ),
+        (
+            "init image of another size",
+            good.replace(
+                "  steps: 4\n",
+                "  steps: 4\n  init_image: ../assets/swirls.png\n",
+            ),
+            vec!["generation.init_image", "swirls.png", "not resized"],
         ),
         (
             "not a model folder",
@@ -544,6 +567,14 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         "{text}"
     );
     assert!(!out.exists());
+    // A size the model cannot make fails the dry run as it would the run.
+    let off_grid = good.replace("width: 32", "width: 33");
+    let o = run_text("dry-off-grid", &off_grid, &out, &["--dry-run"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("generation.width"),
+        "{}",
+        stderr(&o)
+    );
     // An img2img plan counts the steps each image really runs, not the whole schedule.
     let text = std::fs::read_to_string(smoke("compare")).unwrap().replace(
         "  steps: 4\n",

@@ -324,10 +324,31 @@ impl LoadedRecipe {
         Error::field(&self.path, field, msg)
     }
 
+    /// An error about a generation option (`width`, `init-image`, `eta`...) as an error of
+    /// the recipe's `generation` field that set it; other errors unchanged.
+    pub fn generation_error(&self, e: Error) -> Error {
+        match e {
+            Error::Value { name, message } => {
+                let field = name.replace('-', "_");
+                let message = match (&self.recipe.generation.init_image, field.as_str()) {
+                    (Some(p), "init_image") => format!("{}: {message}", p.display()),
+                    _ => message,
+                };
+                self.field_err(format!("generation.{field}"), message)
+            }
+            e => e,
+        }
+    }
+
     fn must_exist(&self, field: &str, p: &Path) -> Result<()> {
         let r = self.resolve(p);
         if r.is_file() {
             Ok(())
+        } else if r.is_dir() {
+            Err(self.field_err(
+                field,
+                format!("{}: is a folder; expected a file", p.display()),
+            ))
         } else {
             Err(self.field_err(
                 field,
@@ -363,6 +384,20 @@ impl LoadedRecipe {
                 "generation.guidance_scale",
                 format!("{}: expected a finite number >= 0", g.guidance_scale),
             ));
+        }
+        if !(g.eta.is_finite() && g.eta >= 0.0) {
+            return Err(self.field_err(
+                "generation.eta",
+                format!("{}: expected a finite number >= 0", g.eta),
+            ));
+        }
+        for (field, v) in [
+            ("generation.width", g.width),
+            ("generation.height", g.height),
+        ] {
+            if v == Some(0) {
+                return Err(self.field_err(field, "0: expected a positive image size in pixels"));
+            }
         }
         g.scheduler
             .parse::<crate::schedulers::SchedulerChoice>()

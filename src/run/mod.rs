@@ -587,7 +587,7 @@ pub fn execute(
             .filter(|it| arms.insert((it.experiment.as_str(), it.arm.as_str())))
         {
             let gopts = item_options(recipe, m, it, opts)?;
-            generate::validate(&m.sd, &gopts)?;
+            generate::validate(&m.sd, &gopts).map_err(|e| recipe.generation_error(e))?;
             crate::resources::check(&m.sd, &gopts)?;
         }
         // A resumed run must finish with the scheduler it started with: `auto` resolves from
@@ -1032,7 +1032,9 @@ pub fn estimate(
         g.width.unwrap_or_else(|| sd.default_size()),
         g.height.unwrap_or_else(|| sd.default_size()),
     );
-    let (c, lh, lw) = sd.latent_shape(w, h)?;
+    let (c, lh, lw) = sd
+        .latent_shape(w, h)
+        .map_err(|e| recipe.generation_error(e))?;
     let batch = if g.guidance_scale > 1.0 { 2 } else { 1 };
     let x = NoiseGen::new(0, Stream::InitialLatents)
         .randn(&[batch, c, lh, lw])?
