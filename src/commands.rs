@@ -243,31 +243,40 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
         out!("{}", serde_json::to_string(&summary)?);
         return Ok(());
     }
-    if mode == ProgressMode::Bar {
-        out!(
-            "| experiment | arm | probe | judge | n | mean shift [{:.0}% CI] | flip | Wilcoxon p | Holm p | r |",
-            summary.level * 100.0
+    if summary.unpaired > 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: {} guided images have no baseline in their cell among these runs and are \
+             not compared; give the run folders that hold their baselines too",
+            summary.unpaired
         );
-        out!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-        for r in summary.rows.iter().filter(|r| r.targeted) {
-            out!(
-                "| {} | {} | {} | {} | {} | {:+.4} [{:+.4}, {:+.4}] | {:.2} | {:.4} | {:.4} | {:+.2} |",
-                r.experiment,
-                r.arm,
-                r.probe,
-                r.role,
-                r.n,
-                r.mean_shift.unwrap_or(f64::NAN),
-                r.ci_low.unwrap_or(f64::NAN),
-                r.ci_high.unwrap_or(f64::NAN),
-                r.flip_rate.unwrap_or(f64::NAN),
-                r.wilcoxon_p.unwrap_or(f64::NAN),
-                r.wilcoxon_p_holm.unwrap_or(f64::NAN),
-                r.rank_biserial.unwrap_or(f64::NAN)
-            );
-        }
+    }
+    // The table is the result: printed with --quiet too (only the file list is progress).
+    out!(
+        "| experiment | arm | probe | judge | n | mean shift [{:.0}% CI] | flip | Wilcoxon p | Holm p | r |",
+        summary.level * 100.0
+    );
+    out!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in summary.rows.iter().filter(|r| r.targeted) {
+        out!(
+            "| {} | {} | {} | {} | {} | {:+.4} [{:+.4}, {:+.4}] | {:.2} | {:.4} | {:.4} | {:+.2} |",
+            r.experiment,
+            r.arm,
+            r.probe,
+            r.role,
+            r.n,
+            r.mean_shift.unwrap_or(f64::NAN),
+            r.ci_low.unwrap_or(f64::NAN),
+            r.ci_high.unwrap_or(f64::NAN),
+            r.flip_rate.unwrap_or(f64::NAN),
+            r.wilcoxon_p.unwrap_or(f64::NAN),
+            r.wilcoxon_p_holm.unwrap_or(f64::NAN),
+            r.rank_biserial.unwrap_or(f64::NAN)
+        );
+    }
+    if mode == ProgressMode::Bar {
         for f in files {
-            out!("wrote {}", f.display());
+            let _ = writeln!(std::io::stderr(), "wrote {}", f.display());
         }
     }
     Ok(())

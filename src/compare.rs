@@ -597,6 +597,17 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         });
         groups[k].1.push((it, base));
     }
+    if groups.is_empty() {
+        return Err(Error::Msg(if unpaired > 0 {
+            format!(
+                "none of the {unpaired} guided images has a baseline in its cell among these \
+                 runs; give the run folders that hold the baselines too (a shard may hold \
+                 only some arms)"
+            )
+        } else {
+            "these runs hold no guided images, only baselines: nothing to compare".into()
+        }));
+    }
     let mut models: Vec<String> = items
         .iter()
         .flat_map(|i| i.probes.keys().cloned())
@@ -1026,6 +1037,28 @@ mod tests {
             let want = if r.probe == "style" { 0.25 } else { 0.5 };
             assert_eq!(r.wilcoxon_p_holm, Some(want), "{r:?}");
         }
+    }
+
+    /// Guided images without their baselines (a shard of guided arms) compare nothing: an
+    /// error that says where the baselines are, not an empty report.
+    #[test]
+    fn no_pairs_is_an_error() {
+        let items = vec![
+            item("s0", "g", ("style", "A"), Some("a"), 0.6),
+            item("s1", "g", ("style", "A"), Some("a"), 0.6),
+        ];
+        let err = compare(&loaded(vec![run("sd", items)]), &CompareOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("none of the 2 guided images has a baseline"),
+            "{err}"
+        );
+        let items = vec![item("s0", "baseline", ("style", "A"), None, 0.6)];
+        let err = compare(&loaded(vec![run("sd", items)]), &CompareOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no guided images"), "{err}");
     }
 
     /// Two style targets in one experiment: the pooled row mixes them, the breakdown tells

@@ -50,6 +50,20 @@ fn compare_summary_matches_results_and_report_is_self_contained() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // The table is the result: --quiet keeps it (on stdout) and drops only the file list.
+    let o = bin()
+        .args(["--quiet", "compare"])
+        .arg(&run)
+        .arg("--out")
+        .arg(tmp.path().join("quiet"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
+    assert!(
+        table.contains("| style | clip-text | style | probe | 6 |"),
+        "{table}"
+    );
     let on_disk: serde_json::Value =
         serde_json::from_slice(&std::fs::read(report_dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary, on_disk);
