@@ -162,8 +162,8 @@ pub struct RecipeArgs {
     /// Run folder (default: outputs/<recipe name>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Run only shard I of N (plan items with index % N == I), e.g. `--shard 0/4`.
-    #[arg(long)]
+    /// Run only shard I of N (whole grid cells, every N-th from the I-th), e.g. `--shard 0/4`.
+    #[arg(long, allow_hyphen_values = true)]
     pub shard: Option<String>,
     /// Print the plan (images, steps, estimated time) and stop.
     #[arg(long)]

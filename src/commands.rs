@@ -143,7 +143,10 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
             out.display()
         );
         for e in &recipe.recipe.experiments {
-            let n = plan.items.iter().filter(|i| i.experiment == e.name).count();
+            let n = shard_items
+                .iter()
+                .filter(|i| i.experiment == e.name)
+                .count();
             out!(
                 "  {}: {n} images, arms: {}",
                 e.name,

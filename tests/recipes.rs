@@ -309,8 +309,8 @@ fn shards_merge_into_the_unsharded_run() {
         serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap()
     };
     let items_in = |dir: &Path| results(dir)["items"].as_array().unwrap().len();
-    // Items are in plan order, and shard 1/2 holds the odd positions.
-    let other = whole.join(results(&whole)["items"][1]["image"].as_str().unwrap());
+    // Items are in plan order, two arms per cell, and shard 1/2 holds the odd cells.
+    let other = whole.join(results(&whole)["items"][2]["image"].as_str().unwrap());
     let before = items_in(&whole);
     std::fs::remove_file(&other).unwrap();
     let o = run(&recipe, &whole, &["--shard", "0/2"]);

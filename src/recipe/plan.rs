@@ -14,8 +14,11 @@ use crate::{Error, Result};
 /// One image to make.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PlanItem {
-    /// Position in the plan (shards split by it).
+    /// Position in the plan.
     pub index: usize,
+    /// Position of the item's grid cell in the plan (over all experiments): shards split by
+    /// it, so a cell's baseline and arms stay together.
+    pub cell_index: usize,
     /// `experiment/cell/arm`.
     pub id: String,
     pub experiment: String,
@@ -88,6 +91,7 @@ impl Plan {
     /// Expands a checked recipe; target labels are checked against the suite.
     pub fn new(r: &LoadedRecipe, suite: &Suite) -> Result<Self> {
         let mut items = Vec::new();
+        let mut cells = 0;
         for (i, e) in r.recipe.experiments.iter().enumerate() {
             let ts = targets(e);
             for (j, t) in ts.iter().enumerate() {
@@ -122,6 +126,8 @@ impl Plan {
                 for (ti, target) in ts.iter().enumerate() {
                     for seed in e.seeds.values() {
                         let cell = format!("s{si:02}-t{ti:02}-seed{seed}");
+                        let cell_index = cells;
+                        cells += 1;
                         for arm in &e.arms {
                             let guidance = arm
                                 .guidance
@@ -130,6 +136,7 @@ impl Plan {
                                 .transpose()?;
                             items.push(PlanItem {
                                 index: items.len(),
+                                cell_index,
                                 id: format!("{}/{cell}/{}", e.name, arm.name),
                                 experiment: e.name.clone(),
                                 cell: cell.clone(),
@@ -149,7 +156,9 @@ impl Plan {
         Ok(Plan { items })
     }
 
-    /// The items of shard `i` of `n` (by plan index modulo n).
+    /// The items of shard `i` of `n`: whole grid cells, by cell position modulo n, so every
+    /// shard pairs its guided images with their baselines and gets a like share of the
+    /// (slower) guided work.
     pub fn shard(&self, i: usize, n: usize) -> Vec<&PlanItem> {
         self.items.iter().filter(|it| it.in_shard(i, n)).collect()
     }
@@ -158,7 +167,7 @@ impl Plan {
 impl PlanItem {
     /// Whether the item belongs to shard `i` of `n`.
     pub fn in_shard(&self, i: usize, n: usize) -> bool {
-        self.index % n == i
+        self.cell_index % n == i
     }
 }
 

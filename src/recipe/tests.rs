@@ -52,6 +52,18 @@ fn plan_is_the_grid_in_order_with_shared_cells() {
     let mut all: Vec<&str> = plan.items.iter().map(|i| i.id.as_str()).collect();
     all.sort();
     assert_eq!(ids, all);
+    // Shards hold whole cells: with two arms and two shards, each shard pairs its guided
+    // images with their baselines (by item index, one shard would get every baseline).
+    for i in 0..2 {
+        let shard = plan.shard(i, 2);
+        assert_eq!(shard.len(), 8);
+        assert_eq!(shard.iter().filter(|it| it.baseline).count(), 4);
+        for it in &shard {
+            assert!(shard
+                .iter()
+                .any(|o| o.cell == it.cell && o.baseline != it.baseline));
+        }
+    }
 }
 
 #[test]
