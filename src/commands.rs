@@ -208,14 +208,21 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
             e if !started => anyhow::Error::new(e),
             // The folder's run is not this one's to finish: resuming would not help.
             e @ crate::Error::NotResumable { .. } => anyhow::Error::new(e),
-            crate::Error::Interrupted => anyhow::Error::new(e).context(format!(
-                "run stopped; finished images are kept in {}: run the same command to resume",
-                out.display()
-            )),
-            e => anyhow::Error::new(e).context(format!(
-                "run stopped; finished images are kept in {}: fix the cause and run the same command to resume",
-                out.display()
-            )),
+            crate::Error::Interrupted => anyhow::Error::new(WithAdvice {
+                cause: e,
+                advice: format!(
+                    "finished images are kept in {}: run the same command to resume",
+                    out.display()
+                ),
+            }),
+            e => anyhow::Error::new(WithAdvice {
+                cause: e,
+                advice: format!(
+                    "run stopped; finished images are kept in {}: fix the cause and run the \
+                     same command to resume",
+                    out.display()
+                ),
+            }),
         }
     })?;
     progress.finish();
@@ -1084,6 +1091,26 @@ fn check_seed(seed: u64, num_images: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// An error followed by what to do about it, in that order on the error line; the cause
+/// stays in the chain (an interrupted run still exits 130).
+#[derive(Debug)]
+struct WithAdvice {
+    cause: crate::Error,
+    advice: String,
+}
+
+impl std::fmt::Display for WithAdvice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {}", self.cause, self.advice)
+    }
+}
+
+impl std::error::Error for WithAdvice {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
 }
 
 /// Paths as JSON strings; `json!` on a path panics when it is not UTF-8.

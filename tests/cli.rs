@@ -296,6 +296,19 @@ fn cheap_mistakes_are_named_before_any_work() {
         &out,
         &["--seed 18446744073709551615", "seed + num-images - 1"],
     );
+    // With --json, the failure is also the last JSON line on stdout.
+    let o = bin()
+        .args(["--json", "generate", "--prompt", "x", "--model"])
+        .arg(tmp.path().join("nope"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(last["event"], "error");
+    assert_eq!(last["interrupted"], false);
+    assert!(last["message"].as_str().unwrap().contains("nope"), "{last}");
     // An I/O cause is said once, not repeated by the error chain.
     let o = generate(&tiny(), &out, &["--init-image", "nope.png"]);
     let err = stderr(&o);

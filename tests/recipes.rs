@@ -860,8 +860,11 @@ fn ctrl_c_stops_cleanly_and_says_how_to_resume() {
         eprintln!("run finished before SIGINT");
     } else {
         assert_eq!(o.status.code(), Some(130), "{err}");
+        // The cause first, then what to do about it.
+        let last = err.trim_end().lines().last().unwrap_or("");
         assert!(
-            err.contains("interrupted") && err.contains("resume"),
+            last.starts_with("error: interrupted (Ctrl-C)")
+                && last.ends_with("run the same command to resume"),
             "{err}"
         );
         assert!(!err.contains("panicked"), "{err}");
