@@ -55,13 +55,53 @@ impl Cli {
                 }
             }
         }
-        let matches = cmd.try_get_matches_from_mut(args)?;
+        let matches = cmd
+            .try_get_matches_from_mut(args)
+            .map_err(|e| explain_negative(&mut cmd, e))?;
         if let Some((name, sub)) = matches.subcommand() {
             if let Some(sub_cmd) = cmd.find_subcommand_mut(name) {
                 refuse_flags_as_text(sub_cmd, sub)?;
             }
         }
         Self::from_arg_matches(&matches)
+    }
+}
+
+/// A negative or fractional number given to a count option (`--steps -1`, `--seed -1`,
+/// `--cutouts 2.5`): clap's "invalid digit found in string" becomes what was expected.
+fn explain_negative(cmd: &mut clap::Command, e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let (Some(arg), Some(value)) = (
+        text(ContextKind::InvalidArg),
+        text(ContextKind::InvalidValue),
+    ) else {
+        return e;
+    };
+    let integer = e.to_string().contains("invalid digit found in string");
+    if e.kind() != ErrorKind::ValueValidation || !integer {
+        return e;
+    }
+    let hint = if arg.starts_with("--seed") && value.starts_with('-') {
+        " (there is no random seed: every image's seed is explicit, so it can be made again)"
+    } else {
+        ""
+    };
+    cmd.error(
+        ErrorKind::ValueValidation,
+        format!("invalid value '{value}' for '{arg}': expected a whole number >= 0{hint}"),
+    )
+}
+
+/// A count that must be at least 1 (a batch size, a number of repetitions).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0: expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}`: expected a whole number >= 1")),
     }
 }
 
@@ -235,7 +275,7 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub labels: Option<PathBuf>,
     /// k of the top-k accuracy.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, requires = "labels", value_parser = at_least_one)]
     pub top_k: usize,
     /// Embedding cache folder (default: $XDG_CACHE_HOME/artguide/clip-embeddings).
     #[arg(long)]
@@ -463,6 +503,11 @@ pub struct GenerateArgs {
 /// CLIP and style guidance options of `artguide generate`.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "CLIP and style guidance")]
+// What guides: the other guidance options only tune these, so given alone they are refused
+// rather than silently unused.
+#[command(group = clap::ArgGroup::new("guides").multiple(true).args(
+    ["clip_prompts", "clip_image", "style_image", "tv_weight", "range_weight"]))]
+#[command(group = clap::ArgGroup::new("clip_targets").multiple(true).args(["clip_prompts", "clip_image"]))]
 pub struct GuidanceArgs {
     /// Guide CLIP: a transformers CLIPModel folder or hub id (e.g. openai/clip-vit-base-patch32).
     #[arg(long)]
@@ -475,25 +520,25 @@ pub struct GuidanceArgs {
     #[arg(long)]
     pub clip_image: Option<PathBuf>,
     /// Weight of --clip-image relative to the text targets.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, requires = "clip_image")]
     pub clip_image_weight: f64,
     /// Scale of the CLIP text/image loss (0 samples exactly as unguided).
-    #[arg(long, default_value_t = crate::guidance::DEFAULT_SCALE)]
+    #[arg(long, default_value_t = crate::guidance::DEFAULT_SCALE, requires = "clip_targets")]
     pub clip_guidance_scale: f64,
     /// Random cutouts per guided step (0: one centred view of the whole image).
-    #[arg(long, default_value_t = crate::guidance::DEFAULT_CUTOUTS)]
+    #[arg(long, default_value_t = crate::guidance::DEFAULT_CUTOUTS, requires = "guides")]
     pub cutouts: usize,
     /// Guide every k-th step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, requires = "guides")]
     pub guide_every: usize,
     /// Start of the guided range, as a fraction of the steps.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, requires = "guides")]
     pub guide_start: f64,
     /// End of the guided range, as a fraction of the steps.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, requires = "guides")]
     pub guide_end: f64,
     /// Clamp each element of the guidance gradient to [-F, F].
-    #[arg(long)]
+    #[arg(long, requires = "guides")]
     pub guide_clamp: Option<f64>,
     /// Total-variation penalty weight on the decoded image.
     #[arg(long, default_value_t = 0.0)]
@@ -517,14 +562,14 @@ pub struct GuidanceArgs {
     #[arg(long, default_value_t = 0.0, requires = "style_image")]
     pub content_weight: f64,
     /// Decoder the guidance gradient goes through: vae, taesd or linear.
-    #[arg(long, default_value = "vae")]
+    #[arg(long, default_value = "vae", requires = "guides")]
     pub guidance_decoder: String,
     /// TAESD folder or hub id for --guidance-decoder taesd; auto: madebyollin/taesdxl for SDXL-style
     /// models, madebyollin/taesd otherwise.
-    #[arg(long, default_value = crate::guidance::DEFAULT_TAESD)]
+    #[arg(long, default_value = crate::guidance::DEFAULT_TAESD, requires = "guides")]
     pub taesd: String,
     /// Skip (with a warning) a guided step whose gradient is NaN/inf instead of stopping.
-    #[arg(long)]
+    #[arg(long, requires = "guides")]
     pub skip_nonfinite_guidance: bool,
 }
 
@@ -576,6 +621,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("'-1'") && err.contains("--steps"), "{err}");
+        assert!(err.contains("expected a whole number >= 0"), "{err}");
+        let err = Cli::try_parse_args(["artguide", "generate", "--prompt", "x", "--seed", "-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("there is no random seed"), "{err}");
+        let err =
+            Cli::try_parse_args(["artguide", "generate", "--prompt", "x", "--cutouts", "2.5"])
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("'2.5'") && err.contains("whole number"),
+            "{err}"
+        );
+        // Options that only tune guidance are refused without anything to guide toward.
+        let base = ["artguide", "generate", "--model", "m", "--prompt", "x"];
+        let with =
+            |extra: &[&str]| Cli::try_parse_args(base.iter().chain(extra).copied()).map(|_| ());
+        let err = with(&["--clip-guidance-scale", "300"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--clip-prompt"), "{err}");
+        assert!(with(&["--guidance-decoder", "taesd", "--cutouts", "2"]).is_err());
+        assert!(with(&["--tv-weight", "1", "--guide-end", "0.5"]).is_ok());
+        assert!(with(&["--clip-prompt", "a", "--clip-guidance-scale", "300"]).is_ok());
+        assert!(with(&["--clip-image-weight", "2", "--clip-prompt", "a"]).is_err());
+        // Counts that must be at least 1, and top-k only with labels to score.
+        let err = Cli::try_parse_args([
+            "artguide", "embed", "--clip", "c", "--out", "e.npy", "--batch", "0", "i.png",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--batch") && err.contains("at least 1"),
+            "{err}"
+        );
+        let err = Cli::try_parse_args([
+            "artguide", "probe", "--clip", "c", "--suite", "s", "--top-k", "2", "i.png",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--labels"), "{err}");
         // A negative float reaches the option's own checks instead of the flag parser.
         let cli = Cli::try_parse_args([
             "artguide", "generate", "--model", "m", "--prompt", "x", "--eta", "-1",

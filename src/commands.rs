@@ -308,6 +308,7 @@ fn run_merge(args: &crate::cli::MergeArgs, mode: ProgressMode) -> Result<()> {
 fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     use crate::probe::embed::{self, ClipEncoder, OnError};
     use crate::probe::runner::{self, EmbeddingCache};
+    check_batch(args.batch)?;
     let suite = crate::probe::suite::Suite::load(&args.suite)?;
     let paths = embed::collect_images(&args.images)?;
     if let Some(labels) = &args.labels {
@@ -425,6 +426,7 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
 
 fn run_embed(args: &EmbedArgs, mode: ProgressMode) -> Result<()> {
     use crate::probe::embed::{self, ClipEncoder, OnError};
+    check_batch(args.batch)?;
     let opts = load_options(&args.run)?;
     let paths = embed::collect_images(&args.images)?;
     let list = match &args.list {
@@ -695,6 +697,13 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         None => None,
     };
     let loading = Progress::new(mode, 0, "");
+    if guidance.as_ref().is_some_and(|g| !g.is_active()) {
+        // Scale or weights of 0 are a valid ablation, but rarely meant when a target is given.
+        loading.warn(
+            "guidance is off: every guidance term has scale or weight 0, so the image is the unguided one",
+            serde_json::json!({"event": "ignored", "option": "guidance", "reason": "all weights 0"}),
+        );
+    }
     loading.event(
         "loading model…",
         serde_json::json!({"event": "loading", "model": args.model.as_deref().or(args.random_weights.as_deref())}),
@@ -1111,6 +1120,14 @@ impl std::error::Error for WithAdvice {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.cause)
     }
+}
+
+/// Refuses `--batch 0` (it would otherwise be read as 1).
+fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        anyhow::bail!("--batch 0: expected at least 1");
+    }
+    Ok(())
 }
 
 /// Paths as JSON strings; `json!` on a path panics when it is not UTF-8.

@@ -324,6 +324,28 @@ fn cheap_mistakes_are_named_before_any_work() {
     // An option the chosen scheduler ignores is said, not silently dropped.
     let o = generate(&tiny(), &out, &["--scheduler", "euler", "--eta", "0.5"]);
     assert_says(&o, true, &["--eta 0.5 is ignored: it applies to DDIM only"]);
+    // A batch of 0 is refused, not read as 1.
+    let o = bin()
+        .args([
+            "embed", "--clip", "c", "--out", "e.npy", "--batch", "0", "i.png",
+        ])
+        .output()
+        .unwrap();
+    assert_says(&o, false, &["--batch 0: expected at least 1"]);
+    // Guidance whose every weight is 0 is an ablation, said so rather than silently unguided.
+    let o = bin()
+        .args(["--quiet", "generate", "--model"])
+        .arg(tiny())
+        .args([
+            "--prompt", "x", "--steps", "1", "--width", "32", "--height", "32",
+        ])
+        .arg("--clip")
+        .arg(clip_fixture("tiny-clip-a"))
+        .args(["--clip-prompt", "a harbour:0", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_says(&o, true, &["guidance is off"]);
     // A prompt longer than the text encoder reads is said to be cut.
     let long = "a lighthouse at dusk, ".repeat(40);
     let o = generate(&tiny(), &out, &["--prompt", &long]);

@@ -320,6 +320,21 @@ fn shards_merge_into_the_unsharded_run() {
     let o = merge(&recipe, &tmp.path().join("m2"), &[&a]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("in no shard"), "{}", stderr(&o));
+    // A shard given twice, by any path, would count its items twice; a missing one is named.
+    let again = a.join("..").join(a.file_name().unwrap());
+    let o = merge(&recipe, &tmp.path().join("m5"), &[&a, &b, &again]);
+    assert_refused(&o, "merged a shard twice", &["is the shard", "again"]);
+    let o = merge(
+        &recipe,
+        &tmp.path().join("m5"),
+        &[&a, &tmp.path().join("nope")],
+    );
+    assert_refused(
+        &o,
+        "merged a missing shard",
+        &["nope", "no such shard folder"],
+    );
+    assert!(!tmp.path().join("m5").exists());
 }
 
 #[test]

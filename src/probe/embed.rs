@@ -131,10 +131,23 @@ pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             return Err(Error::file(p, "no such image file or folder"));
         }
     }
+    if let ([only], true) = (inputs, out.is_empty()) {
+        return Err(Error::file(
+            only,
+            "holds no image files (png, jpg, jpeg, webp; subfolders are not searched)",
+        ));
+    }
     if out.is_empty() {
         return Err(Error::value(
             "images",
-            "no image files found (png, jpg, jpeg, webp)",
+            format!(
+                "no image files (png, jpg, jpeg, webp) in {} (subfolders are not searched)",
+                inputs
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         ));
     }
     Ok(out)
@@ -193,4 +206,26 @@ pub fn embed_images(
         return Err(Error::value("images", "none of the images could be read"));
     }
     Ok((Matrix::new(kept.len(), cols, rows)?, kept))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder without images is named, not reported as "no images" in general.
+    #[test]
+    fn an_empty_folder_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        std::fs::write(empty.join("notes.txt"), b"x").unwrap();
+        let err = collect_images(std::slice::from_ref(&empty))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("empty: holds no image files"), "{err}");
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let err = collect_images(&[empty, other]).unwrap_err().to_string();
+        assert!(err.contains("empty, ") && err.contains("other"), "{err}");
+    }
 }

@@ -881,7 +881,20 @@ pub fn merge(
     let mut target: BTreeMap<String, String> = BTreeMap::new();
     let hub = crate::models::hub::HubOptions::from_env();
     let specs = recipe.model_specs();
+    let mut seen: Vec<((u64, u64, PathBuf), &Path)> = Vec::new();
     for dir in shards {
+        if !dir.is_dir() {
+            return Err(Error::file(dir, "no such shard folder"));
+        }
+        // A shard given twice (or by two paths) would count its items twice.
+        let id = crate::output::file_identity(dir);
+        if let Some((_, first)) = seen.iter().find(|(i, _)| *i == id) {
+            return Err(Error::file(
+                dir,
+                format!("is the shard {} again", first.display()),
+            ));
+        }
+        seen.push((id, dir.as_path()));
         let copy = dir.join(RECIPE_FILE);
         let text = std::fs::read_to_string(&copy).map_err(|e| Error::io(&copy, e))?;
         if text != recipe.text {
