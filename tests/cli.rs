@@ -591,6 +591,22 @@ fn separate_then_agree_pipeline() {
     let text = std::fs::read_to_string(&scores).unwrap();
     assert!(text.starts_with("class,row,fold,p_a\n"), "{text}");
     assert_eq!(text.lines().count(), 121);
+    // A bad setting is the option's error, not the first fold's.
+    let o = bin()
+        .args(["separate", "--class-a"])
+        .arg(emb("a.npy"))
+        .arg("--class-b")
+        .arg(emb("b.npy"))
+        .args(["--c", "-1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("invalid --c: -1: expected a positive number")
+            && !stderr(&o).contains("fold"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = bin()
         .args(["--json", "agree", "--scores"])

@@ -419,7 +419,7 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         (
             "negative steps",
             good.replace("steps: 4", "steps: -4"),
-            vec!["steps", "-4", ":9:"],
+            vec!["steps", "-4", ":9:", "expected a whole number >= 0"],
         ),
         (
             "missing file",

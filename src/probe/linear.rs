@@ -745,6 +745,13 @@ pub fn separate_with_folds(
             ));
         }
     }
+    // Settings are checked once here, so an error does not read as a fold's.
+    if !(opts.c > 0.0 && opts.c.is_finite()) {
+        return Err(Error::value(
+            "--c",
+            format!("{}: expected a positive number", opts.c),
+        ));
+    }
     let k = folds.iter().max().map_or(0, |m| m + 1);
     // One matrix with all rows: A then B.
     let mut data = Vec::with_capacity(n * a.cols);

@@ -222,7 +222,15 @@ fn plain_name(s: &str) -> bool {
 
 /// serde_yaml's message with its location moved to the front, as `file:line:column: ...`.
 fn yaml_error(path: &Path, e: serde_yaml::Error) -> Error {
-    let msg = e.to_string();
+    // Rust type names mean nothing to a recipe's author.
+    let msg = [
+        ("expected usize", "expected a whole number >= 0"),
+        ("expected u64", "expected a whole number >= 0"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+    ]
+    .iter()
+    .fold(e.to_string(), |m, (rust, plain)| m.replace(rust, plain));
     match e.location() {
         Some(loc) => {
             let suffix = format!(" at line {} column {}", loc.line(), loc.column());
