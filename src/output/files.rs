@@ -303,6 +303,7 @@ pub fn file_identity(path: &Path) -> (u64, u64, PathBuf) {
 pub fn prepare_output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Result<()> {
     let inputs: Vec<_> = inputs.iter().map(|p| file_identity(p)).collect();
     let mut seen: Vec<(&str, (u64, u64, PathBuf))> = Vec::new();
+    // Every clash first, so a refused command leaves no folder behind.
     for &(flag, path) in outputs {
         if path.is_dir() {
             return Err(Error::file(
@@ -310,11 +311,6 @@ pub fn prepare_output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Resu
                 format!("is a folder; {flag} expects a file path"),
             ));
         }
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        prepare_output_dir(dir)?;
         let id = file_identity(path);
         if let Some((other, _)) = seen.iter().find(|(_, s)| *s == id) {
             return Err(Error::value(
@@ -335,6 +331,12 @@ pub fn prepare_output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Resu
             ));
         }
         seen.push((flag, id));
+    }
+    for &(_, path) in outputs {
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => prepare_output_dir(dir)?,
+            _ => prepare_output_dir(Path::new("."))?,
+        }
     }
     Ok(())
 }

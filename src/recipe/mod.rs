@@ -337,12 +337,29 @@ impl LoadedRecipe {
     pub fn generation_error(&self, e: Error) -> Error {
         match e {
             Error::Value { name, message } => {
+                let g = &self.recipe.generation;
                 let field = name.replace('-', "_");
-                let message = match (&self.recipe.generation.init_image, field.as_str()) {
-                    (Some(p), "init_image") => format!("{}: {message}", p.display()),
-                    _ => message,
+                // An unset width or height is the init image's.
+                let from_image = match field.as_str() {
+                    "width" => g.width.is_none(),
+                    "height" => g.height.is_none(),
+                    _ => false,
                 };
-                self.field_err(format!("generation.{field}"), message)
+                match (&g.init_image, field.as_str()) {
+                    (Some(p), "init_image") => self.field_err(
+                        "generation.init_image",
+                        format!("{}: {message}", p.display()),
+                    ),
+                    (Some(p), _) if from_image => self.field_err(
+                        "generation.init_image",
+                        format!(
+                            "{}: the image's {field}: {message}; crop or resize the image, or \
+                             set generation.width and height",
+                            p.display()
+                        ),
+                    ),
+                    _ => self.field_err(format!("generation.{field}"), message),
+                }
             }
             e => e,
         }

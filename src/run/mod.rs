@@ -984,7 +984,9 @@ pub fn merge(
         .collect();
     if let Some(first) = missing.first() {
         return Err(Error::Msg(format!(
-            "{} of {} items are in no shard (first: {first}); finish every shard before merging",
+            "{} of {} items are in no shard (first: {first}); finish every shard before \
+             merging (with the artguide that started it: older builds split shards by item, \
+             not by grid cell)",
             missing.len(),
             plan.items.len()
         )));
