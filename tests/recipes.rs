@@ -320,6 +320,30 @@ fn shards_merge_into_the_unsharded_run() {
     let o = merge(&recipe, &tmp.path().join("m2"), &[&a]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("in no shard"), "{}", stderr(&o));
+    // A shard folder begun by a build that split by item (its manifest does not say how) is
+    // not finished with this build's cells.
+    let old = tmp.path().join("old");
+    let o = run(&recipe, &old, &["--shard", "0/2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(old.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["shard_split"], "cell");
+    m.as_object_mut().unwrap().remove("shard_split");
+    std::fs::write(old.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    let first = results(&old)["items"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(old.join(first)).unwrap();
+    let o = run(&recipe, &old, &["--shard", "0/2"]);
+    assert_refused(
+        &o,
+        "finished an old shard",
+        &["older artguide", "split by item"],
+    );
+    // Without --shard it is an unsharded run's resume, as before.
+    let o = run(&recipe, &old, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
     // A shard given twice, by any path, would count its items twice; a missing one is named.
     let again = a.join("..").join(a.file_name().unwrap());
     let o = merge(&recipe, &tmp.path().join("m5"), &[&a, &b, &again]);

@@ -59,8 +59,15 @@ pub struct Manifest {
     /// device kind (`cpu`, `cuda`) and dtype, which change the images' bytes.
     #[serde(default, skip_serializing_if = "MadeWith::is_empty")]
     pub made_with: MadeWith,
+    /// How `--shard` assigns items in the build that wrote this folder ([`SHARD_SPLIT`]);
+    /// empty in manifests of builds that split shards by item index.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub shard_split: String,
     pub items: BTreeMap<String, ManifestEntry>,
 }
+
+/// This build's `--shard` assignment: whole grid cells (see `PlanItem::in_shard`).
+pub const SHARD_SPLIT: &str = "cell";
 
 /// The weights, device and precision a run's items were made with.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -488,6 +495,22 @@ pub fn execute(
         .copied()
         .filter(|it| !done.contains(it.id.as_str()))
         .collect();
+    // A shard folder begun by a build that split shards by item holds another shard's
+    // items than this build's `--shard I/N`: finishing it here would mix the two splits.
+    if opts.shard.is_some()
+        && !todo.is_empty()
+        && !manifest.items.is_empty()
+        && manifest.shard_split != SHARD_SPLIT
+    {
+        return Err(Error::NotResumable {
+            path: out.join(MANIFEST_FILE),
+            message: "was begun by an older artguide, whose --shard split by item (this one \
+                      splits by grid cell): finish it with that build, resume it without \
+                      --shard, or choose another --out"
+                .into(),
+        });
+    }
+    manifest.shard_split = SHARD_SPLIT.to_string();
     // The models are loaded (and the recorded fingerprints checked against them) only when
     // there is something to make.
     let loading = !todo.is_empty() || manifest.probe_clip.is_empty();
@@ -872,7 +895,10 @@ pub fn merge(
     out: &Path,
     force: bool,
 ) -> Result<RunResults> {
-    let mut manifest = Manifest::default();
+    let mut manifest = Manifest {
+        shard_split: SHARD_SPLIT.to_string(),
+        ..Manifest::default()
+    };
     // What the shards with items were made with, checked to agree; unknown (left empty)
     // when a shard with items predates the record.
     let mut made_with = MadeWith::default();
@@ -1130,6 +1156,7 @@ mod tests {
             guide_clip: Some(guide.into()),
             scheduler: "ddim".into(),
             made_with: MadeWith::default(),
+            shard_split: SHARD_SPLIT.into(),
             items: BTreeMap::from([(
                 "e/c/a".into(),
                 ManifestEntry {
