@@ -47,10 +47,11 @@ pub fn composed(
 
 /// `y + bias` with one bias value per channel of NCHW `y`.
 fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    Ok(match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-        None => y,
-    })
+    let Some(b) = bias else { return Ok(y) };
+    if y.device().is_cuda() {
+        return Ok(super::linear::add_rows_cuda(&y, b, true)?);
+    }
+    Ok(y.broadcast_add(&b.reshape((1, (), 1, 1))?)?)
 }
 
 /// A loaded convolution layer for inference-only models, the drop-in for `candle_nn::Conv2d`
