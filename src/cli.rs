@@ -29,10 +29,7 @@ impl Cli {
                 let text = e.to_string();
                 let line = text.lines().next().unwrap_or("");
                 let message = line.strip_prefix("error: ").unwrap_or(line);
-                let event =
-                    serde_json::json!({"event": "error", "message": message, "interrupted": false});
-                use std::io::Write as _;
-                let _ = writeln!(std::io::stdout(), "{event}");
+                crate::commands::print_json_error(message, false);
             }
             e.exit()
         })
@@ -112,15 +109,6 @@ fn explain_negative(cmd: &mut clap::Command, sub: Option<&str>, e: clap::Error) 
         return sub.error(ErrorKind::ValueValidation, message);
     }
     cmd.error(ErrorKind::ValueValidation, message)
-}
-
-/// A count that must be at least 1 (a batch size, a number of repetitions).
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("0: expected at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("`{s}`: expected a whole number >= 1")),
-    }
 }
 
 /// Every flag of `cmd` (long and short, `--help` and `--` included).
@@ -293,7 +281,7 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub labels: Option<PathBuf>,
     /// k of the top-k accuracy.
-    #[arg(long, default_value_t = 3, requires = "labels", value_parser = at_least_one)]
+    #[arg(long, default_value_t = 3, requires = "labels")]
     pub top_k: usize,
     /// Embedding cache folder (default: $XDG_CACHE_HOME/artguide/clip-embeddings).
     #[arg(long)]

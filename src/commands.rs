@@ -316,7 +316,8 @@ fn run_merge(args: &crate::cli::MergeArgs, mode: ProgressMode) -> Result<()> {
 fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     use crate::probe::embed::{self, ClipEncoder, OnError};
     use crate::probe::runner::{self, EmbeddingCache};
-    check_batch(args.batch)?;
+    check_at_least_one("--batch", args.batch)?;
+    check_at_least_one("--top-k", args.top_k)?;
     let suite = crate::probe::suite::Suite::load(&args.suite)?;
     let paths = embed::collect_images(&args.images)?;
     if let Some(labels) = &args.labels {
@@ -434,7 +435,7 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
 
 fn run_embed(args: &EmbedArgs, mode: ProgressMode) -> Result<()> {
     use crate::probe::embed::{self, ClipEncoder, OnError};
-    check_batch(args.batch)?;
+    check_at_least_one("--batch", args.batch)?;
     let opts = load_options(&args.run)?;
     let paths = embed::collect_images(&args.images)?;
     let list = match &args.list {
@@ -688,6 +689,7 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         args.steps,
         args.num_images.unwrap_or(1),
         args.guidance_scale,
+        args.eta,
     )?;
     if args.init_image.is_some() {
         crate::schedulers::img2img_start_index(args.steps, args.strength)?;
@@ -1008,11 +1010,8 @@ fn run_bench(args: &BenchArgs, mode: ProgressMode) -> Result<()> {
     if let Some(bad) = args.sizes.iter().find(|&&s| s == 0 || s % 8 != 0) {
         anyhow::bail!("--sizes {bad}: expected a positive multiple of 8");
     }
-    for (flag, v) in [("--reps", args.reps), ("--clip-batch", args.clip_batch)] {
-        if v == 0 {
-            anyhow::bail!("{flag} 0: expected at least 1");
-        }
-    }
+    check_at_least_one("--reps", args.reps)?;
+    check_at_least_one("--clip-batch", args.clip_batch)?;
     for p in &args.parts {
         if !["unet", "vae", "clip", "guidance"].contains(&p.as_str()) {
             anyhow::bail!("--parts: unknown part `{p}`: expected unet, vae, clip or guidance");
@@ -1132,12 +1131,19 @@ impl std::error::Error for WithAdvice {
     }
 }
 
-/// Refuses `--batch 0` (it would otherwise be read as 1).
-fn check_batch(batch: usize) -> Result<()> {
-    if batch == 0 {
-        anyhow::bail!("--batch 0: expected at least 1");
+/// Refuses a count of 0 where at least one is needed (`--batch 0` would otherwise be read as 1).
+fn check_at_least_one(flag: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        anyhow::bail!("{flag} 0: expected at least 1");
     }
     Ok(())
+}
+
+/// The `--json` line a failed command ends with: its error line, and whether Ctrl-C stopped it.
+pub fn print_json_error(message: &str, interrupted: bool) {
+    let event =
+        serde_json::json!({"event": "error", "message": message, "interrupted": interrupted});
+    let _ = writeln!(std::io::stdout(), "{event}");
 }
 
 /// Paths as JSON strings; `json!` on a path panics when it is not UTF-8.

@@ -80,13 +80,7 @@ pub fn load_latents(path: &Path, expect: (usize, usize, usize)) -> Result<Tensor
 
 /// Checks options against the model before any work starts.
 pub fn validate(model: &SdModel, opts: &GenerateOptions) -> Result<(usize, usize, usize)> {
-    check_counts(opts.steps, opts.num_images, opts.guidance_scale)?;
-    if !opts.eta.is_finite() || opts.eta < 0.0 {
-        return Err(Error::value(
-            "eta",
-            format!("{}: expected a finite number >= 0", opts.eta),
-        ));
-    }
+    check_counts(opts.steps, opts.num_images, opts.guidance_scale, opts.eta)?;
     let shape = model.latent_shape(opts.width, opts.height)?;
     if let Some(l) = &opts.latents {
         if l.dim(0)? < opts.num_images {
@@ -117,9 +111,9 @@ pub fn validate(model: &SdModel, opts: &GenerateOptions) -> Result<(usize, usize
     Ok(shape)
 }
 
-/// The checks that need no model (steps, image count, CFG scale), so a command can make them
-/// before the slow model load.
-pub fn check_counts(steps: usize, num_images: usize, guidance_scale: f64) -> Result<()> {
+/// The checks that need no model (steps, image count, CFG scale, DDIM eta), so a command or
+/// a recipe can make them before the slow model load.
+pub fn check_counts(steps: usize, num_images: usize, guidance_scale: f64, eta: f64) -> Result<()> {
     if steps == 0 {
         return Err(Error::value("steps", "0: expected at least 1"));
     }
@@ -130,6 +124,12 @@ pub fn check_counts(steps: usize, num_images: usize, guidance_scale: f64) -> Res
         return Err(Error::value(
             "guidance-scale",
             format!("{guidance_scale}: expected a finite number >= 0"),
+        ));
+    }
+    if !eta.is_finite() || eta < 0.0 {
+        return Err(Error::value(
+            "eta",
+            format!("{eta}: expected a finite number >= 0"),
         ));
     }
     Ok(())

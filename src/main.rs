@@ -17,9 +17,7 @@ fn main() {
             .any(|c| matches!(c.downcast_ref(), Some(artguide::Error::Interrupted)));
         // A script reading --json lines learns how the command ended without parsing stderr.
         if json {
-            let event =
-                serde_json::json!({"event": "error", "message": line, "interrupted": interrupted});
-            let _ = writeln!(std::io::stdout(), "{event}");
+            artguide::commands::print_json_error(&line, interrupted);
         }
         // A closed stderr must not turn a clean failure into a panic.
         let _ = writeln!(std::io::stderr(), "error: {line}");

@@ -286,11 +286,7 @@ pub fn file_identity(path: &Path) -> (u64, u64, PathBuf) {
     if let Ok(c) = fs::canonicalize(path) {
         return (0, 0, c);
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    match (fs::canonicalize(parent), path.file_name()) {
+    match (fs::canonicalize(parent_dir(path)), path.file_name()) {
         (Ok(dir), Some(name)) => (0, 0, dir.join(name)),
         _ => (0, 0, path.to_path_buf()),
     }
@@ -333,10 +329,7 @@ pub fn prepare_output_files(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Resu
         seen.push((flag, id));
     }
     for &(_, path) in outputs {
-        match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => prepare_output_dir(dir)?,
-            _ => prepare_output_dir(Path::new("."))?,
-        }
+        prepare_output_dir(parent_dir(path))?;
     }
     Ok(())
 }

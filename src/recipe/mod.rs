@@ -401,21 +401,9 @@ impl LoadedRecipe {
         }
         self.must_exist("suite", &r.suite)?;
         let g = &r.generation;
-        if g.steps == 0 {
-            return Err(self.field_err("generation.steps", "0: expected at least 1"));
-        }
-        if !(g.guidance_scale.is_finite() && g.guidance_scale >= 0.0) {
-            return Err(self.field_err(
-                "generation.guidance_scale",
-                format!("{}: expected a finite number >= 0", g.guidance_scale),
-            ));
-        }
-        if !(g.eta.is_finite() && g.eta >= 0.0) {
-            return Err(self.field_err(
-                "generation.eta",
-                format!("{}: expected a finite number >= 0", g.eta),
-            ));
-        }
+        // generate's own model-free checks, named as the recipe's fields.
+        crate::generate::check_counts(g.steps, 1, g.guidance_scale, g.eta)
+            .map_err(|e| self.generation_error(e))?;
         for (field, v) in [
             ("generation.width", g.width),
             ("generation.height", g.height),
