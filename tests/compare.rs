@@ -31,7 +31,8 @@ fn f(v: &serde_json::Value) -> f64 {
 #[test]
 fn compare_summary_matches_results_and_report_is_self_contained() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
+    // A folder name a browser would misread unencoded (`#` starts a fragment, `%` an escape).
+    let run = tmp.path().join("run #1 100%");
     let o = bin()
         .args(["--quiet", "run"])
         .arg(recipe())
@@ -214,12 +215,39 @@ fn compare_summary_matches_results_and_report_is_self_contained() {
     for attr in ["src=\"", "href=\""] {
         for part in html.split(attr).skip(1) {
             let target = part.split('"').next().unwrap();
-            assert!(report_dir.join(target).is_file(), "{target} does not exist");
+            let path = percent_decode(target);
+            assert!(
+                report_dir.join(&path).is_file(),
+                "{target} ({path}) does not exist"
+            );
             refs += 1;
         }
     }
     assert_eq!(refs, items.len(), "one image per item");
     assert!(html.matches("<svg").count() >= 1);
+}
+
+/// A URL path back to the file path, refusing any character a URL path must encode.
+fn percent_decode(url: &str) -> String {
+    let b = url.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            assert!(
+                b[i].is_ascii_alphanumeric() || b"-._~/".contains(&b[i]),
+                "{url}: unencoded {:?}",
+                b[i] as char
+            );
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
 }
 
 #[test]

@@ -19,6 +19,21 @@ pub fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
+/// A relative path as a URL path: every byte outside RFC 3986's unreserved characters and
+/// `/` percent-encoded (UTF-8), so folder names with `#`, `%`, `?` or spaces still link to
+/// their images (a browser reads `#` as a fragment and `%` as an escape).
+pub fn url_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for &b in path.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// `to` relative to the folder `from` (both made absolute first), with `/` separators.
 pub fn relative(from: &Path, to: &Path) -> Result<String> {
     let abs = |p: &Path| -> Result<PathBuf> {
@@ -203,7 +218,7 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
                     let _ = write!(
                         h,
                         "<td><img src=\"{}\" alt=\"{}\">{}<br><span class=\"note\">{}</span></td>",
-                        escape(&src),
+                        escape(&url_path(&src)),
                         escape(&it.id),
                         escape(&it.arm),
                         escape(&it.prompt)
@@ -314,6 +329,18 @@ mod tests {
         assert!(
             h.contains("<td>Baroque 5, Cubism 2</td><td>Baroque 7</td>"),
             "{h}"
+        );
+    }
+
+    #[test]
+    fn url_paths_encode_what_a_browser_would_misread() {
+        assert_eq!(
+            url_path("../run/images/x-1_a.png"),
+            "../run/images/x-1_a.png"
+        );
+        assert_eq!(
+            url_path("../runs #2/100%?/Café x.png"),
+            "../runs%20%232/100%25%3F/Caf%C3%A9%20x.png"
         );
     }
 
