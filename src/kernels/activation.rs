@@ -2,9 +2,10 @@
 //! `value * gelu_erf(gate)` where the projection's last axis is `[value | gate]`.
 //!
 //! candle computes it as two strided narrows, a scalar-libm GELU and a multiply (three passes
-//! and two temporaries); on the CPU in f32 this is one vectorised pass.
+//! and two temporaries); on the CPU in f32 this is one vectorised pass. Also ReLU with a
+//! one-pass backward, for the guidance decoders.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::vmath;
@@ -40,6 +41,78 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op1_no_bwd(&Elementwise::GeluErf)?);
     }
     Ok(x.gelu_erf()?)
+}
+
+/// `max(x, 0)`, differentiable, with a one-pass backward on the CPU in f32 (the gradient
+/// where the output is positive, as PyTorch's); candle's `relu` elsewhere. candle's backward
+/// compares, converts the mask to floats and multiplies: three passes and two temporaries
+/// per ReLU, 16 ms for each 64 x 256 x 256 map of a guided TAESD decode on this CPU.
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(Relu);
+    }
+    x.relu()
+}
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::contiguous_f32(s, l, "relu")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = x.max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op2_no_bwd(y, &ReluGrad)?))
+    }
+}
+
+/// `g` where `y > 0`, else 0.
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sy: &CpuStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = super::contiguous_f32(sg, lg, "relu backward")?;
+        let y = super::contiguous_f32(sy, ly, "relu backward")?;
+        if g.len() != y.len() {
+            candle_core::bail!(
+                "relu backward: gradient {:?} for output {:?}",
+                lg.shape(),
+                ly.shape()
+            );
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(16384)
+            .zip(g.par_chunks(16384).zip(y.par_chunks(16384)))
+            .for_each(|(o, (g, y))| {
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    *o = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), lg.shape().clone()))
+    }
 }
 
 enum Elementwise {
@@ -145,6 +218,44 @@ mod tests {
         let got = gelu_erf(&x).unwrap();
         let want = x64.gelu_erf().unwrap();
         assert!(crate::kernels::testing::rel_err_vs_f64(&got, &want) < 1e-6);
+    }
+
+    #[test]
+    fn relu_value_and_gradient_match_candle() {
+        use candle_core::Var;
+        let x = crate::kernels::testing::randn(&[2, 3, 33, 41], 1.0, 9);
+        let g = crate::kernels::testing::randn(&[2, 3, 33, 41], 1.0, 10);
+        let grad_of = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
+            let v = Var::from_tensor(&x).unwrap();
+            let y = f(v.as_tensor()).unwrap();
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(v.as_tensor()).unwrap().clone())
+        };
+        let (y, dx) = grad_of(&|t| relu(t));
+        let (want_y, want_dx) = grad_of(&|t| t.relu());
+        // Exact: no x is 0 in a random normal draw, where the two conventions differ.
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(diff(&y, &want_y), 0.0);
+        assert_eq!(diff(&dx, &want_dx), 0.0);
+        // And it is not the identity: about half the gradient is masked.
+        let zeros = dx
+            .eq(0f32)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let zeros = zeros.to_scalar::<f32>().unwrap();
+        assert!((0.4..0.6).contains(&zeros), "{zeros}");
     }
 
     #[test]

@@ -145,7 +145,16 @@ impl Module for Linear {
             |x| Ok(self.value(x)?),
             || {
                 Ok(Box::new(move |_: &Tensor, g: &Tensor| {
-                    g.broadcast_matmul(&w)
+                    // One GEMM over all rows: `broadcast_matmul` would run one small GEMM
+                    // per leading index (per image of a batch of CLIP views).
+                    let dims = g.dims().to_vec();
+                    let (n, k) = w.dims2()?;
+                    let rows = g.elem_count() / n.max(1);
+                    let mut out = dims;
+                    if let Some(last) = out.last_mut() {
+                        *last = k;
+                    }
+                    g.contiguous()?.reshape((rows, n))?.matmul(&w)?.reshape(out)
                 }))
             },
         )

@@ -9,6 +9,7 @@ pub mod frozen;
 pub mod linear;
 pub mod norm;
 pub mod sgemm;
+pub mod upsample;
 pub mod vmath;
 pub mod winograd;
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use crate::kernels::activation::relu;
 use crate::kernels::conv::Conv2d;
 use serde::Deserialize;
 
@@ -218,11 +219,11 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.convs[0].forward(x)?.relu()?;
-        let h = self.convs[1].forward(&h)?.relu()?;
+        let h = relu(&self.convs[0].forward(x)?)?;
+        let h = relu(&self.convs[1].forward(&h)?)?;
         let h = self.convs[2].forward(&h)?;
         // The skip is nn.Identity because the block's input and output widths are equal.
-        (h + x)?.relu()
+        relu(&(h + x)?)
     }
 }
 
@@ -252,6 +253,20 @@ fn conv3x3() -> Conv2dConfig {
 pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
     if s == 1 {
         return Ok(x.clone());
+    }
+    // On the CPU in f32: one copy loop, and the patch sum as the whole backward.
+    if crate::kernels::upsample::applies(x) {
+        use crate::kernels::{frozen, upsample};
+        return frozen::input_only(
+            x,
+            |x| Ok(upsample::nearest(x, s)?),
+            || {
+                Ok(Box::new(move |_: &Tensor, g: &Tensor| {
+                    upsample::patch_sum(g, s)
+                }))
+            },
+        )
+        .map_err(candle_core::Error::wrap);
     }
     let (n, c, h, w) = x.dims4()?;
     x.reshape((n, c, h, 1, w, 1))?
@@ -359,7 +374,7 @@ impl TaesdDecoder {
         let z = ((z / self.config.scaling_factor)? + self.config.shift_factor)?;
         // DecoderTiny's soft clamp of the latents to (-3, 3).
         let x = ((z / 3.0)?.tanh()? * 3.0)?;
-        let mut x = self.conv_in.forward(&x)?.relu()?;
+        let mut x = relu(&self.conv_in.forward(&x)?)?;
         for stage in &self.stages {
             for block in &stage.blocks {
                 x = block.forward(&x)?;
@@ -491,54 +506,68 @@ mod tests {
     #[test]
     fn nearest_upsampling_matches_candle_forward_and_sums_gradients() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(
-            &Tensor::arange(0f64, 2.0 * 3.0 * 4.0 * 5.0, &dev)
-                .unwrap()
-                .reshape((2, 3, 4, 5))
-                .unwrap(),
-        )
-        .unwrap();
-        for s in [1, 2, 3] {
-            let y = upsample_nearest(x.as_tensor(), s).unwrap();
-            let want = x.as_tensor().upsample_nearest2d(4 * s, 5 * s).unwrap();
-            let diff: f64 = (&y - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert_eq!(diff, 0.0, "factor {s}");
-
-            // Another path into x checks that the upsampling's gradient adds to it.
-            let w = Tensor::randn(0f64, 1.0, y.shape(), &dev).unwrap();
-            let u = Tensor::randn(0f64, 1.0, x.shape(), &dev).unwrap();
-            let loss = ((&y * &w).unwrap().sum_all().unwrap()
-                + (x.as_tensor() * &u).unwrap().sum_all().unwrap())
+        // f64 runs the broadcast composition, f32 the CPU kernels.
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let x = Var::from_tensor(
+                &Tensor::arange(0f64, 2.0 * 3.0 * 4.0 * 5.0, &dev)
+                    .unwrap()
+                    .reshape((2, 3, 4, 5))
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
             .unwrap();
-            let g = loss.backward().unwrap().remove(x.as_tensor()).unwrap();
-            // d/dx = the sum of w over each s x s patch, plus u.
-            let pooled = w
-                .reshape((2, 3, 4, s, 5, s))
-                .unwrap()
-                .sum(5)
-                .unwrap()
-                .sum(3)
+            for s in [1, 2, 3] {
+                let y = upsample_nearest(x.as_tensor(), s).unwrap();
+                let want = x.as_tensor().upsample_nearest2d(4 * s, 5 * s).unwrap();
+                let diff: f64 = (&y - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert_eq!(diff, 0.0, "{dtype:?} factor {s}");
+
+                // Another path into x checks that the upsampling's gradient adds to it.
+                let w = Tensor::randn(0f64, 1.0, y.shape(), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let u = Tensor::randn(0f64, 1.0, x.shape(), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let loss = ((&y * &w).unwrap().sum_all().unwrap()
+                    + (x.as_tensor() * &u).unwrap().sum_all().unwrap())
                 .unwrap();
-            let err: f64 = (g - (pooled + &u).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_keepdim(0)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert!(err < 1e-12, "factor {s}: {err}");
+                let g = loss.backward().unwrap().remove(x.as_tensor()).unwrap();
+                // d/dx = the sum of w over each s x s patch, plus u.
+                let pooled = w
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .reshape((2, 3, 4, s, 5, s))
+                    .unwrap()
+                    .sum(5)
+                    .unwrap()
+                    .sum(3)
+                    .unwrap();
+                let want = (pooled + u.to_dtype(DType::F64).unwrap()).unwrap();
+                let err: f64 = (g.to_dtype(DType::F64).unwrap() - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(err < tol, "{dtype:?} factor {s}: {err}");
+            }
         }
     }
 }
