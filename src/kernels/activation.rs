@@ -115,6 +115,25 @@ impl CustomOp2 for ReluGrad {
     }
 }
 
+/// `quick_gelu` inside a differentiated graph (a guide CLIP): one pass forward and one
+/// backward on the CPU in f32; candle's composition (sigmoid, two multiplies, and their
+/// backward: about ten passes) elsewhere.
+pub fn quick_gelu_differentiable(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(Elementwise::QuickGelu);
+    }
+    x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?)
+}
+
+/// The exact GELU inside a differentiated graph, as [`quick_gelu_differentiable`].
+pub fn gelu_erf_differentiable(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(Elementwise::GeluErf);
+    }
+    x.gelu_erf()
+}
+
+#[derive(Clone, Copy)]
 enum Elementwise {
     QuickGelu,
     GeluErf,
@@ -138,6 +157,48 @@ impl CustomOp1 for Elementwise {
             Elementwise::GeluErf => vmath::gelu_erf_inplace(c),
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = ElementwiseGrad(*self);
+        Ok(Some(
+            g.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &grad)?,
+        ))
+    }
+}
+
+/// `g * f'(x)` for an [`Elementwise`] activation `f`.
+struct ElementwiseGrad(Elementwise);
+
+impl CustomOp2 for ElementwiseGrad {
+    fn name(&self) -> &'static str {
+        "activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sx: &CpuStorage,
+        lx: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = super::contiguous_f32(sg, lg, "activation backward")?;
+        let x = super::contiguous_f32(sx, lx, "activation backward")?;
+        if g.len() != x.len() {
+            candle_core::bail!(
+                "activation backward: gradient {:?} for input {:?}",
+                lg.shape(),
+                lx.shape()
+            );
+        }
+        let mut out = g.to_vec();
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .for_each(|(o, x)| match self.0 {
+                Elementwise::QuickGelu => vmath::quick_gelu_grad_mul(o, x),
+                Elementwise::GeluErf => vmath::gelu_erf_grad_mul(o, x),
+            });
+        Ok((CpuStorage::F32(out), lg.shape().clone()))
     }
 }
 
@@ -256,6 +317,39 @@ mod tests {
             .unwrap();
         let zeros = zeros.to_scalar::<f32>().unwrap();
         assert!((0.4..0.6).contains(&zeros), "{zeros}");
+    }
+
+    #[test]
+    fn differentiable_activations_match_candle_gradients_in_f64() {
+        use candle_core::Var;
+        let x = crate::kernels::testing::randn(&[3, 7, 1001], 3.0, 11);
+        let g = crate::kernels::testing::randn(&[3, 7, 1001], 1.0, 12);
+        type Act = fn(&Tensor) -> candle_core::Result<Tensor>;
+        let cases: [(Act, Act); 2] = [
+            (quick_gelu_differentiable, |t| {
+                t.mul(&candle_nn::ops::sigmoid(&(t * 1.702)?)?)
+            }),
+            (gelu_erf_differentiable, |t| t.gelu_erf()),
+        ];
+        for (i, (kernel, reference)) in cases.into_iter().enumerate() {
+            let grad = |x: &Tensor, f: Act| {
+                let v = Var::from_tensor(x).unwrap();
+                let y = f(v.as_tensor()).unwrap();
+                let g = g.to_dtype(x.dtype()).unwrap();
+                let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, grads.get(v.as_tensor()).unwrap().clone())
+            };
+            let (y, dx) = grad(&x, kernel);
+            let (want_y, want_dx) = grad(&x.to_dtype(DType::F64).unwrap(), reference);
+            let (ey, edx) = (
+                crate::kernels::testing::rel_err_vs_f64(&y, &want_y),
+                crate::kernels::testing::rel_err_vs_f64(&dx, &want_dx),
+            );
+            assert!(
+                ey < 1e-6 && edx < 1e-6,
+                "case {i}: value {ey}, gradient {edx}"
+            );
+        }
     }
 
     #[test]

@@ -121,6 +121,16 @@ pub fn gelu_erf_inplace(xs: &mut [f32]) {
     dispatch!(gelu_erf_inplace_impl(xs))
 }
 
+/// `g[i] *= quick_gelu'(x[i])`: the backward of `quick_gelu` in one pass.
+pub fn quick_gelu_grad_mul(g: &mut [f32], x: &[f32]) {
+    dispatch!(quick_gelu_grad_mul_impl(g, x))
+}
+
+/// `g[i] *= gelu_erf'(x[i])`: the backward of the exact GELU in one pass.
+pub fn gelu_erf_grad_mul(g: &mut [f32], x: &[f32]) {
+    dispatch!(gelu_erf_grad_mul_impl(g, x))
+}
+
 /// Defines the kernels once as generic source, instantiated as `portable` and `avx2`.
 macro_rules! kernels {
     ($($attr:meta)?) => {
@@ -185,6 +195,24 @@ macro_rules! kernels {
         }
 
         $(#[$attr])?
+        pub fn quick_gelu_grad_mul_impl(g: &mut [f32], x: &[f32]) {
+            for (g, &x) in g.iter_mut().zip(x) {
+                let s = 1.0 / (1.0 + exp(-1.702 * x));
+                *g *= s + 1.702 * x * s * (1.0 - s);
+            }
+        }
+
+        $(#[$attr])?
+        pub fn gelu_erf_grad_mul_impl(g: &mut [f32], x: &[f32]) {
+            // d/dx x Phi(x) = Phi(x) + x phi(x).
+            const INV_SQRT_2PI: f32 = 0.398_942_3;
+            for (g, &x) in g.iter_mut().zip(x) {
+                let cdf = 0.5 * erfc(-x * std::f32::consts::FRAC_1_SQRT_2);
+                *g *= cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x);
+            }
+        }
+
+        $(#[$attr])?
         pub fn gelu_erf_inplace_impl(xs: &mut [f32]) {
             for x in xs.iter_mut() {
                 *x = gelu_erf(*x);
@@ -194,13 +222,13 @@ macro_rules! kernels {
 }
 
 mod portable {
-    use super::{exp, gelu_erf, LANES};
+    use super::{erfc, exp, gelu_erf, LANES};
     kernels!();
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{exp, gelu_erf, LANES};
+    use super::{erfc, exp, gelu_erf, LANES};
     kernels!(target_feature(enable = "avx2"));
 }
 

@@ -699,6 +699,12 @@ impl Mlp {
         let h = match (self.mode, self.act) {
             (NormMode::Fused, ClipActivation::QuickGelu) => kernels::activation::quick_gelu(&h),
             (NormMode::Fused, ClipActivation::Gelu) => kernels::activation::gelu_erf(&h),
+            (NormMode::Differentiable, ClipActivation::QuickGelu) => {
+                Ok(kernels::activation::quick_gelu_differentiable(&h)?)
+            }
+            (NormMode::Differentiable, ClipActivation::Gelu) => {
+                Ok(kernels::activation::gelu_erf_differentiable(&h)?)
+            }
             _ => Ok(self.act.forward(&h)?),
         }
         .map_err(candle_core::Error::wrap)?;
