@@ -200,8 +200,7 @@ def guidance(a, dtype):
         unguided = statistics.median(runs)
         report("step_unguided", size, runs)
         for kind, decode in decoders.items():
-            def guided():
-                step()
+            def gradient():
                 z = x0.detach().requires_grad_(True)
                 img = decode(z).float() * 0.5 + 0.5
                 px = ((views(img) - mean) / std).to(dtype)
@@ -211,9 +210,16 @@ def guidance(a, dtype):
                 # artguide reads the loss and the gradient's size back for its NaN check.
                 float(loss.detach()), float(z.grad.abs().sum())
 
+            def guided():
+                step()
+                gradient()
+
+            name = f"{kind}_{a.guide_clip}_cutouts{a.cutouts}"
             runs = timed(guided, a.reps)
-            report(f"step_guided_{kind}_{a.guide_clip}_cutouts{a.cutouts}", size, runs,
+            report(f"step_guided_{name}", size, runs,
                    ratio_to_unguided=statistics.median(runs) / unguided)
+            # The guidance alone, without the UNet call whose time dominates the step.
+            report(f"guidance_only_{name}", size, timed(gradient, a.reps))
 
 
 def report(workload, size, runs, **extra):

@@ -327,16 +327,29 @@ pub fn guidance(
                 Ok(())
             })?;
             let sec = median(&mut runs);
+            let name = format!("{kind}_{}_cutouts{}", plan.clip_arch, plan.cutouts);
             let m = Measurement {
-                workload: format!(
-                    "step_guided_{kind}_{}_cutouts{}",
-                    plan.clip_arch, plan.cutouts
-                ),
+                workload: format!("step_guided_{name}"),
                 size,
                 seconds: sec,
                 runs,
                 peak_rss_bytes: peak_rss_bytes(),
                 ratio_to_unguided: Some(sec / unguided),
+            };
+            report(&m);
+            out.push(m);
+            // The guidance alone, without the UNet call whose time dominates the step.
+            let mut runs = time(plan.reps, &plan.device, || {
+                guide.gradient(&model, &x0, &mut rng, None, 0)?;
+                Ok(())
+            })?;
+            let m = Measurement {
+                workload: format!("guidance_only_{name}"),
+                size,
+                seconds: median(&mut runs),
+                runs,
+                peak_rss_bytes: peak_rss_bytes(),
+                ratio_to_unguided: None,
             };
             report(&m);
             out.push(m);
