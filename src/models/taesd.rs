@@ -247,9 +247,9 @@ fn conv3x3() -> Conv2dConfig {
     }
 }
 
-/// Nearest-neighbour upsampling by an integer factor, out[i, j] = x[i / s, j / s], written
-/// as a broadcast so its backward sums each s x s patch; candle's `upsample_nearest2d`
-/// backward overwrites gradient already accumulated on its input.
+/// Nearest-neighbour upsampling by an integer factor, out[i, j] = x[i / s, j / s], whose
+/// backward sums each s x s patch (own kernels where they apply, else a broadcast); candle's
+/// `upsample_nearest2d` backward overwrites gradient already accumulated on its input.
 pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
     if s == 1 {
         return Ok(x.clone());
