@@ -2,8 +2,8 @@
 //! `value * gelu_erf(gate)` where the projection's last axis is `[value | gate]`.
 //!
 //! candle computes it as two strided narrows, a scalar-libm GELU and a multiply (three passes
-//! and two temporaries); on the CPU in f32 this is one vectorised pass. Also ReLU with a
-//! one-pass backward, for the guidance decoders.
+//! and two temporaries); on the CPU in f32 this is one vectorised pass. Also ReLU, and the
+//! GELUs inside a differentiated graph, each with a one-pass backward.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -44,75 +44,14 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `max(x, 0)`, differentiable, with a one-pass backward on the CPU in f32 (the gradient
-/// where the output is positive, as PyTorch's); candle's `relu` elsewhere. candle's backward
+/// where the input is positive, as PyTorch's); candle's `relu` elsewhere. candle's backward
 /// compares, converts the mask to floats and multiplies: three passes and two temporaries
 /// per ReLU, 16 ms for each 64 x 256 x 256 map of a guided TAESD decode on this CPU.
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1(Relu);
+        return x.contiguous()?.apply_op1(Elementwise::Relu);
     }
     x.relu()
-}
-
-struct Relu;
-
-impl CustomOp1 for Relu {
-    fn name(&self) -> &'static str {
-        "relu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = super::contiguous_f32(s, l, "relu")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384))
-            .for_each(|(o, x)| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = x.max(0.0);
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(g.contiguous()?.apply_op2_no_bwd(y, &ReluGrad)?))
-    }
-}
-
-/// `g` where `y > 0`, else 0.
-struct ReluGrad;
-
-impl CustomOp2 for ReluGrad {
-    fn name(&self) -> &'static str {
-        "relu-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sg: &CpuStorage,
-        lg: &Layout,
-        sy: &CpuStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = super::contiguous_f32(sg, lg, "relu backward")?;
-        let y = super::contiguous_f32(sy, ly, "relu backward")?;
-        if g.len() != y.len() {
-            candle_core::bail!(
-                "relu backward: gradient {:?} for output {:?}",
-                lg.shape(),
-                ly.shape()
-            );
-        }
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(16384)
-            .zip(g.par_chunks(16384).zip(y.par_chunks(16384)))
-            .for_each(|(o, (g, y))| {
-                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                    *o = if y > 0.0 { g } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(out), lg.shape().clone()))
-    }
 }
 
 /// `quick_gelu` inside a differentiated graph (a guide CLIP): one pass forward and one
@@ -137,6 +76,7 @@ pub fn gelu_erf_differentiable(x: &Tensor) -> candle_core::Result<Tensor> {
 enum Elementwise {
     QuickGelu,
     GeluErf,
+    Relu,
 }
 
 impl CustomOp1 for Elementwise {
@@ -144,6 +84,7 @@ impl CustomOp1 for Elementwise {
         match self {
             Elementwise::QuickGelu => "quick-gelu",
             Elementwise::GeluErf => "gelu-erf",
+            Elementwise::Relu => "relu",
         }
     }
 
@@ -155,6 +96,7 @@ impl CustomOp1 for Elementwise {
         out.par_chunks_mut(16384).for_each(|c| match self {
             Elementwise::QuickGelu => vmath::quick_gelu_inplace(c),
             Elementwise::GeluErf => vmath::gelu_erf_inplace(c),
+            Elementwise::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -197,6 +139,11 @@ impl CustomOp2 for ElementwiseGrad {
             .for_each(|(o, x)| match self.0 {
                 Elementwise::QuickGelu => vmath::quick_gelu_grad_mul(o, x),
                 Elementwise::GeluErf => vmath::gelu_erf_grad_mul(o, x),
+                // max(NaN, 0) is 0 in the forward, so a NaN input passes no gradient either.
+                Elementwise::Relu => o
+                    .iter_mut()
+                    .zip(x)
+                    .for_each(|(g, &x)| *g = if x > 0.0 { *g } else { 0.0 }),
             });
         Ok((CpuStorage::F32(out), lg.shape().clone()))
     }
