@@ -84,7 +84,6 @@ impl Linear {
         if xs.device().is_cpu() && xs.dtype() == DType::F32 && w.dtype() == DType::F32 {
             xs.contiguous()?.apply_op3_no_bwd(w, &self.bias, &Gemm)
         } else if xs.device().is_cuda() {
-            let dims = xs.dims().to_vec();
             let (k, n) = (w.dim(1)?, w.dim(0)?);
             let rows = xs.elem_count() / k.max(1);
             let y = xs.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?;
@@ -92,15 +91,20 @@ impl Linear {
                 Some(b) => add_rows_cuda(&y, b, false)?,
                 None => y,
             };
-            let mut out = dims;
-            if let Some(last) = out.last_mut() {
-                *last = n;
-            }
-            y.reshape(out)
+            y.reshape(with_last(xs.dims(), n))
         } else {
             inner.forward(xs)
         }
     }
+}
+
+/// `dims` with its last axis (a layer's features) set to `last`.
+fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    if let Some(l) = out.last_mut() {
+        *l = last;
+    }
+    out
 }
 
 /// `y + bias` on CUDA without candle's broadcast add, whose kernel indexes every element
@@ -147,13 +151,9 @@ impl Module for Linear {
                 Ok(Box::new(move |_: &Tensor, g: &Tensor| {
                     // One GEMM over all rows: `broadcast_matmul` would run one small GEMM
                     // per leading index (per image of a batch of CLIP views).
-                    let dims = g.dims().to_vec();
                     let (n, k) = w.dims2()?;
                     let rows = g.elem_count() / n.max(1);
-                    let mut out = dims;
-                    if let Some(last) = out.last_mut() {
-                        *last = k;
-                    }
+                    let out = with_last(g.dims(), k);
                     g.contiguous()?.reshape((rows, n))?.matmul(&w)?.reshape(out)
                 }))
             },
@@ -199,8 +199,7 @@ impl CustomOp2 for PackedGemm {
         // SAFETY: x is rows x i, out rows x o; the packed weight exists only where
         // sgemm::available() held.
         unsafe { sgemm::gemm_nt_packed(rows, x.as_ptr(), i, &self.packed, out.as_mut_ptr(), o) };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("checked above") = o;
+        let shape = with_last(dims, o);
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 }
@@ -242,8 +241,7 @@ impl CustomOp3 for Gemm {
         for _ in 0..rows {
             out.extend_from_slice(bias);
         }
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("checked above") = o;
+        let shape = with_last(dims, o);
         if sgemm::available() {
             // C = bias (above) += x W^T over every core.
             // SAFETY: x is rows x i, the weight o x i, out rows x o; availability checked.
