@@ -26,6 +26,21 @@ pub struct Measurement {
     pub ratio_to_unguided: Option<f64>,
 }
 
+impl Measurement {
+    /// A timed workload: the median of `runs`, and the process's peak memory since the last
+    /// [`reset_peak_rss`].
+    fn from_runs(workload: impl Into<String>, size: usize, mut runs: Vec<f64>) -> Self {
+        Measurement {
+            workload: workload.into(),
+            size,
+            seconds: median(&mut runs),
+            runs,
+            peak_rss_bytes: peak_rss_bytes(),
+            ratio_to_unguided: None,
+        }
+    }
+}
+
 /// Peak resident set size since the last reset (Linux VmHWM).
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -111,36 +126,22 @@ pub fn run(plan: &BenchPlan, mut report: impl FnMut(&Measurement)) -> Result<Vec
                 .to_dtype(plan.dtype)?
                 .to_device(&plan.device)?;
             let ctx = random_conditioning(&model, &mut g, plan.dtype)?;
-            let mut runs = time(plan.reps, &plan.device, || {
+            let runs = time(plan.reps, &plan.device, || {
                 model.predict(&x, 500.0, &ctx)?;
                 Ok(())
             })?;
-            let m = Measurement {
-                workload: "unet_step_cfg_batch2".into(),
-                size,
-                seconds: median(&mut runs),
-                runs,
-                peak_rss_bytes: peak_rss_bytes(),
-                ratio_to_unguided: None,
-            };
+            let m = Measurement::from_runs("unet_step_cfg_batch2", size, runs);
             report(&m);
             out.push(m);
         }
         if plan.vae {
             reset_peak_rss();
             let z = g.randn(&[1, c, lat, lat])?.to_device(&plan.device)?;
-            let mut runs = time(plan.reps, &plan.device, || {
+            let runs = time(plan.reps, &plan.device, || {
                 model.decode(&z)?;
                 Ok(())
             })?;
-            let m = Measurement {
-                workload: "vae_decode".into(),
-                size,
-                seconds: median(&mut runs),
-                runs,
-                peak_rss_bytes: peak_rss_bytes(),
-                ratio_to_unguided: None,
-            };
+            let m = Measurement::from_runs("vae_decode", size, runs);
             report(&m);
             out.push(m);
         }
@@ -283,19 +284,12 @@ pub fn guidance(
         let ctx = random_conditioning(&model, &mut g, plan.dtype)?;
         let x0 = g.randn(&[1, c, lat, lat])?.to_device(&plan.device)?;
         reset_peak_rss();
-        let mut runs = time(plan.reps, &plan.device, || {
+        let runs = time(plan.reps, &plan.device, || {
             model.predict(&x, 500.0, &ctx)?;
             Ok(())
         })?;
-        let unguided = median(&mut runs);
-        let m = Measurement {
-            workload: "step_unguided".into(),
-            size,
-            seconds: unguided,
-            runs,
-            peak_rss_bytes: peak_rss_bytes(),
-            ratio_to_unguided: None,
-        };
+        let m = Measurement::from_runs("step_unguided", size, runs);
+        let unguided = m.seconds;
         report(&m);
         out.push(m);
         for &kind in &plan.decoders {
@@ -321,36 +315,22 @@ pub fn guidance(
             )?;
             let mut rng = NoiseGen::new(0, Stream::Guidance);
             reset_peak_rss();
-            let mut runs = time(plan.reps, &plan.device, || {
+            let runs = time(plan.reps, &plan.device, || {
                 model.predict(&x, 500.0, &ctx)?;
                 guide.gradient(&model, &x0, &mut rng, None, 0)?;
                 Ok(())
             })?;
-            let sec = median(&mut runs);
             let name = format!("{kind}_{}_cutouts{}", plan.clip_arch, plan.cutouts);
-            let m = Measurement {
-                workload: format!("step_guided_{name}"),
-                size,
-                seconds: sec,
-                runs,
-                peak_rss_bytes: peak_rss_bytes(),
-                ratio_to_unguided: Some(sec / unguided),
-            };
+            let mut m = Measurement::from_runs(format!("step_guided_{name}"), size, runs);
+            m.ratio_to_unguided = Some(m.seconds / unguided);
             report(&m);
             out.push(m);
             // The guidance alone, without the UNet call whose time dominates the step.
-            let mut runs = time(plan.reps, &plan.device, || {
+            let runs = time(plan.reps, &plan.device, || {
                 guide.gradient(&model, &x0, &mut rng, None, 0)?;
                 Ok(())
             })?;
-            let m = Measurement {
-                workload: format!("guidance_only_{name}"),
-                size,
-                seconds: median(&mut runs),
-                runs,
-                peak_rss_bytes: peak_rss_bytes(),
-                ratio_to_unguided: None,
-            };
+            let m = Measurement::from_runs(format!("guidance_only_{name}"), size, runs);
             report(&m);
             out.push(m);
         }
