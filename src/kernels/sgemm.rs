@@ -135,6 +135,29 @@ impl PackedB {
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }
+
+    /// `B^T` (`k x n`) packed, read from this packing (the original `B` may be gone): a
+    /// Linear's input gradient `g W` is `g (W^T)^T`, the same kernel on the transpose.
+    pub fn transposed(&self) -> Self {
+        use rayon::prelude::*;
+        let (n, k) = (self.n, self.k);
+        let panels = k.div_ceil(PNR);
+        let mut data = vec![0f32; panels * n * PNR];
+        // Panel q of the result holds B[j][16q..16q+16] as its row j; in this packing B[j][p]
+        // is at (j / 16) * k * 16 + p * 16 + j % 16.
+        data.par_chunks_mut((n * PNR).max(1))
+            .enumerate()
+            .for_each(|(q, panel)| {
+                let cols = PNR.min(k - q * PNR);
+                for (j, row) in panel.chunks_exact_mut(PNR).enumerate() {
+                    let src = &self.data[(j / PNR) * k * PNR + j % PNR..];
+                    for (pp, v) in row[..cols].iter_mut().enumerate() {
+                        *v = src[(q * PNR + pp) * PNR];
+                    }
+                }
+            });
+        PackedB { n: k, k: n, data }
+    }
 }
 
 /// [`gemm_nt`] over every core, for `m` rows of A: with `m >= PACK_MIN_ROWS` B is packed
@@ -531,6 +554,41 @@ mod tests {
                     assert!(
                         (got - want).abs() <= tol,
                         "case {i} ({m}x{n}x{k}) [{r}][{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The transpose of a packing, used as B, gives `A B` (an f64 triple loop); transposing
+    /// twice gives the packing back bit for bit.
+    #[test]
+    fn transposed_packing_multiplies_by_b() {
+        if !available() {
+            return;
+        }
+        for (i, &(m, n, k)) in [(1, 1, 1), (7, 17, 33), (200, 40, 70), (5, 16, 3)]
+            .iter()
+            .enumerate()
+        {
+            let a = values(m * n, i as u32);
+            let b = values(n * k, 10 + i as u32);
+            let packed = PackedB::pack(&b, (n, k), k);
+            let t = packed.transposed();
+            assert_eq!(t.dims(), (k, n));
+            assert_eq!(t.transposed().data, packed.data, "case {i}: round trip");
+            let mut c = vec![0f32; m * k];
+            // SAFETY: a is m x n, c is m x k, t packs a k x n matrix.
+            unsafe { gemm_nt_packed(m, a.as_ptr(), n, &t, c.as_mut_ptr(), k) };
+            for r in 0..m {
+                for p in 0..k {
+                    let want: f64 = (0..n)
+                        .map(|j| a[r * n + j] as f64 * b[j * k + p] as f64)
+                        .sum();
+                    let got = c[r * k + p] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (n as f64).sqrt().max(1.0),
+                        "case {i} [{r}][{p}]: {got} vs {want}"
                     );
                 }
             }

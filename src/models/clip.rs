@@ -589,14 +589,11 @@ impl LayerNorm {
     }
 }
 
-/// A linear layer for `mode`: weights packed once for inference, kept as they are for
-/// `Differentiable` (its backward multiplies by them).
-fn layer(l: Linear, mode: NormMode) -> candle_core::Result<kernels::linear::Linear> {
-    match mode {
-        NormMode::Fused => kernels::linear::Linear::packed(l),
-        NormMode::Differentiable => kernels::linear::Linear::new(l),
-    }
-    .map_err(candle_core::Error::wrap)
+/// A linear layer with its weight packed once (CPU f32): a tower's layers see few rows per
+/// call, where packing per call shows. In a graph (the guide's vision tower) the first
+/// backward also packs the transpose, for the input gradient.
+fn layer(l: Linear) -> candle_core::Result<kernels::linear::Linear> {
+    kernels::linear::Linear::packed(l).map_err(candle_core::Error::wrap)
 }
 
 #[derive(Clone, Debug)]
@@ -620,10 +617,10 @@ impl Attention {
     ) -> candle_core::Result<Self> {
         let head_dim = hidden / heads;
         Ok(Self {
-            q_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("q_proj"))?, mode)?,
-            k_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("k_proj"))?, mode)?,
-            v_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("v_proj"))?, mode)?,
-            out_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("out_proj"))?, mode)?,
+            q_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("q_proj"))?)?,
+            k_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("k_proj"))?)?,
+            v_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("v_proj"))?)?,
+            out_proj: layer(candle_nn::linear(hidden, hidden, vb.pp("out_proj"))?)?,
             num_heads: heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -687,8 +684,8 @@ impl Mlp {
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            fc1: layer(candle_nn::linear(hidden, intermediate, vb.pp("fc1"))?, mode)?,
-            fc2: layer(candle_nn::linear(intermediate, hidden, vb.pp("fc2"))?, mode)?,
+            fc1: layer(candle_nn::linear(hidden, intermediate, vb.pp("fc1"))?)?,
+            fc2: layer(candle_nn::linear(intermediate, hidden, vb.pp("fc2"))?)?,
             act,
             mode,
         })
