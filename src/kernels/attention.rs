@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, vmath};
+use super::{contiguous_f32, for_each_task, vmath, OutPtr};
 use crate::Result;
 
 /// Bytes of scores a task keeps at once. Measured on SD 1.5's 4,096-token attention (2-core
@@ -52,9 +52,31 @@ pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) ->
     })
 }
 
-/// The composition with candle's plain `softmax`, whose backward is right
-/// (`softmax_last_dim` has none), for paths that need gradients.
+/// [`attention`] for paths that need gradients (to q, k and v). On the CPU in f32 the
+/// blocked kernel with its own backward, which recomputes each block's probabilities instead
+/// of keeping them (candle's composition keeps the scores, the probabilities and several
+/// intermediates of their size for its backward); elsewhere [`composed_differentiable`].
 pub fn differentiable(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    if !(q.device().is_cpu() && q.dtype() == DType::F32) {
+        return composed_differentiable(q, k, v, heads, scale);
+    }
+    let op = Differentiable {
+        heads,
+        scale: scale as f32,
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// The composition with candle's plain `softmax`, whose backward is right
+/// (`softmax_last_dim` has none): the reference for [`differentiable`].
+pub fn composed_differentiable(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -250,6 +272,220 @@ impl BlockedAttention {
     }
 }
 
+/// The blocked kernel as an op with a backward ([`differentiable`]).
+struct Differentiable {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp3 for Differentiable {
+    fn name(&self) -> &'static str {
+        "blocked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = BlockedAttention {
+            heads: self.heads,
+            scale: self.scale,
+        };
+        op.cpu_fwd(sq, lq, sk, lk, sv, lv)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AttentionGrad {
+            heads: self.heads,
+            scale: self.scale,
+            dout: grad.contiguous()?,
+        };
+        let all = q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        Ok((
+            Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
+            Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
+            Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+        ))
+    }
+}
+
+/// `(dL/dq, dL/dk, dL/dv)`, flattened one after another, of the attention of q, k, v given
+/// `dout = dL/d(output)`. Per batch item and head, for each block of query rows: the
+/// probabilities P again, `dP = dO V^T`, `dS = P (dP - rowsum(P dP))`, then
+/// `dQ = scale dS K`, and `dK += scale dS^T Q`, `dV += P^T dO` over the blocks.
+struct AttentionGrad {
+    heads: usize,
+    scale: f32,
+    dout: Tensor,
+}
+
+/// A matrix operand of [`mm`]: pointer, column stride, row stride.
+type View = (*const f32, isize, isize);
+
+/// `dst = beta (lhs rhs)` (`m x n`, inner `k`), plus `dst` when `accumulate`.
+///
+/// # Safety
+/// Every view must stay inside its buffer for its shape; `dst` must not overlap the others.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, isize, isize),
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m, n, k, dst.0, dst.1, dst.2, accumulate, lhs.0, lhs.1, lhs.2, rhs.0, rhs.1, rhs.2, 1.0,
+        beta, false, false, false, par,
+    );
+}
+
+impl CustomOp3 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "blocked-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (b, n, hd) = lq.shape().dims3()?;
+        let m = lk.shape().dims3()?.1;
+        if lv.shape() != lk.shape() || self.dout.shape() != lq.shape() {
+            candle_core::bail!(
+                "{op}: q {:?}, k {:?}, v {:?}, gradient {:?} do not fit",
+                lq.shape(),
+                lk.shape(),
+                lv.shape(),
+                self.dout.shape()
+            );
+        }
+        let (q, k, v) = (
+            contiguous_f32(sq, lq, op)?,
+            contiguous_f32(sk, lk, op)?,
+            contiguous_f32(sv, lv, op)?,
+        );
+        let (storage, layout) = self.dout.storage_and_layout();
+        let dout = match &*storage {
+            candle_core::Storage::Cpu(s) => contiguous_f32(s, layout, op)?,
+            _ => candle_core::bail!("{op}: the gradient is not on the CPU"),
+        };
+        let d = hd / self.heads;
+        let mut out = vec![0f32; b * n * hd + 2 * b * m * hd];
+        let base = OutPtr(out.as_mut_ptr());
+        // Two score-sized buffers per block (P and dP).
+        let rows = (SCORE_BLOCK_BYTES / (8 * m.max(1)))
+            .clamp(8, MAX_ROWS)
+            .min(n.max(1));
+        let (hd_s, m_s, scale) = (hd as isize, m as isize, self.scale);
+        for_each_task(b * self.heads, |task, par| {
+            let (bi, c0) = (task / self.heads, (task % self.heads) * d);
+            let mut p = vec![0f32; rows * m];
+            let mut dp = vec![0f32; rows * m];
+            // SAFETY: each task reads its batch item's rows and writes the columns
+            // c0..c0+d of its item's rows of dq, dk and dv (disjoint across tasks); every
+            // view below stays inside q, k, v, dout (rows of hd), p and dp (rows of m).
+            unsafe {
+                let (qb, kb, vb, gb) = (
+                    q.as_ptr().add(bi * n * hd + c0),
+                    k.as_ptr().add(bi * m * hd + c0),
+                    v.as_ptr().add(bi * m * hd + c0),
+                    dout.as_ptr().add(bi * n * hd + c0),
+                );
+                let dq = base.get().add(bi * n * hd + c0);
+                let dk = base.get().add(b * n * hd + bi * m * hd + c0);
+                let dv = base.get().add(b * n * hd + b * m * hd + bi * m * hd + c0);
+                for r0 in (0..n).step_by(rows) {
+                    let nr = rows.min(n - r0);
+                    let (qr, gr) = (qb.add(r0 * hd), gb.add(r0 * hd));
+                    let (pp, dpp) = (p.as_mut_ptr(), dp.as_mut_ptr());
+                    mm(
+                        (nr, m, d),
+                        (pp, 1, m_s),
+                        (qr, 1, hd_s),
+                        (kb, hd_s, 1),
+                        false,
+                        scale,
+                        par,
+                    );
+                    for row in p[..nr * m].chunks_exact_mut(m) {
+                        vmath::softmax_row(row);
+                    }
+                    mm(
+                        (nr, m, d),
+                        (dpp, 1, m_s),
+                        (gr, 1, hd_s),
+                        (vb, hd_s, 1),
+                        false,
+                        1.0,
+                        par,
+                    );
+                    for (pr, dr) in p[..nr * m].chunks_exact(m).zip(dp.chunks_exact_mut(m)) {
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (x, &pv) in dr.iter_mut().zip(pr) {
+                            *x = pv * (*x - dot);
+                        }
+                    }
+                    let (pc, dpc) = (p.as_ptr(), dp.as_ptr());
+                    let acc = r0 > 0;
+                    mm(
+                        (nr, d, m),
+                        (dq.add(r0 * hd), 1, hd_s),
+                        (dpc, 1, m_s),
+                        (kb, 1, hd_s),
+                        false,
+                        scale,
+                        par,
+                    );
+                    mm(
+                        (m, d, nr),
+                        (dk, 1, hd_s),
+                        (dpc, m_s, 1),
+                        (qr, 1, hd_s),
+                        acc,
+                        scale,
+                        par,
+                    );
+                    mm(
+                        (m, d, nr),
+                        (dv, 1, hd_s),
+                        (pc, m_s, 1),
+                        (gr, 1, hd_s),
+                        acc,
+                        1.0,
+                        par,
+                    );
+                }
+            }
+        });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +515,50 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let err = rel_err_vs_f64(&got, &want);
             assert!(err < 1e-6, "b={b} n={n} m={m} heads={heads}: {err}");
+        }
+    }
+
+    /// Value and the gradients to q, k and v against candle's composition in f64, on shapes
+    /// with several query blocks, cross-attention and more tasks than cores (and fewer).
+    #[test]
+    fn differentiable_gradients_match_composed_in_f64() {
+        for (i, (b, n, m, heads, d)) in
+            [(4, 50, 50, 12, 8), (1, 37, 9, 1, 16), (2, 300, 2100, 2, 16)]
+                .into_iter()
+                .enumerate()
+        {
+            let seed = 10 * i as u64;
+            let inputs = [
+                randn(&[b, n, heads * d], 2.0, seed),
+                randn(&[b, m, heads * d], 2.0, seed + 1),
+                randn(&[b, m, heads * d], 1.0, seed + 2),
+            ];
+            let r = randn(&[b, n, heads * d], 1.0, seed + 3);
+            let scale = 1.0 / (d as f64).sqrt();
+            let run = |f64_: bool| {
+                let vars: Vec<candle_core::Var> = inputs
+                    .iter()
+                    .map(|t| candle_core::Var::from_tensor(&if f64_ { f64(t) } else { t.clone() }))
+                    .collect::<candle_core::Result<_>>()
+                    .unwrap();
+                let [q, k, v] = [0, 1, 2].map(|j| vars[j].as_tensor());
+                let y = if f64_ {
+                    composed_differentiable(q, k, v, heads, scale).unwrap()
+                } else {
+                    differentiable(q, k, v, heads, scale).unwrap()
+                };
+                let r = if f64_ { f64(&r) } else { r.clone() };
+                let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = [q, k, v].map(|t| grads.get(t).unwrap().clone());
+                (y, g)
+            };
+            let ((y, g), (yd, gd)) = (run(false), run(true));
+            let e = rel_err_vs_f64(&y, &yd);
+            assert!(e < 1e-6, "case {i}: value rel err {e}");
+            for (name, (got, want)) in ["q", "k", "v"].iter().zip(g.iter().zip(&gd)) {
+                let e = rel_err_vs_f64(got, want);
+                assert!(e < 1e-5, "case {i}: d{name} rel err {e}");
+            }
         }
     }
 

@@ -1,4 +1,5 @@
-//! GroupNorm, optionally followed by SiLU, in one parallel sweep per group on the CPU in f32.
+//! GroupNorm, optionally followed by SiLU, in one parallel sweep per group on the CPU in f32;
+//! and a layer norm with its own backward for differentiated graphs (the guide CLIP).
 //!
 //! candle's `GroupNorm` is composed of about eight elementwise and reduction ops, each a full
 //! pass over the activations (33M values per pass for a 128-channel 512x512 VAE layer), and
@@ -283,6 +284,146 @@ impl CustomOp3 for Fused {
     }
 }
 
+/// Rows per task of the layer-norm kernels.
+const LN_ROWS: usize = 8;
+
+/// Layer norm over the last axis with constant `weight` and `bias`, on the CPU in f32, for
+/// graphs: the value in one op and a backward that computes `dL/dx` in one pass per row
+/// (candle's composition is seven ops each way, each keeping a full-size intermediate).
+/// Other devices and dtypes: `None`, the caller composes.
+pub fn layer_norm_differentiable(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_cpu(x) && f32_cpu(weight) && f32_cpu(bias)) {
+        return Ok(None);
+    }
+    let w = weight.clone();
+    let y = super::frozen::input_only(
+        x,
+        |x| {
+            let op = LayerNorm { eps };
+            Ok(x.contiguous()?.apply_op3_no_bwd(weight, bias, &op)?)
+        },
+        || {
+            Ok(Box::new(move |x: &Tensor, g: &Tensor| {
+                let op = LayerNormGrad { eps };
+                x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &w, &op)
+            }))
+        },
+    )?;
+    Ok(Some(y))
+}
+
+/// Checks that `params` values fit the last axis of `l`; returns its width.
+fn row_width(op: &str, l: &Layout, params: usize) -> candle_core::Result<usize> {
+    match l.shape().dims().last() {
+        Some(&d) if d == params && d > 0 => Ok(d),
+        _ => candle_core::bail!("{op}: input {:?} with {params} parameters", l.shape()),
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis.
+struct LayerNorm {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let d = row_width(op, lx, lw.shape().elem_count())?;
+        let _ = row_width(op, lx, lb.shape().elem_count())?;
+        let (x, w, bias) = (
+            contiguous_f32(sx, lx, op)?,
+            contiguous_f32(sw, lw, op)?,
+            contiguous_f32(sb, lb, op)?,
+        );
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d * LN_ROWS)
+            .zip(x.par_chunks(d * LN_ROWS))
+            .for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                    let (mean, inv) = group_stats(xrow, self.eps);
+                    let (m32, i32_) = (mean as f32, inv as f32);
+                    for (((ov, &xv), &wv), &bv) in orow.iter_mut().zip(xrow).zip(w).zip(bias) {
+                        *ov = (xv - m32) * i32_ * wv + bv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+}
+
+/// `dL/dx` of [`LayerNorm`] from `x`, `dL/dy` and the weight:
+/// `inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))` with `dxhat = dL/dy * weight`.
+struct LayerNormGrad {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let d = row_width(op, lx, lw.shape().elem_count())?;
+        if lg.shape() != lx.shape() {
+            candle_core::bail!("{op}: gradient {:?} for input {:?}", lg.shape(), lx.shape());
+        }
+        let (x, dout, w) = (
+            contiguous_f32(sx, lx, op)?,
+            contiguous_f32(sg, lg, op)?,
+            contiguous_f32(sw, lw, op)?,
+        );
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d * LN_ROWS)
+            .zip(x.par_chunks(d * LN_ROWS).zip(dout.par_chunks(d * LN_ROWS)))
+            .for_each(|(dxs, (xs, gs))| {
+                let rows = dxs.chunks_exact_mut(d).zip(xs.chunks_exact(d));
+                for ((drow, xrow), grow) in rows.zip(gs.chunks_exact(d)) {
+                    let (mean, inv) = group_stats(xrow, self.eps);
+                    let (m32, i32_) = (mean as f32, inv as f32);
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for (((dv, &xv), &gv), &wv) in drow.iter_mut().zip(xrow).zip(grow).zip(w) {
+                        let dxhat = gv * wv;
+                        *dv = dxhat;
+                        s1 += dxhat;
+                        s2 += dxhat * (xv - m32) * i32_;
+                    }
+                    let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                    for (dv, &xv) in drow.iter_mut().zip(xrow) {
+                        *dv = i32_ * (*dv - m1 - (xv - m32) * i32_ * m2);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), lx.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +469,66 @@ mod tests {
                 "case {i}"
             );
         }
+    }
+
+    /// Layer norm in a graph: value and input gradient against candle's composition in f64,
+    /// with an offset mean; no weight gradient; f64 inputs are left to the caller.
+    #[test]
+    fn layer_norm_backward_matches_composed_in_f64() {
+        let composed = |x: &Tensor, w: &Tensor, b: &Tensor| {
+            let mean = x.mean_keepdim(candle_core::D::Minus1).unwrap();
+            let c = x.broadcast_sub(&mean).unwrap();
+            let var = c
+                .sqr()
+                .unwrap()
+                .mean_keepdim(candle_core::D::Minus1)
+                .unwrap();
+            c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(w)
+                .unwrap()
+                .broadcast_add(b)
+                .unwrap()
+        };
+        for (i, shape) in [vec![4usize, 50, 768], vec![3, 7], vec![1, 5, 9, 13]]
+            .into_iter()
+            .enumerate()
+        {
+            let d = *shape.last().unwrap();
+            let (w, b) = (
+                randn(&[d], 1.0, 3 * i as u64),
+                randn(&[d], 1.0, 1 + i as u64),
+            );
+            let x0 = (randn(&shape, 2.0, 5 + i as u64) + 3.0).unwrap();
+            let x = candle_core::Var::from_tensor(&x0).unwrap();
+            let y = layer_norm_differentiable(x.as_tensor(), &w, &b, 1e-5)
+                .unwrap()
+                .unwrap();
+            let r = randn(&shape, 1.0, 99);
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(&w).is_none(), "case {i}: a weight gradient");
+
+            let xd = candle_core::Var::from_tensor(&f64(&x0)).unwrap();
+            let yd = composed(xd.as_tensor(), &f64(&w), &f64(&b));
+            assert!(rel_err_vs_f64(&y, &yd) < 2e-6, "case {i}: value");
+            let gd = (&yd * &f64(&r))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let e = rel_err_vs_f64(
+                grads.get(x.as_tensor()).unwrap(),
+                gd.get(xd.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-5, "case {i}: input gradient rel err {e}");
+        }
+        let x = f64(&randn(&[2, 3], 1.0, 1));
+        assert!(
+            layer_norm_differentiable(&x, &f64(&randn(&[3], 1.0, 2)), &x, 1e-5)
+                .unwrap()
+                .is_none()
+        );
     }
 
     /// In a graph (CPU f32): the fused value, and candle's input gradient (in f64), with and

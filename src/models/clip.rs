@@ -527,6 +527,11 @@ pub fn layer_norm(
         // No backward: see NormMode::Fused.
         return candle_nn::ops::layer_norm(&xs.contiguous()?, weight, bias, eps as f32);
     }
+    if let Some(y) = kernels::norm::layer_norm_differentiable(xs, weight, bias, eps)
+        .map_err(candle_core::Error::wrap)?
+    {
+        return Ok(y);
+    }
     // Half precision is normalised in f32: candle sums f16 in f16, so a token whose RMS passes
     // sqrt(65504 / width) (about 9 for ViT-B) has an infinite variance, the norm outputs its
     // bias alone and the gradient through it is silently zero. The fused kernels accumulate
@@ -636,16 +641,25 @@ impl Attention {
 
     /// `xs`: (batch, seq, hidden); `mask`: additive (seq, seq) or none.
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        if mask.is_none() && self.mode == NormMode::Fused {
-            // Inference without a mask (the vision tower): the blocked CPU kernel on the
-            // (batch, seq, heads*dim) projections, candle's composition on other devices.
+        if mask.is_none() && (self.mode == NormMode::Fused || xs.dtype() == DType::F32) {
+            // Without a mask (the vision tower): the blocked CPU kernel on the (batch, seq,
+            // heads*dim) projections, with its own backward when differentiable; candle's
+            // composition on other devices (in f16 the differentiable path stays composed,
+            // transformers' eager order).
             let (q, k, v) = (
                 self.q_proj.forward(xs)?,
                 self.k_proj.forward(xs)?,
                 self.v_proj.forward(xs)?,
             );
-            let out = kernels::attention::attention(&q, &k, &v, self.num_heads, self.scale)
-                .map_err(candle_core::Error::wrap)?;
+            let out = match self.mode {
+                NormMode::Fused => {
+                    kernels::attention::attention(&q, &k, &v, self.num_heads, self.scale)
+                }
+                NormMode::Differentiable => {
+                    kernels::attention::differentiable(&q, &k, &v, self.num_heads, self.scale)
+                }
+            }
+            .map_err(candle_core::Error::wrap)?;
             return self.out_proj.forward(&out);
         }
         let (b, s, hidden) = xs.dims3()?;
