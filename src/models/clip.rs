@@ -1046,7 +1046,7 @@ impl ClipTextTransformer {
 /// CLIP's vision transformer (transformers' `CLIPVisionTransformer`).
 #[derive(Clone, Debug)]
 pub struct ClipVisionTransformer {
-    patch_embedding: Tensor,
+    patch_embedding: kernels::linear::Linear,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
@@ -1073,6 +1073,12 @@ impl ClipVisionTransformer {
             ),
             "weight",
         )?;
+        // (hidden, channels * p * p): a row per output channel, in the unfolded patches'
+        // (channel, row, column) order.
+        let patch_embedding = layer(Linear::new(
+            patch_embedding.reshape((cfg.hidden_size, ()))?,
+            None,
+        ))?;
         let class_embedding = emb.get(cfg.hidden_size, "class_embedding")?;
         let position_embedding = emb
             .pp("position_embedding")
@@ -1126,10 +1132,18 @@ impl ClipVisionTransformer {
             ));
         }
         let b = dims[0];
+        // The patch convolution (stride = kernel, no padding) as a Linear over the unfolded
+        // patches: candle's conv2d backward (the input's gradient and the kernel's) took
+        // ~100 ms of a guided step's 4-view ViT-B/32 pass; the GEMM takes a few.
+        let (p, grid) = (cfg.patch_size, cfg.grid_size());
         let patches = pixels
-            .conv2d(&self.patch_embedding, 0, cfg.patch_size, 1, 1)?
-            .flatten_from(2)?
-            .transpose(1, 2)?;
+            .narrow(2, 0, grid * p)?
+            .narrow(3, 0, grid * p)?
+            .reshape((b, cfg.num_channels, grid, p, grid, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, grid * grid, cfg.num_channels * p * p))?;
+        let patches = self.patch_embedding.forward(&patches)?;
         let class = self
             .class_embedding
             .reshape((1, 1, cfg.hidden_size))?
