@@ -230,12 +230,13 @@ pub unsafe fn gemm_nt_packed(
     {
         let panels = n.div_ceil(PNR);
         let (pa, packed) = (P(a, c), P(b.data.as_ptr(), std::ptr::null_mut()));
-        let chunk = m
-            .div_ceil(ROW_TASKS_PER_THREAD * rayon::current_num_threads())
-            .next_multiple_of(PMR);
-        (0..m.div_ceil(chunk)).into_par_iter().for_each(|t| {
-            let i0 = t * chunk;
-            let i1 = (i0 + chunk).min(m);
+        // Tasks of whole micro-panels whose sizes differ by at most one, so each thread's
+        // share is even (CLIP's 200 rows in chunks of 54 gave one thread 108, the other 92).
+        let micro = m.div_ceil(PMR);
+        let tasks = (ROW_TASKS_PER_THREAD * rayon::current_num_threads()).min(micro);
+        (0..tasks).into_par_iter().for_each(|t| {
+            let i0 = t * micro / tasks * PMR;
+            let i1 = ((t + 1) * micro / tasks * PMR).min(m);
             let mut q0 = 0;
             while q0 < panels {
                 let q1 = (q0 + PNC / PNR).min(panels);
