@@ -10,8 +10,9 @@
 //! [`NormMode`] picks how layer norm and softmax are computed. candle's fused kernels
 //! (`candle_nn::ops::layer_norm`, `softmax_last_dim`) are fast but have no backward: a graph
 //! through them silently loses its gradient. Guidance needs d(loss)/d(pixels) through the
-//! vision tower, so [`NormMode::Differentiable`] composes both from primitive ops whose
-//! backward is correct.
+//! vision tower, so [`NormMode::Differentiable`] uses ops whose backward is correct: on the
+//! CPU in f32 a layer norm and a blocked attention with their own backward
+//! (`kernels::norm`, `kernels::attention`), elsewhere compositions of primitive ops.
 
 use std::path::Path;
 
@@ -34,8 +35,10 @@ pub enum NormMode {
     /// back to the composed ops.
     #[default]
     Fused,
-    /// Layer norm and softmax composed from mean/sub/sqr/sqrt/div/mul/add and exp/sum
-    /// (softmax subtracts a detached row maximum). Correct backward; use it for guidance.
+    /// Layer norm and attention with a correct backward; use it for guidance. On the CPU in
+    /// f32 they are kernels with their own backward (the text tower's masked attention stays
+    /// composed); elsewhere layer norm and softmax are composed from mean/sub/sqr/sqrt/div/
+    /// mul/add and exp/sum (softmax subtracts a detached row maximum).
     Differentiable,
 }
 
