@@ -66,7 +66,7 @@ pub fn differentiable(
     if !(q.device().is_cpu() && q.dtype() == DType::F32) {
         return composed_differentiable(q, k, v, heads, scale);
     }
-    let op = Differentiable {
+    let op = BlockedAttention {
         heads,
         scale: scale as f32,
     };
@@ -187,6 +187,31 @@ impl CustomOp3 for BlockedAttention {
             });
         Ok((CpuStorage::F32(out), Shape::from((b, n, hd))))
     }
+
+    /// Used by [`differentiable`] (inference applies the op without a graph).
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AttentionGrad {
+            heads: self.heads,
+            scale: self.scale,
+            dout: grad.contiguous()?,
+        };
+        let all = q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        Ok((
+            Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
+            Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
+            Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+        ))
+    }
 }
 
 impl BlockedAttention {
@@ -269,58 +294,6 @@ impl BlockedAttention {
                 }
             }
         });
-    }
-}
-
-/// The blocked kernel as an op with a backward ([`differentiable`]).
-struct Differentiable {
-    heads: usize,
-    scale: f32,
-}
-
-impl CustomOp3 for Differentiable {
-    fn name(&self) -> &'static str {
-        "blocked-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sq: &CpuStorage,
-        lq: &Layout,
-        sk: &CpuStorage,
-        lk: &Layout,
-        sv: &CpuStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = BlockedAttention {
-            heads: self.heads,
-            scale: self.scale,
-        };
-        op.cpu_fwd(sq, lq, sk, lk, sv, lv)
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = AttentionGrad {
-            heads: self.heads,
-            scale: self.scale,
-            dout: grad.contiguous()?,
-        };
-        let all = q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        Ok((
-            Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
-            Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
-            Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
-        ))
     }
 }
 
