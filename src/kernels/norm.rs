@@ -6,7 +6,7 @@
 //! the SiLU after it is another. Here two passes over each group (cache-resident) give the
 //! mean and the centred variance, and a third writes `silu?((x - mean) / sqrt(var + eps) * gamma + beta)`.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -287,22 +287,22 @@ impl CustomOp3 for Fused {
 /// Rows per task of the layer-norm kernels.
 const LN_ROWS: usize = 8;
 
-/// Layer norm over the last axis with constant `weight` and `bias`, on the CPU in f32, for
-/// graphs: the value in one op and a backward that computes `dL/dx` in one pass per row
-/// (candle's composition is seven ops each way, each keeping a full-size intermediate).
-/// Other devices and dtypes: `None`, the caller composes.
+/// Layer norm over the last axis with constant `weight` and `bias`, for graphs. On the CPU
+/// in f32 the value in one op and a backward that computes `dL/dx` in one pass per row
+/// (candle's composition is seven ops each way, each keeping a full-size intermediate);
+/// elsewhere [`layer_norm_composed`].
 pub fn layer_norm_differentiable(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
-) -> Result<Option<Tensor>> {
+) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(f32_cpu(x) && f32_cpu(weight) && f32_cpu(bias)) {
-        return Ok(None);
+        return Ok(layer_norm_composed(x, weight, bias, eps)?);
     }
     let w = weight.clone();
-    let y = super::frozen::input_only(
+    super::frozen::input_only(
         x,
         |x| {
             let op = LayerNorm { eps };
@@ -314,8 +314,36 @@ pub fn layer_norm_differentiable(
                 x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &w, &op)
             }))
         },
-    )?;
-    Ok(Some(y))
+    )
+}
+
+/// Layer norm composed from candle ops whose backward is right: mean, centred variance,
+/// scale and shift. The reference for [`layer_norm_differentiable`].
+pub fn layer_norm_composed(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    // Half precision is normalised in f32: candle sums f16 in f16, so a token whose RMS passes
+    // sqrt(65504 / width) (about 9 for ViT-B) has an infinite variance, the norm outputs its
+    // bias alone and the gradient through it is silently zero. The fused kernels accumulate
+    // in f32 already.
+    let dtype = xs.dtype();
+    let up = |t: &Tensor| match dtype {
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    };
+    let x = up(xs)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let denom = (var + eps)?.sqrt()?;
+    centred
+        .broadcast_div(&denom)?
+        .broadcast_mul(&up(weight)?)?
+        .broadcast_add(&up(bias)?)?
+        .to_dtype(dtype)
 }
 
 /// Checks that `params` values fit the last axis of `l`; returns its width.
@@ -472,24 +500,9 @@ mod tests {
     }
 
     /// Layer norm in a graph: value and input gradient against candle's composition in f64,
-    /// with an offset mean; no weight gradient; f64 inputs are left to the caller.
+    /// with an offset mean; no weight gradient; f64 inputs take the composition.
     #[test]
     fn layer_norm_backward_matches_composed_in_f64() {
-        let composed = |x: &Tensor, w: &Tensor, b: &Tensor| {
-            let mean = x.mean_keepdim(candle_core::D::Minus1).unwrap();
-            let c = x.broadcast_sub(&mean).unwrap();
-            let var = c
-                .sqr()
-                .unwrap()
-                .mean_keepdim(candle_core::D::Minus1)
-                .unwrap();
-            c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-                .unwrap()
-                .broadcast_mul(w)
-                .unwrap()
-                .broadcast_add(b)
-                .unwrap()
-        };
         for (i, shape) in [vec![4usize, 50, 768], vec![3, 7], vec![1, 5, 9, 13]]
             .into_iter()
             .enumerate()
@@ -501,15 +514,13 @@ mod tests {
             );
             let x0 = (randn(&shape, 2.0, 5 + i as u64) + 3.0).unwrap();
             let x = candle_core::Var::from_tensor(&x0).unwrap();
-            let y = layer_norm_differentiable(x.as_tensor(), &w, &b, 1e-5)
-                .unwrap()
-                .unwrap();
+            let y = layer_norm_differentiable(x.as_tensor(), &w, &b, 1e-5).unwrap();
             let r = randn(&shape, 1.0, 99);
             let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             assert!(grads.get(&w).is_none(), "case {i}: a weight gradient");
 
             let xd = candle_core::Var::from_tensor(&f64(&x0)).unwrap();
-            let yd = composed(xd.as_tensor(), &f64(&w), &f64(&b));
+            let yd = layer_norm_composed(xd.as_tensor(), &f64(&w), &f64(&b), 1e-5).unwrap();
             assert!(rel_err_vs_f64(&y, &yd) < 2e-6, "case {i}: value");
             let gd = (&yd * &f64(&r))
                 .unwrap()
@@ -523,12 +534,16 @@ mod tests {
             );
             assert!(e < 1e-5, "case {i}: input gradient rel err {e}");
         }
-        let x = f64(&randn(&[2, 3], 1.0, 1));
-        assert!(
-            layer_norm_differentiable(&x, &f64(&randn(&[3], 1.0, 2)), &x, 1e-5)
-                .unwrap()
-                .is_none()
+        // Off the kernel (here f64) it is the composition itself.
+        let (x, w, b) = (
+            f64(&randn(&[2, 3], 1.0, 1)),
+            f64(&randn(&[3], 1.0, 2)),
+            f64(&randn(&[3], 1.0, 3)),
         );
+        let y = layer_norm_differentiable(&x, &w, &b, 1e-5).unwrap();
+        let want = layer_norm_composed(&x, &w, &b, 1e-5).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        assert_eq!(rel_err_vs_f64(&y, &want), 0.0);
     }
 
     /// In a graph (CPU f32): the fused value, and candle's input gradient (in f64), with and

@@ -530,30 +530,8 @@ pub fn layer_norm(
         // No backward: see NormMode::Fused.
         return candle_nn::ops::layer_norm(&xs.contiguous()?, weight, bias, eps as f32);
     }
-    if let Some(y) = kernels::norm::layer_norm_differentiable(xs, weight, bias, eps)
-        .map_err(candle_core::Error::wrap)?
-    {
-        return Ok(y);
-    }
-    // Half precision is normalised in f32: candle sums f16 in f16, so a token whose RMS passes
-    // sqrt(65504 / width) (about 9 for ViT-B) has an infinite variance, the norm outputs its
-    // bias alone and the gradient through it is silently zero. The fused kernels accumulate
-    // in f32 already.
-    let dtype = xs.dtype();
-    let up = |t: &Tensor| match dtype {
-        DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
-        _ => Ok(t.clone()),
-    };
-    let x = up(xs)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let denom = (var + eps)?.sqrt()?;
-    centred
-        .broadcast_div(&denom)?
-        .broadcast_mul(&up(weight)?)?
-        .broadcast_add(&up(bias)?)?
-        .to_dtype(dtype)
+    kernels::norm::layer_norm_differentiable(xs, weight, bias, eps)
+        .map_err(candle_core::Error::wrap)
 }
 
 /// Softmax over the last dimension, fused or composed from differentiable ops
