@@ -252,6 +252,7 @@ impl CustomOp1 for Geglu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::weighted_grads;
     use candle_core::Device;
 
     #[test]
@@ -298,7 +299,7 @@ mod tests {
         let grad_of = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
             let v = Var::from_tensor(&x).unwrap();
             let y = f(v.as_tensor()).unwrap();
-            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = weighted_grads(&y, &g);
             (y, grads.get(v.as_tensor()).unwrap().clone())
         };
         let (y, dx) = grad_of(&|t| relu(t));
@@ -339,7 +340,7 @@ mod tests {
         let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
             let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
             let y = f(va.as_tensor(), vb.as_tensor()).unwrap();
-            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = weighted_grads(&y, &g);
             let d = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
             [y, d(&va), d(&vb)]
         };
@@ -370,8 +371,7 @@ mod tests {
             let grad = |x: &Tensor, f: Act| {
                 let v = Var::from_tensor(x).unwrap();
                 let y = f(v.as_tensor()).unwrap();
-                let g = g.to_dtype(x.dtype()).unwrap();
-                let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads = weighted_grads(&y, &g);
                 (y, grads.get(v.as_tensor()).unwrap().clone())
             };
             let (y, dx) = grad(&x, kernel);

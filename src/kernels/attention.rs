@@ -462,7 +462,7 @@ impl CustomOp3 for AttentionGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{f64, randn, rel_err_vs_f64};
+    use crate::kernels::testing::{f64, randn, rel_err_vs_f64, weighted_grads};
 
     #[test]
     fn blocked_matches_composed_on_awkward_shapes() {
@@ -520,8 +520,7 @@ mod tests {
                 } else {
                     differentiable(q, k, v, heads, scale).unwrap()
                 };
-                let r = if f64_ { f64(&r) } else { r.clone() };
-                let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads = weighted_grads(&y, &r);
                 let g = [q, k, v].map(|t| grads.get(t).unwrap().clone());
                 (y, g)
             };

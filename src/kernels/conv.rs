@@ -354,7 +354,7 @@ impl CustomOp2 for Conv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{f64, randn, rel_err_vs_f64};
+    use crate::kernels::testing::{f64, randn, rel_err_vs_f64, weighted_grads};
     use candle_core::Device;
 
     #[test]
@@ -421,7 +421,7 @@ mod tests {
             let x = candle_core::Var::from_tensor(&x0).unwrap();
             let y = layer.forward(x.as_tensor()).unwrap();
             let r = randn(y.dims(), 1.0, 50);
-            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = weighted_grads(&y, &r);
             let got = grads.get(x.as_tensor()).unwrap();
             assert!(
                 grads.get(&wt).is_none(),
@@ -431,12 +431,7 @@ mod tests {
             let xd = candle_core::Var::from_tensor(&f64(&x0)).unwrap();
             let yd = composed(xd.as_tensor(), &f64(&wt), Some(&f64(&bias)), stride, pad).unwrap();
             assert!(rel_err_vs_f64(&y, &yd) < 2e-6, "case {i}: value");
-            let gd = (&yd * &f64(&r))
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gd = weighted_grads(&yd, &r);
             let want = gd.get(xd.as_tensor()).unwrap();
             let e = rel_err_vs_f64(got, want);
             assert!(e < 2e-6, "case {i}: input gradient rel err {e}");

@@ -338,7 +338,7 @@ impl CustomOp3 for Gemm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{f64, randn, rel_err_vs_f64};
+    use crate::kernels::testing::{f64, randn, rel_err_vs_f64, weighted_grads};
 
     #[test]
     fn linear_matches_candle_in_f64() {
@@ -390,16 +390,11 @@ mod tests {
                     .forward(xd.as_tensor())
                     .unwrap();
                 let r = randn(yd.dims(), 1.0, 30);
-                let gd = (&yd * &f64(&r))
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let gd = weighted_grads(&yd, &r);
                 for run in 0..2 {
                     let x = candle_core::Var::from_tensor(&x0).unwrap();
                     let y = layer.forward(x.as_tensor()).unwrap();
-                    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grads = weighted_grads(&y, &r);
                     let case = format!("{name} case {i} run {run}");
                     assert!(grads.get(&w).is_none(), "{case}: a weight gradient");
                     assert!(rel_err_vs_f64(&y, &yd) < 1e-6, "{case}: value");

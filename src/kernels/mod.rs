@@ -91,6 +91,13 @@ pub(crate) mod testing {
         num / den
     }
 
+    /// The gradients of `sum(y * r)`, `r` taken to `y`'s dtype: a fixed random weighting, so
+    /// every element of `dL/dy` differs.
+    pub fn weighted_grads(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+        let r = r.to_dtype(y.dtype()).unwrap();
+        (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     /// `t` in f64, for the reference computation.
     pub fn f64(t: &Tensor) -> Tensor {
         t.to_dtype(DType::F64).unwrap()

@@ -455,7 +455,7 @@ impl CustomOp3 for LayerNormGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{f64, randn, rel_err_vs_f64};
+    use crate::kernels::testing::{f64, randn, rel_err_vs_f64, weighted_grads};
     use candle_core::Device;
     use std::collections::HashMap;
 
@@ -516,18 +516,13 @@ mod tests {
             let x = candle_core::Var::from_tensor(&x0).unwrap();
             let y = layer_norm_differentiable(x.as_tensor(), &w, &b, 1e-5).unwrap();
             let r = randn(&shape, 1.0, 99);
-            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = weighted_grads(&y, &r);
             assert!(grads.get(&w).is_none(), "case {i}: a weight gradient");
 
             let xd = candle_core::Var::from_tensor(&f64(&x0)).unwrap();
             let yd = layer_norm_composed(xd.as_tensor(), &f64(&w), &f64(&b), 1e-5).unwrap();
             assert!(rel_err_vs_f64(&y, &yd) < 2e-6, "case {i}: value");
-            let gd = (&yd * &f64(&r))
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gd = weighted_grads(&yd, &r);
             let e = rel_err_vs_f64(
                 grads.get(x.as_tensor()).unwrap(),
                 gd.get(xd.as_tensor()).unwrap(),
@@ -560,7 +555,7 @@ mod tests {
                 let x = candle_core::Var::from_tensor(&x0).unwrap();
                 let y = ours.forward_differentiable(x.as_tensor(), silu).unwrap();
                 let r = randn(&shape, 1.0, 99);
-                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads = weighted_grads(&y, &r);
                 assert!(grads.get(&ours.weight).is_none());
 
                 let xd = candle_core::Var::from_tensor(&f64(&x0)).unwrap();
@@ -572,12 +567,7 @@ mod tests {
                     rel_err_vs_f64(&y, &yd) < 2e-6,
                     "case {i} silu {silu}: value"
                 );
-                let gd = (&yd * &f64(&r))
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let gd = weighted_grads(&yd, &r);
                 let e = rel_err_vs_f64(
                     grads.get(x.as_tensor()).unwrap(),
                     gd.get(xd.as_tensor()).unwrap(),
