@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageReader, Limits};
+use image::DynamicImage;
 use serde_json::Value;
 
 use crate::{Error, Result};
@@ -292,40 +292,14 @@ impl ClipPreprocessor {
 /// composited onto white, no EXIF rotation), refusing more than `max_pixels` pixels before
 /// decoding. Returns `(H * W * 3 bytes, width, height)`; every error names `path`.
 pub fn decode_rgb(path: &Path, max_pixels: u64) -> Result<(Vec<u8>, u32, u32)> {
-    let open = || -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
-        let r = ImageReader::open(path)
-            .map_err(|e| Error::io(path, e))?
-            .with_guessed_format()
-            .map_err(|e| Error::io(path, e))?;
-        if r.format().is_none() {
-            return Err(Error::file(
-                path,
-                "unrecognised image format (expected PNG, JPEG or WebP)",
-            ));
-        }
-        Ok(r)
-    };
-    let (w, h) = open()?
-        .into_dimensions()
-        .map_err(|e| Error::file(path, format!("cannot read image header: {e}")))?;
-    if w == 0 || h == 0 {
-        return Err(Error::file(path, format!("image is empty ({w}x{h})")));
-    }
-    let pixels = w as u64 * h as u64;
-    if pixels > max_pixels {
-        return Err(Error::file(
-            path,
-            format!("image is {w}x{h} = {pixels} pixels, more than the limit of {max_pixels}"),
-        ));
-    }
-    let mut reader = open()?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    reader.limits(limits);
-    let img = reader
+    let img = crate::output::open_image_checked(path, max_pixels)?
         .decode()
-        .map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
+        .map_err(|e| {
+            Error::file(
+                path,
+                format!("cannot decode image: {}", crate::output::one_line(&e)),
+            )
+        })?;
     Ok(ClipPreprocessor::rgb_from_image(&img))
 }
 

@@ -1,9 +1,10 @@
 //! Conversions between image tensors, 8-bit pixels, image files and the tensors file.
 
+use std::io::Cursor;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 use super::params::{TOOL_NAME, TOOL_VERSION};
 use crate::{Error, Result};
@@ -125,46 +126,125 @@ fn f32_safetensors(tensors: &[(&str, &Tensor)], meta: &[(&str, &str)]) -> Result
     Ok(out)
 }
 
-fn open_reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
-    let reader = ImageReader::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = reader
+/// An image file read whole into memory (so both reads below see the same bytes), its format
+/// recognised, a JPEG checked for completeness and the size from its header checked against
+/// `max_pixels`: a reader ready to decode it, held to that size. Every error names `path`.
+pub fn open_image_checked(path: &Path, max_pixels: u64) -> Result<ImageReader<Cursor<Vec<u8>>>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let format = ImageReader::new(Cursor::new(&bytes))
         .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
-    if reader.format().is_none() {
+        .map_err(|e| Error::io(path, e))?
+        .format();
+    let Some(format) = format else {
         return Err(Error::file(
             path,
             "unrecognised image format (expected PNG, JPEG or WebP)",
         ));
+    };
+    if format == ImageFormat::Jpeg {
+        // The decoder fills a truncated JPEG's missing blocks in silently; PIL (and so
+        // transformers) refuses such a file, and so does this.
+        jpeg_complete(&bytes).map_err(|why| Error::file(path, why))?;
     }
-    Ok(reader)
-}
-
-/// Reads a PNG, JPEG or WebP file as 8-bit RGB (`H * W * 3` bytes) plus `(width, height)`.
-/// Grayscale is expanded, alpha is dropped (like PIL's `convert("RGB")`), 16-bit samples are
-/// reduced and the EXIF orientation is applied. The dimensions are read from the header
-/// first, and an image of more than `max_pixels` pixels is refused before it is decoded.
-/// Every error names `path`.
-pub fn load_image_rgb8(path: &Path, max_pixels: u64) -> Result<(Vec<u8>, u32, u32)> {
-    let (w, h) = open_reader(path)?
+    let mut header = ImageReader::new(Cursor::new(&bytes));
+    header.set_format(format);
+    let (w, h) = header
         .into_dimensions()
-        .map_err(|e| Error::file(path, format!("cannot read image header: {e}")))?;
-    let pixels = w as u64 * h as u64;
+        .map_err(|e| Error::file(path, format!("cannot read image header: {}", one_line(&e))))?;
     if w == 0 || h == 0 {
         return Err(Error::file(path, format!("image is empty ({w}x{h})")));
     }
+    let pixels = w as u64 * h as u64;
     if pixels > max_pixels {
         return Err(Error::file(
             path,
             format!("image is {w}x{h} = {pixels} pixels, more than the limit of {max_pixels}"),
         ));
     }
-    let mut reader = open_reader(path)?;
-    // The file could change between the two reads: hold the decoder to the size checked.
+    let mut reader = ImageReader::new(Cursor::new(bytes));
+    reader.set_format(format);
     let mut limits = Limits::default();
     limits.max_image_width = Some(w);
     limits.max_image_height = Some(h);
     reader.limits(limits);
-    let decode_err = |e: image::ImageError| Error::file(path, format!("cannot decode image: {e}"));
+    Ok(reader)
+}
+
+/// A decoder's error as one line (some end theirs with a newline).
+pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Checks that JPEG data runs from its start-of-image marker through its segments and
+/// entropy-coded scans to an end-of-image marker; bytes after that are allowed, as PIL does.
+fn jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
+    const TRUNCATED: &str = "JPEG data ends before its end-of-image marker (the file is truncated)";
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return Err("not JPEG data: no start-of-image marker".into());
+    }
+    let mut i = 2;
+    loop {
+        // A marker: 0xFF, any fill bytes 0xFF, then the code.
+        if b.get(i) != Some(&0xFF) {
+            return Err(match b.get(i) {
+                None => TRUNCATED.into(),
+                Some(_) => format!("corrupt JPEG data: no marker at byte {i}"),
+            });
+        }
+        while b.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let Some(&code) = b.get(i) else {
+            return Err(TRUNCATED.into());
+        };
+        i += 1;
+        match code {
+            0xD9 => return Ok(()),
+            // Standalone markers: no length.
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let (Some(&hi), Some(&lo)) = (b.get(i), b.get(i + 1)) else {
+            return Err(TRUNCATED.into());
+        };
+        let len = u16::from_be_bytes([hi, lo]) as usize;
+        if len < 2 {
+            return Err(format!(
+                "corrupt JPEG data: segment length {len} at byte {i}"
+            ));
+        }
+        i += len;
+        if i > b.len() {
+            return Err(TRUNCATED.into());
+        }
+        if code == 0xDA {
+            // Entropy-coded data up to the next marker: 0xFF is followed by 0x00 (a stuffed
+            // byte), a restart marker or more fill 0xFF inside it.
+            loop {
+                match (b.get(i), b.get(i + 1)) {
+                    (Some(0xFF), Some(0x00 | 0xD0..=0xD7)) => i += 2,
+                    (Some(0xFF), Some(0xFF)) => i += 1,
+                    (Some(0xFF), Some(_)) => break,
+                    (Some(_), _) => i += 1,
+                    (None, _) => return Err(TRUNCATED.into()),
+                }
+            }
+        }
+    }
+}
+
+/// Reads a PNG, JPEG or WebP file as 8-bit RGB (`H * W * 3` bytes) plus `(width, height)`.
+/// Grayscale is expanded, alpha is dropped (like PIL's `convert("RGB")`), 16-bit samples are
+/// reduced and the EXIF orientation is applied. The file is checked by
+/// [`open_image_checked`] first: an image of more than `max_pixels` pixels is refused before
+/// it is decoded. Every error names `path`.
+pub fn load_image_rgb8(path: &Path, max_pixels: u64) -> Result<(Vec<u8>, u32, u32)> {
+    let reader = open_image_checked(path, max_pixels)?;
+    let decode_err =
+        |e: image::ImageError| Error::file(path, format!("cannot decode image: {}", one_line(&e)));
     let mut decoder = reader.into_decoder().map_err(decode_err)?;
     let orientation = decoder
         .orientation()
@@ -367,5 +447,41 @@ mod tests {
         assert!(err.contains("cut.jpg"), "{err}");
         let err = load_image_rgb8(&dir.path().join("none.png"), 100).unwrap_err();
         assert!(err.to_string().contains("none.png"));
+    }
+
+    #[test]
+    fn truncated_jpegs_are_refused_as_pil_does() {
+        // The image crate decodes a JPEG cut anywhere after its headers without an error,
+        // filling the rest; PIL says "image file is truncated" for each of these cuts.
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/clip/images/img3_50x29_rgb_q90.jpg"
+        );
+        let whole = fs::read(fixture).unwrap();
+        assert_eq!(whole[whole.len() - 2..], [0xFF, 0xD9]);
+        let p = dir.path().join("x.jpg");
+        for keep in [700, 1000, whole.len() - 2, whole.len() - 1] {
+            fs::write(&p, &whole[..keep]).unwrap();
+            let err = load_image_rgb8(&p, 1 << 20).unwrap_err().to_string();
+            assert!(
+                err.contains("x.jpg") && err.contains("truncated"),
+                "{keep}: {err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+            let err = crate::models::clip_preprocess::decode_rgb(&p, 1 << 20).unwrap_err();
+            assert!(err.to_string().contains("truncated"), "{err}");
+        }
+        // Whole, and with bytes after the end marker (PIL ignores them): decoded alike.
+        fs::write(&p, &whole).unwrap();
+        let reference = load_image_rgb8(&p, 1 << 20).unwrap();
+        fs::write(&p, [&whole[..], b"trailing bytes"].concat()).unwrap();
+        assert_eq!(load_image_rgb8(&p, 1 << 20).unwrap(), reference);
+        // Restart markers and stuffed bytes inside a scan, fill bytes before a marker.
+        let mut marked = whole[..whole.len() - 2].to_vec();
+        marked.extend_from_slice(&[0xFF, 0x00, 0x12, 0xFF, 0xD3, 0x34, 0xFF, 0xFF, 0xD9]);
+        assert_eq!(jpeg_complete(&marked), Ok(()));
+        marked.truncate(marked.len() - 1);
+        assert!(jpeg_complete(&marked).unwrap_err().contains("truncated"));
     }
 }

@@ -25,7 +25,10 @@ pub use files::{
     check_output_dir, file_identity, next_free_stem, prepare_output_dir, prepare_output_files,
     sha256_file, short_hash, write_atomic, OutputSet,
 };
-pub use images::{load_image_rgb, load_image_rgb8, tensor_to_rgb8, tensors_safetensors};
+pub(crate) use images::one_line;
+pub use images::{
+    load_image_rgb, load_image_rgb8, open_image_checked, tensor_to_rgb8, tensors_safetensors,
+};
 pub use params::{
     format_webui_parameters, is_valid_webui_key, parse_webui_parameters, webui_parameters,
     webui_sampler_name, GenerationParams, ParsedParameters, TOOL_NAME, TOOL_VERSION,
