@@ -210,7 +210,12 @@ impl ClipTokenizer {
         let merges = dir.join("merges.txt");
 
         let mut tokenizer = if json.is_file() {
-            Tokenizer::from_file(&json)
+            let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
+            // tokenizers panics on some JSON syntax errors (its decoder's `expect("Helper")`),
+            // so the syntax is checked here first.
+            serde_json::from_str::<serde::de::IgnoredAny>(&text)
+                .map_err(|e| Error::file(&json, format!("not valid JSON: {e}")))?;
+            text.parse::<Tokenizer>()
                 .map_err(|e| Error::file(&json, format!("not a readable tokenizer: {e}")))?
         } else if vocab.is_file() && merges.is_file() {
             let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
@@ -554,5 +559,32 @@ mod tests {
             Error::Field { field, .. } => assert_eq!(field, "pad_token"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_cut_tokenizer_json_is_an_error_not_a_panic() {
+        // Cuts inside the `decoder` object made tokenizers panic (`expect("Helper")`).
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-sd-a/tokenizer"
+        );
+        let text = std::fs::read_to_string(format!("{fixture}/tokenizer.json")).unwrap();
+        let decoder = text.find("\"decoder\"").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("tokenizer.json");
+        let end = text.trim_end().len();
+        for cut in [decoder + 20, decoder + 60, decoder + 80, end / 2, end - 1] {
+            std::fs::write(&json, &text[..cut]).unwrap();
+            let err = std::panic::catch_unwind(|| ClipTokenizer::from_dir(dir.path()))
+                .unwrap_or_else(|_| panic!("panicked on a cut at byte {cut}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("tokenizer.json") && err.contains("not valid JSON"),
+                "{err}"
+            );
+        }
+        std::fs::write(&json, &text).unwrap();
+        assert!(ClipTokenizer::from_dir(dir.path()).is_ok());
     }
 }
