@@ -260,15 +260,20 @@ pub struct RaterStat {
 /// (missing ratings left out); units with fewer than two values carry no pair and are left
 /// out. NaN when the pooled values do not vary or fewer than two units pair.
 pub fn krippendorff_alpha_interval(units: &[Vec<f64>]) -> f64 {
-    // Sum over ordered pairs i != j of (v_i - v_j)^2 is 2 (m sum v^2 - (sum v)^2).
+    // Sum over ordered pairs i != j of (v_i - v_j)^2 is 2 m sum (v - mean)^2; written with
+    // the mean taken out first, because 2 (m sum v^2 - (sum v)^2) cancels catastrophically
+    // (ratings near 1e6 that differ by 1e-3 gave alpha > 1).
     let pair_sq = |v: &[f64]| {
-        let (s, s2) = v.iter().fold((0.0, 0.0), |(s, s2), x| (s + x, s2 + x * x));
-        2.0 * (v.len() as f64 * s2 - s * s)
+        let m = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / m;
+        2.0 * m * v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>()
     };
     let pairable: Vec<&Vec<f64>> = units.iter().filter(|u| u.len() >= 2).collect();
     let pooled: Vec<f64> = pairable.iter().flat_map(|u| u.iter().copied()).collect();
     let n = pooled.len() as f64;
-    if pairable.len() < 2 {
+    // Constant values are tested exactly: rounding leaves a tiny expected disagreement that
+    // would give any alpha at all.
+    if pairable.len() < 2 || is_constant(&pooled) {
         return f64::NAN;
     }
     let observed = pairable
@@ -970,6 +975,11 @@ pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
     let n = x.len() as f64;
     let mx = x.iter().sum::<f64>() / n;
     let my = y.iter().sum::<f64>() / n;
+    // Exactly as scipy's test: with a mean that rounds, the deviations of a constant column
+    // are not all zero, and their noise would give a correlation.
+    if is_constant(x) || is_constant(y) {
+        return f64::NAN;
+    }
     let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
     for (&a, &b) in x.iter().zip(y) {
         let (da, db) = (a - mx, b - my);
@@ -977,10 +987,12 @@ pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
         sxx += da * da;
         syy += db * db;
     }
-    if sxx == 0.0 || syy == 0.0 {
-        return f64::NAN;
-    }
     (sxy / (sxx.sqrt() * syy.sqrt())).clamp(-1.0, 1.0)
+}
+
+/// True when every value equals the first (and for no values).
+fn is_constant(v: &[f64]) -> bool {
+    v.iter().all(|&x| x == v[0])
 }
 
 /// Spearman's rank correlation (average ranks for ties); NaN when either variable is constant.
@@ -1117,6 +1129,40 @@ mod tests {
         assert!((pearson(&x, &[2.0, 4.0, 5.0, 4.0, 5.0]) - 0.7745966692414834).abs() < 1e-12);
         assert!(pearson(&x, &[1.0; 5]).is_nan());
         assert!(kendall_tau_b(&[1.0; 5], &x).is_nan());
+    }
+
+    #[test]
+    fn constant_columns_are_nan_despite_rounding() {
+        // The mean of seven 0.1s is not 0.1 in f64; the deviations' noise gave r = 1.9e-16.
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
+        assert!(pearson(&[0.1; 7], &x).is_nan());
+        assert!(pearson(&x, &[0.1; 7]).is_nan());
+        let units = vec![vec![0.3; 3]; 5];
+        assert!(krippendorff_alpha_interval(&units).is_nan());
+        let units = vec![vec![0.0714285714285714; 3]; 11];
+        assert!(krippendorff_alpha_interval(&units).is_nan());
+    }
+
+    #[test]
+    fn interval_alpha_does_not_depend_on_an_offset() {
+        // Alpha depends on differences only; the sum-of-squares formula lost them at 1e6.
+        let units: Vec<Vec<f64>> = (0..6)
+            .map(|u| {
+                (0..3)
+                    .map(|r| ((u * 7 + r * 3) % 5) as f64 * 1e-3)
+                    .collect()
+            })
+            .collect();
+        let shifted: Vec<Vec<f64>> = units
+            .iter()
+            .map(|u| u.iter().map(|v| v + 1e6).collect())
+            .collect();
+        let (a, b) = (
+            krippendorff_alpha_interval(&units),
+            krippendorff_alpha_interval(&shifted),
+        );
+        assert!(a.is_finite() && a <= 1.0, "{a}");
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 
     #[test]
