@@ -313,6 +313,19 @@ fn run_merge(args: &crate::cli::MergeArgs, mode: ProgressMode) -> Result<()> {
     Ok(())
 }
 
+/// The files of the named models already on disk, inputs that no output may overwrite. A
+/// spec that names no model yet is left to the model loading to report.
+fn model_files<'a>(
+    specs: impl IntoIterator<Item = &'a String>,
+    hub: &crate::models::hub::HubOptions,
+) -> Vec<PathBuf> {
+    specs
+        .into_iter()
+        .filter_map(|s| crate::models::hub::ModelRepo::open(s, hub).ok())
+        .flat_map(|r| r.files_on_disk())
+        .collect()
+}
+
 fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     use crate::probe::embed::{self, ClipEncoder, OnError};
     use crate::probe::runner::{self, EmbeddingCache};
@@ -322,20 +335,25 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     let paths = embed::collect_images(&args.images)?;
     if let Some(labels) = &args.labels {
         // Before the long part: a bad labels file should not cost a probing pass.
-        crate::probe::evaluate::check_labels(&paths, labels)?;
+        crate::probe::evaluate::check_labels(&paths, &suite, labels)?;
     }
     let outputs: Vec<(&str, &Path)> = [("--out", &args.out), ("--csv", &args.csv)]
         .into_iter()
         .filter_map(|(flag, p)| Some((flag, p.as_deref()?)))
         .collect();
+    let opts = load_options(&args.run)?;
+    let model_files = model_files(
+        std::iter::once(&args.clip).chain(args.probe_clip.as_ref()),
+        &opts.hub,
+    );
     let inputs: Vec<&Path> = paths
         .iter()
         .map(PathBuf::as_path)
         .chain([args.suite.as_path()])
         .chain(args.labels.as_deref())
+        .chain(model_files.iter().map(PathBuf::as_path))
         .collect();
     output::prepare_output_files(&outputs, &inputs)?;
-    let opts = load_options(&args.run)?;
     let cache_root = args
         .cache
         .clone()
@@ -453,7 +471,12 @@ fn run_embed(args: &EmbedArgs, mode: ProgressMode) -> Result<()> {
         }
         None => args.out.with_extension("csv"),
     };
-    let inputs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let model_files = model_files([&args.clip], &opts.hub);
+    let inputs: Vec<&Path> = paths
+        .iter()
+        .chain(&model_files)
+        .map(PathBuf::as_path)
+        .collect();
     output::prepare_output_files(&[("--out", &args.out), ("--list", &list)], &inputs)?;
     let enc = ClipEncoder::load(&args.clip, &opts.hub, opts.dtype, &opts.device)?;
     let progress = Progress::new(mode, paths.len() as u64, "embedding");

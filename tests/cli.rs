@@ -573,6 +573,50 @@ fn outputs_never_replace_inputs_or_each_other() {
         ),
         before
     );
+    // The CLIP model's own files are inputs too (a copy: were the check wrong, the run
+    // would overwrite them).
+    let model = tmp.path().join("clip");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(clip_fixture("tiny-clip-a")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let config = std::fs::read(model.join("config.json")).unwrap();
+    let o = bin()
+        .args(["--quiet", "probe", "--clip"])
+        .arg(clip_fixture("tiny-clip-b"))
+        .arg("--probe-clip")
+        .arg(&model)
+        .arg("--suite")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/art.yaml"))
+        .arg("--out")
+        .arg(model.join("config.json"))
+        .args(["--no-cache"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_says(&o, false, &["--out", "config.json is one of the inputs"]);
+    assert_eq!(std::fs::read(model.join("config.json")).unwrap(), config);
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    let o = bin()
+        .args(["--quiet", "embed", "--clip"])
+        .arg(&model)
+        .arg("--out")
+        .arg(model.join("model.safetensors"))
+        .arg("--list")
+        .arg(tmp.path().join("rows.csv"))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_says(
+        &o,
+        false,
+        &["--out", "model.safetensors is one of the inputs"],
+    );
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
     // Folders that do not exist yet are made before the work.
     let (out, csv) = (tmp.path().join("new/r.json"), tmp.path().join("new2/r.csv"));
     let o = probe(&out, &csv);
@@ -932,6 +976,23 @@ fn probe_matches_transformers_zero_shot_and_caches() {
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(r2["cached"], 5);
     assert_eq!(r2["images"], r["images"]);
+    // A cached image is held to the size limit as an uncached one is (the cache used to
+    // skip the check, so a cached run accepted what a fresh one refused).
+    let o = bin()
+        .args(["--quiet", "probe", "--max-pixels", "100", "--clip"])
+        .arg(clip_fixture("tiny-clip-b"))
+        .arg("--suite")
+        .arg(&suite)
+        .arg("--cache")
+        .arg(&cache)
+        .arg(clip_fixture("images/img0_37x23_rgb.png"))
+        .output()
+        .unwrap();
+    assert_says(
+        &o,
+        false,
+        &["img0_37x23_rgb.png", "more than the limit of 100"],
+    );
 
     // --json without --out: stdout is JSON lines, the last one the results.
     let o = bin()
@@ -1520,4 +1581,45 @@ fn probe_cache_keeps_fine_tunes_apart() {
         "served the original's embeddings"
     );
     assert_eq!(tuned_cached["images"], tuned_fresh["images"]);
+}
+
+/// A model whose embeddings are NaN (here, a corrupt image projection) is an error naming the
+/// model and the image, not a confident answer: NaN used to win the top label with entropy 0.
+#[test]
+fn non_finite_embeddings_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("nan-clip");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(clip_fixture("tiny-clip-a")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let weights = model.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let w = &tensors["visual_projection.weight"];
+    let nan = (w.zeros_like().unwrap() * f64::NAN).unwrap();
+    tensors.insert("visual_projection.weight".into(), nan);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let img = clip_fixture("images/img0_37x23_rgb.png");
+    let out = tmp.path().join("out");
+    let o = bin()
+        .args(["--quiet", "probe", "--no-cache", "--clip"])
+        .arg(&model)
+        .arg("--suite")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/art.yaml"))
+        .arg("--out")
+        .arg(out.join("r.json"))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_user_error(o, &out, &["nan-clip", "img0_37x23_rgb.png", "not finite"]);
+    let o = bin()
+        .args(["--quiet", "embed", "--clip"])
+        .arg(&model)
+        .arg("--out")
+        .arg(out.join("e.npy"))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_user_error(o, &out, &["nan-clip", "image embedding", "not finite"]);
 }

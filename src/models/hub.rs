@@ -108,6 +108,45 @@ impl ModelRepo {
         }
     }
 
+    /// The model's files already on disk (a folder's files, or a hub repo's cached snapshot
+    /// of the revision), which no output may overwrite. Nothing is downloaded.
+    pub fn files_on_disk(&self) -> Vec<PathBuf> {
+        let root = match self {
+            ModelRepo::Local(root) => Some(root.clone()),
+            ModelRepo::Hub { repo_id, options } => cached_file(
+                &options.cache_dir,
+                repo_id,
+                &options.revision,
+                "config.json",
+            )
+            .or_else(|| {
+                cached_file(
+                    &options.cache_dir,
+                    repo_id,
+                    &options.revision,
+                    "model_index.json",
+                )
+            })
+            .and_then(|p| p.parent().map(Path::to_path_buf)),
+        };
+        let mut files = Vec::new();
+        // A model folder nests one level (diffusers' unet/, vae/, ...); two is ample.
+        let mut stack: Vec<(PathBuf, usize)> = root.into_iter().map(|r| (r, 0)).collect();
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+                if p.is_file() {
+                    files.push(p);
+                } else if p.is_dir() && depth < 2 {
+                    stack.push((p, depth + 1));
+                }
+            }
+        }
+        files
+    }
+
     /// Path of an optional file: Ok(None) when the folder or repo does not have it.
     pub fn find(&self, rel: &str) -> Result<Option<PathBuf>> {
         match self {

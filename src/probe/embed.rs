@@ -100,12 +100,47 @@ impl ClipEncoder {
     }
 
     /// L2-normalised image embeddings (N x projection_dim, f32 on the CPU) of preprocessed
-    /// pixel tensors (each 3 x S x S).
+    /// pixel tensors (each 3 x S x S). An embedding that is not finite is refused (NaN sorts
+    /// anywhere and would read as a confident answer).
     pub fn embed_pixels(&self, pixels: &[Tensor]) -> Result<Tensor> {
+        self.embed_named(pixels, &[])
+    }
+
+    /// [`ClipEncoder::embed_pixels`] of the images at `names`, which a refusal names.
+    pub fn embed_named(&self, pixels: &[Tensor], names: &[&Path]) -> Result<Tensor> {
         let batch = Tensor::stack(pixels, 0)?.to_device(&self.device)?;
         let e = self.model.embed_image(&batch.to_dtype(self.dtype())?)?;
-        Ok(normalize(&e.to_dtype(DType::F32)?)?.to_device(&Device::Cpu)?)
+        let e = normalize(&e.to_dtype(DType::F32)?)?.to_device(&Device::Cpu)?;
+        if let Some(row) = first_non_finite_row(&e)? {
+            let name = names
+                .get(row)
+                .map_or("an image".into(), |p| p.display().to_string());
+            return Err(self.non_finite(&format!("image embedding of {name}")));
+        }
+        Ok(e)
     }
+
+    /// The error for a non-finite embedding of `what`.
+    pub fn non_finite(&self, what: &str) -> Error {
+        Error::Msg(format!(
+            "CLIP {}: the {what} is not finite (NaN or infinity) in {:?}: the weights may be \
+             corrupt{}",
+            self.id,
+            self.dtype(),
+            if self.dtype() == DType::F32 {
+                ""
+            } else {
+                ", or the activations overflowed (try --dtype f32)"
+            }
+        ))
+    }
+}
+
+/// The first row of a (rows, dims) f32 matrix holding a NaN or an infinity.
+pub fn first_non_finite_row(e: &Tensor) -> Result<Option<usize>> {
+    Ok(e.to_vec2::<f32>()?
+        .iter()
+        .position(|r| r.iter().any(|v| !v.is_finite())))
 }
 
 /// Expands files and folders (non-recursive, sorted by name) into image paths.
@@ -197,7 +232,8 @@ pub fn embed_images(
         if pixels.is_empty() {
             continue;
         }
-        let e = enc.embed_pixels(&pixels)?;
+        let names: Vec<&Path> = chunk_kept.iter().map(PathBuf::as_path).collect();
+        let e = enc.embed_named(&pixels, &names)?;
         cols = e.dim(1)?;
         rows.extend(e.flatten_all()?.to_vec1::<f32>()?);
         kept.extend(chunk_kept);

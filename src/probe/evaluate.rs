@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::runner::ProbeResults;
+use super::suite::Suite;
 use super::table::Table;
 use crate::{Error, Result};
 
@@ -78,15 +79,60 @@ fn ambiguous(name: &str, candidates: &[&Path]) -> String {
     )
 }
 
-/// Checks a labels file against the images about to be probed, before any is: its columns,
-/// and that no row's image value fits several of them (see [`evaluate`]).
-pub fn check_labels(paths: &[std::path::PathBuf], labels_csv: &Path) -> Result<()> {
+/// Each probe's name and label names, in suite order.
+type ProbeNames<'a> = Vec<(&'a str, Vec<&'a str>)>;
+
+/// The probe's index and the label's index within it, or an error naming the file and line.
+fn locate(
+    names: &ProbeNames,
+    labels_csv: &Path,
+    line: usize,
+    probe: &str,
+    label: &str,
+) -> Result<(usize, usize)> {
+    let Some(p) = names.iter().position(|(name, _)| *name == probe) else {
+        let all: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+        return Err(Error::field(
+            labels_csv,
+            format!("line {line}: probe"),
+            format!(
+                "`{probe}` is not a probe of the suite (probes: {})",
+                all.join(", ")
+            ),
+        ));
+    };
+    let labels = &names[p].1;
+    let Some(t) = labels.iter().position(|l| *l == label) else {
+        return Err(Error::field(
+            labels_csv,
+            format!("line {line}: label"),
+            format!(
+                "`{label}` is not a label of probe `{probe}` (labels: {})",
+                labels.join(", ")
+            ),
+        ));
+    };
+    Ok((p, t))
+}
+
+/// Checks a labels file against the suite and the images about to be probed, before any is:
+/// its columns, every row's probe and label, and that no row's image value fits several
+/// images (see [`evaluate`]).
+pub fn check_labels(paths: &[std::path::PathBuf], suite: &Suite, labels_csv: &Path) -> Result<()> {
     let table = Table::read(labels_csv)?;
-    let ci = table.column_index("image")?;
-    table.column_index("probe")?;
-    table.column_index("label")?;
+    let (ci, cp, cl) = (
+        table.column_index("image")?,
+        table.column_index("probe")?,
+        table.column_index("label")?,
+    );
+    let names: ProbeNames = suite
+        .probes
+        .iter()
+        .map(|p| (p.name.as_str(), p.labels.iter().map(|l| l.name()).collect()))
+        .collect();
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
+        locate(&names, labels_csv, line, &row[cp], &row[cl])?;
         find_image(paths, |p| p.as_path(), &row[ci]).map_err(|candidates| {
             let c: Vec<&Path> = candidates.iter().map(|p| p.as_path()).collect();
             Error::field(
@@ -110,11 +156,28 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
         table.column_index("probe")?,
         table.column_index("label")?,
     );
+    // Every image has the suite's probes in suite order.
+    let names: ProbeNames = results
+        .images
+        .first()
+        .map(|i| {
+            i.probes
+                .iter()
+                .map(|a| {
+                    (
+                        a.probe.as_str(),
+                        a.labels.iter().map(String::as_str).collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let mut scores: BTreeMap<String, Tally> = BTreeMap::new();
     let mut unmatched = 0;
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
         let (image, probe, label) = (&row[ci], &row[cp], &row[cl]);
+        let (p, t) = locate(&names, labels_csv, line, probe, label)?;
         let img = find_image(&results.images, |i| i.path.as_path(), image).map_err(|cands| {
             let c: Vec<&Path> = cands.iter().map(|i| i.path.as_path()).collect();
             Error::field(
@@ -127,23 +190,7 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
             unmatched += 1;
             continue;
         };
-        let Some(ans) = img.probes.iter().find(|a| &a.probe == probe) else {
-            return Err(Error::field(
-                labels_csv,
-                format!("line {line}: probe"),
-                format!("`{probe}` is not a probe of the suite"),
-            ));
-        };
-        let Some(t) = ans.labels.iter().position(|l| l == label) else {
-            return Err(Error::field(
-                labels_csv,
-                format!("line {line}: label"),
-                format!(
-                    "`{label}` is not a label of probe `{probe}` (labels: {})",
-                    ans.labels.join(", ")
-                ),
-            ));
-        };
+        let ans = &img.probes[p];
         let mut order: Vec<usize> = (0..ans.probs.len()).collect();
         order.sort_by(|&a, &b| ans.probs[b].total_cmp(&ans.probs[a]));
         let entry = scores.entry(probe.clone()).or_insert_with(|| {
@@ -338,17 +385,38 @@ mod tests {
             .iter()
             .map(std::path::PathBuf::from)
             .collect();
+        let suite = Suite::parse(
+            "probes:\n  - name: style\n    templates: [\"a {} painting\"]\n    labels: [X, Y]\n",
+            Path::new("suite.yaml"),
+        )
+        .unwrap();
         let csv = tmp.path().join("labels.csv");
         std::fs::write(&csv, "image,probe,label\na/baseline.png,style,X\n").unwrap();
-        check_labels(&paths, &csv).unwrap();
+        check_labels(&paths, &suite, &csv).unwrap();
         std::fs::write(&csv, "image,probe,label\nbaseline.png,style,X\n").unwrap();
-        let err = check_labels(&paths, &csv).unwrap_err().to_string();
+        let err = check_labels(&paths, &suite, &csv).unwrap_err().to_string();
         assert!(
             err.contains("line 2: image") && err.contains("fits 2 probed images"),
             "{err}"
         );
         std::fs::write(&csv, "picture,probe,label\nx,style,X\n").unwrap();
-        let err = check_labels(&paths, &csv).unwrap_err().to_string();
+        let err = check_labels(&paths, &suite, &csv).unwrap_err().to_string();
         assert!(err.contains("image"), "{err}");
+        // A probe or label the suite does not have, on any row, even one no image matches.
+        let rows = "image,probe,label\na/baseline.png,style,X\nzz.png,styel,X\n";
+        std::fs::write(&csv, rows).unwrap();
+        let err = check_labels(&paths, &suite, &csv).unwrap_err().to_string();
+        assert!(
+            err.contains("line 3: probe")
+                && err.contains("`styel`")
+                && err.contains("probes: style"),
+            "{err}"
+        );
+        std::fs::write(&csv, "image,probe,label\nzz.png,style,Z\n").unwrap();
+        let err = check_labels(&paths, &suite, &csv).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2: label") && err.contains("labels: X, Y"),
+            "{err}"
+        );
     }
 }

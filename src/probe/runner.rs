@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::embed::{ClipEncoder, OnError};
+use super::embed::{first_non_finite_row, ClipEncoder, OnError};
 use super::suite::Suite;
 use super::zeroshot::{entropy, Classifier};
 use crate::models::clip::normalize;
@@ -232,12 +232,9 @@ fn answers(
         let p = c.probs(&e.to_device(c.weights().device())?, logit_scale)?;
         let h = entropy(&p)?[0];
         let probs: Vec<f32> = p.flatten_all()?.to_vec1()?;
-        let top = probs
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(k, _)| c.labels()[k].clone())
-            .unwrap_or_default();
+        // The first of equal maxima, as the evaluation's ranking (a stable sort) has it.
+        let best = (0..probs.len()).fold(0, |b, k| if probs[k] > probs[b] { k } else { b });
+        let top = c.labels().get(best).cloned().unwrap_or_default();
         probes.push(ProbeAnswer {
             probe: spec.name.clone(),
             labels: c.labels().to_vec(),
@@ -260,7 +257,14 @@ pub fn classifiers(enc: &ClipEncoder, suite: &Suite) -> Result<Vec<Classifier>> 
             for prompts in p.prompts() {
                 let ids = enc.tokenizer.encode_tensor(&prompts, &enc.device)?;
                 let e = enc.model.embed_text(&ids)?.to_dtype(DType::F32)?;
-                rows.push(normalize(&normalize(&e)?.mean_keepdim(0)?)?);
+                let e = normalize(&normalize(&e)?.mean_keepdim(0)?)?;
+                if first_non_finite_row(&e.to_device(&Device::Cpu)?)?.is_some() {
+                    return Err(enc.non_finite(&format!(
+                        "text embedding of `{}` (probe `{}`)",
+                        prompts[0], p.name
+                    )));
+                }
+                rows.push(e);
             }
             let labels = p.labels.iter().map(|l| l.name().to_string()).collect();
             Classifier::from_embeddings(labels, &Tensor::cat(&rows, 0)?)
@@ -293,7 +297,12 @@ pub fn probe_images(
     let mut misses = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         let sha = crate::output::sha256_file(p)?;
-        let hit = cache.and_then(|c| c.get(&sha, dims));
+        // A cached image is held to the checks of one decoded now (size limit, format,
+        // truncation), so the cache never changes what is accepted: one that fails them is
+        // a miss, and the decoding below reports it.
+        let hit = cache
+            .and_then(|c| c.get(&sha, dims))
+            .filter(|_| crate::output::open_image_checked(p, max_pixels).is_ok());
         if hit.is_some() {
             cached += 1;
             progress.tick(&p.display().to_string());
@@ -323,7 +332,8 @@ pub fn probe_images(
         if pixels.is_empty() {
             continue;
         }
-        let e = enc.embed_pixels(&pixels)?;
+        let names: Vec<&Path> = ok.iter().map(|&i| paths[i].as_path()).collect();
+        let e = enc.embed_named(&pixels, &names)?;
         for (row, &i) in ok.iter().enumerate() {
             let v = e.get(row)?.to_vec1::<f32>()?;
             if let Some(c) = cache {
@@ -415,6 +425,27 @@ impl ProbeResults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tie_answers_the_first_label_as_the_evaluation_ranks_it() {
+        let suite = Suite::parse(
+            "probes:\n  - name: hands\n    templates: [\"{}\"]\n    labels: [distorted, well-drawn, none]\n",
+            Path::new("s.yaml"),
+        )
+        .unwrap();
+        let d = Device::Cpu;
+        // The first two labels share an embedding, so their probabilities are equal.
+        let text = Tensor::new(&[[1f32, 0.0], [1.0, 0.0], [0.0, 1.0]], &d).unwrap();
+        let c = Classifier::from_embeddings(
+            vec!["distorted".into(), "well-drawn".into(), "none".into()],
+            &text,
+        )
+        .unwrap();
+        let image = Tensor::new(&[[1f32, 0.0]], &d).unwrap();
+        let a = &answers(&image, &suite, &[c], 10.0).unwrap()[0];
+        assert_eq!(a.probs[0], a.probs[1]);
+        assert_eq!(a.top, "distorted");
+    }
 
     #[test]
     fn the_cache_keeps_each_precision_apart() {
