@@ -365,6 +365,19 @@ impl LoadedRecipe {
         }
     }
 
+    /// The files the recipe reads besides models (the suite, the init image, guidance and
+    /// style images), each as written and resolved.
+    pub fn input_files(&self) -> Vec<(String, PathBuf)> {
+        let r = &self.recipe;
+        let arms = r.experiments.iter().flat_map(|e| &e.arms);
+        let guidance = arms.filter_map(|a| a.guidance.as_ref());
+        std::iter::once(&r.suite)
+            .chain(&r.generation.init_image)
+            .chain(guidance.flat_map(|g| g.image.iter().chain(g.style.as_ref().map(|s| &s.image))))
+            .map(|p| (p.display().to_string(), self.resolve(p)))
+            .collect()
+    }
+
     fn must_exist(&self, field: &str, p: &Path) -> Result<()> {
         let r = self.resolve(p);
         if r.is_file() {
@@ -473,6 +486,84 @@ impl LoadedRecipe {
                     ));
                 }
             }
+            let has_targets = !e.targets.is_empty() || e.target_grid.is_some();
+            // A placeholder the plan does not fill would reach the prompt as written, and
+            // `{target}` without targets as nothing at all.
+            let fillable =
+                |field: String, text: &str| -> Result<()> {
+                    for name in placeholders(text) {
+                        match name {
+                            "subject" => {}
+                            "target" if has_targets => {}
+                            "target" => return Err(self.field_err(
+                                field,
+                                "uses {target}, but the experiment has no targets or target_grid",
+                            )),
+                            other => {
+                                return Err(self.field_err(
+                                    field,
+                                    format!(
+                                        "unknown placeholder {{{other}}}: expected {{subject}} or \
+                                     {{target}}"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    Ok(())
+                };
+            fillable(at("prompt"), &e.prompt)?;
+            for (k, a) in e.arms.iter().enumerate() {
+                for (j, t) in a.guidance.iter().flat_map(|g| &g.prompts).enumerate() {
+                    fillable(at(&format!("arms[{k}].guidance.prompts[{j}]")), &t.text)?;
+                }
+            }
+            if let Some(grid) = &e.target_grid {
+                if let Some(p) = placeholders(&grid.text)
+                    .into_iter()
+                    .find(|p| !grid.labels.contains_key(*p))
+                {
+                    return Err(self.field_err(
+                        at("target_grid.text"),
+                        format!("{{{p}}} is not a probe of target_grid.labels"),
+                    ));
+                }
+            }
+            // Repeated cells would be counted as independent pairs (pseudo-replication).
+            if let Some(d) = first_duplicate(&e.subjects) {
+                return Err(self.field_err(at("subjects"), format!("has `{d}` twice")));
+            }
+            if let Some(d) = first_duplicate(&e.targets) {
+                return Err(self.field_err(at("targets"), format!("has `{}` twice", d.text)));
+            }
+            for (probe, labels) in e.target_grid.iter().flat_map(|g| &g.labels) {
+                if let Some(d) = first_duplicate(labels) {
+                    return Err(self.field_err(
+                        at(&format!("target_grid.labels.{probe}")),
+                        format!("has `{d}` twice"),
+                    ));
+                }
+            }
+            // Checked before the seeds are listed: a huge count would not fit in memory.
+            if let Seeds::Range(range) = &e.seeds {
+                if range.count > MAX_IMAGES {
+                    return Err(self.field_err(
+                        at("seeds.count"),
+                        format!("{}: at most {MAX_IMAGES} images per recipe", range.count),
+                    ));
+                }
+                if range.count > 0 && range.start.checked_add(range.count as u64 - 1).is_none() {
+                    return Err(self.field_err(
+                        at("seeds"),
+                        format!(
+                            "start {} + count {} passes the largest seed, {}",
+                            range.start,
+                            range.count,
+                            u64::MAX
+                        ),
+                    ));
+                }
+            }
             let seeds = e.seeds.values();
             if seeds.is_empty() {
                 return Err(self.field_err(at("seeds"), "is empty: expected at least one seed"));
@@ -509,6 +600,13 @@ impl LoadedRecipe {
                         }
                         gc.validate()
                             .map_err(|err| self.field_err(at_arm("guidance"), err.to_string()))?;
+                        if !gc.is_active() {
+                            return Err(self.field_err(
+                                at_arm("guidance"),
+                                "guides toward nothing: give prompts, image, style, tv_weight \
+                                 or range_weight (an arm without guidance is the baseline)",
+                            ));
+                        }
                         if let Some(c) = &gc.clip {
                             self.resolve_model(&at_arm("guidance.clip"), c)?;
                         }
@@ -560,6 +658,35 @@ impl LoadedRecipe {
         }
         Ok(())
     }
+}
+
+/// The `{name}` placeholders of a template, in order.
+fn placeholders(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open + 1..];
+        let Some(close) = rest.find('}') else { break };
+        let name = &rest[..close];
+        if !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_alphanumeric() || "_-".contains(c))
+        {
+            out.push(name);
+            rest = &rest[close + 1..];
+        }
+    }
+    out
+}
+
+/// The first value that occurs twice.
+fn first_duplicate<T: PartialEq>(values: &[T]) -> Option<&T> {
+    values
+        .iter()
+        .enumerate()
+        .find(|(i, v)| values[..*i].contains(v))
+        .map(|(_, v)| v)
 }
 
 #[cfg(test)]

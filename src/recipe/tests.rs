@@ -108,3 +108,71 @@ fn errors_name_location_and_field() {
         .to_string();
     assert!(e.contains("unit.yaml:2:1"), "no line:column: {e}");
 }
+
+/// Plans that would mislead a study are refused at load, naming the field: repeated cells
+/// (counted as independent pairs), placeholders nothing fills, an arm that guides toward
+/// nothing, and seed ranges too large to list.
+#[test]
+fn misleading_plans_are_refused() {
+    let exp = "experiments[0] (e)";
+    let with_arms = |arms: &str| format!("{BASE}    arms:\n{arms}");
+    let cases = [
+        (
+            BASE.replace("subjects: [a, b]", "subjects: [a, a]"),
+            format!("{exp}.subjects: has `a` twice"),
+        ),
+        (
+            format!("{BASE}    targets:\n      - {{text: x, labels: {{style: Cubism}}}}\n      - {{text: x, labels: {{style: Cubism}}}}\n"),
+            format!("{exp}.targets: has `x` twice"),
+        ),
+        (
+            format!("{BASE}    target_grid: {{text: \"{{style}}\", labels: {{style: [Baroque, Baroque]}}}}\n"),
+            format!("{exp}.target_grid.labels.style: has `Baroque` twice"),
+        ),
+        (
+            format!("{BASE}    target_grid: {{text: \"{{stlye}}\", labels: {{style: [Baroque]}}}}\n"),
+            format!("{exp}.target_grid.text: {{stlye}} is not a probe"),
+        ),
+        (
+            format!("{BASE}    prompt: \"{{subject}} in {{target}}\"\n"),
+            format!("{exp}.prompt: uses {{target}}, but the experiment has no targets"),
+        ),
+        (
+            format!("{BASE}    prompt: \"{{subjct}}\"\n"),
+            format!("{exp}.prompt: unknown placeholder {{subjct}}"),
+        ),
+        (
+            with_arms("      - {name: base}\n      - {name: g, guidance: {prompts: [{text: \"{target}\"}]}}\n"),
+            format!("{exp}.arms[1].guidance.prompts[0]: uses {{target}}"),
+        ),
+        (
+            with_arms("      - {name: base}\n      - {name: g, guidance: {scale: 300, cutouts: 2}}\n"),
+            "arms[1] (g).guidance: guides toward nothing".to_string(),
+        ),
+        (
+            BASE.replace("count: 2", "count: 10000000000000"),
+            format!("{exp}.seeds.count: 10000000000000: at most"),
+        ),
+        (
+            BASE.replace("start: 5, count: 2", "start: 18446744073709551615, count: 2"),
+            format!("{exp}.seeds: start 18446744073709551615 + count 2 passes the largest seed"),
+        ),
+    ];
+    for (text, needle) in cases {
+        let e = parse(&text).unwrap_err().to_string();
+        // "FIELD: message" is written "field `FIELD`: message".
+        let (field, message) = needle.split_once(": ").unwrap();
+        assert!(
+            e.contains(&format!("{field}`: {message}")),
+            "`{needle}` missing from: {e}"
+        );
+        assert!(e.contains("unit.yaml"), "file not named: {e}");
+    }
+    // The largest seed itself is fine, and so are filled placeholders.
+    parse(&BASE.replace(
+        "start: 5, count: 2",
+        "start: 18446744073709551614, count: 2",
+    ))
+    .unwrap();
+    parse(&format!("{BASE}    prompt: \"{{subject}}, oil\"\n")).unwrap();
+}
