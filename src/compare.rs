@@ -325,12 +325,9 @@ fn answer<'a>(it: &'a RunItem, model: &str, probe: &str) -> Option<&'a ProbeAnsw
 }
 
 /// Refuses to pair a guided item with a baseline of another plan: same experiment and cell
-/// names, but a different subject, target, seed, prompt or SD model, or other weights behind
-/// the same model ids, another device or dtype.
-fn check_pair(
-    (d, r, it): (&Path, &RunResults, &RunItem),
-    (bd, br, base): (&Path, &RunResults, &RunItem),
-) -> Result<()> {
+/// names, but a different subject, target, seed or prompt, or other probe labels. (Runs of
+/// other models or settings are refused as a whole by [`compare`].)
+fn check_pair((d, it): (&Path, &RunItem), (bd, base): (&Path, &RunItem)) -> Result<()> {
     let target = |i: &RunItem| i.target.as_ref().map(|t| format!("{:?}", t.labels));
     let differs = [
         ("subject", it.subject.clone(), base.subject.clone()),
@@ -341,16 +338,26 @@ fn check_pair(
             target(it).unwrap_or_default(),
             target(base).unwrap_or_default(),
         ),
-        ("model", r.model.clone(), br.model.clone()),
     ]
     .into_iter()
     .find(|(_, a, b)| a != b)
     .map(|(field, a, b)| (field.to_string(), a, b, "of the same recipe"))
-    // Same ids, but other weights, device or dtype: the shift would mix those in.
+    // A suite edited between the two (a resumed or another run) gives other label lists,
+    // and probabilities would be compared label by label across them.
     .or_else(|| {
-        r.made_with
-            .conflict(&br.made_with)
-            .map(|(field, a, b)| (field, a, b, "made with the same models, device and dtype"))
+        it.probes.iter().find_map(|(model, answers)| {
+            answers.iter().find_map(|a| {
+                let b = answer(base, model, &a.probe)?;
+                (a.labels != b.labels).then(|| {
+                    (
+                        format!("the labels of probe {} by {model}", a.probe),
+                        a.labels.join(", "),
+                        b.labels.join(", "),
+                        "probed with the same suite",
+                    )
+                })
+            })
+        })
     });
     match differs {
         None => Ok(()),
@@ -425,29 +432,6 @@ fn generation_difference(
         (Some(x), Some(y)) if x != y => Some((k, x, y)),
         _ => None,
     })
-}
-
-/// Refuses to pair images of two runs whose recipes generate differently (steps, scale,
-/// scheduler, size...): the shift would measure the settings, not the guidance.
-fn check_generation(
-    d: &Path,
-    bd: &Path,
-    generations: &HashMap<&Path, Option<crate::recipe::Generation>>,
-) -> Result<()> {
-    let (Some(Some(a)), Some(Some(b))) = (generations.get(d), generations.get(bd)) else {
-        return Ok(());
-    };
-    match generation_difference(a, b) {
-        None => Ok(()),
-        Some((k, x, y)) => Err(Error::file(
-            d.join(crate::run::RECIPE_FILE),
-            format!(
-                "generation.{k} is `{x}` here but `{y}` in {}, whose baselines its images would \
-                 pair with: compare runs made with the same generation settings",
-                bd.display()
-            ),
-        )),
-    }
 }
 
 /// The statistics of one row over `pairs` (None when no pair has answers for this probe);
@@ -548,20 +532,45 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
         .ok_or_else(|| Error::value("runs", "no run folder given"))?;
     // Every item with the run it came from: pairs may span runs (a baseline run and a guided
     // one), so a pair is checked to be the same cell of the same plan, not only the same name.
-    let located: Vec<(&Path, &RunResults, &RunItem)> = loaded
+    let located: Vec<(&Path, &RunItem)> = loaded
         .runs
         .iter()
-        .flat_map(|(d, r)| r.items.iter().map(move |it| (d.as_path(), r, it)))
+        .flat_map(|(d, r)| r.items.iter().map(move |it| (d.as_path(), it)))
         .collect();
     let generations: HashMap<&Path, Option<crate::recipe::Generation>> = loaded
         .runs
         .iter()
         .map(|(d, _)| (d.as_path(), generation(d)))
         .collect();
-    let mut baselines: HashMap<(&str, &str), (&Path, &RunResults, &RunItem)> = HashMap::new();
-    for &(d, r, it) in located.iter().filter(|l| l.2.baseline) {
-        if let Some((od, _, other)) =
-            baselines.insert((it.experiment.as_str(), it.cell.as_str()), (d, r, it))
+    // Rows pool the pairs of every run given, so runs of another SD model, other weights or
+    // other generation settings would be averaged in as if they were one plan (checking
+    // pairs alone misses it when each run holds its own baselines).
+    let (fd, fr) = (loaded.runs[0].0.as_path(), &loaded.runs[0].1);
+    for (d, r) in &loaded.runs[1..] {
+        let differs = (r.model != fr.model)
+            .then(|| ("the model".to_string(), r.model.clone(), fr.model.clone()))
+            .or_else(|| r.made_with.conflict(&fr.made_with))
+            .or_else(|| match (&generations[d.as_path()], &generations[fd]) {
+                (Some(a), Some(b)) => {
+                    generation_difference(a, b).map(|(k, x, y)| (format!("generation.{k}"), x, y))
+                }
+                _ => None,
+            });
+        if let Some((what, here, there)) = differs {
+            return Err(Error::file(
+                d.join(crate::run::results::RESULTS_FILE),
+                format!(
+                    "was made with {what} `{here}`, but {} with `{there}`: compare pools the \
+                     pairs of every run given, so give runs of one recipe, models and settings",
+                    fd.display()
+                ),
+            ));
+        }
+    }
+    let mut baselines: HashMap<(&str, &str), (&Path, &RunItem)> = HashMap::new();
+    for &(d, it) in located.iter().filter(|l| l.1.baseline) {
+        if let Some((od, other)) =
+            baselines.insert((it.experiment.as_str(), it.cell.as_str()), (d, it))
         {
             return Err(Error::file(
                 d.join(crate::run::results::RESULTS_FILE),
@@ -580,16 +589,12 @@ pub fn compare(loaded: &Loaded, opts: &CompareOptions) -> Result<Summary> {
     let mut groups: Vec<((String, String), Vec<Pair>)> = Vec::new();
     let mut index: HashMap<(String, String), usize> = HashMap::new();
     let mut unpaired = 0;
-    for &(d, r, it) in located.iter().filter(|l| !l.2.baseline) {
-        let Some(&(bd, br, base)) = baselines.get(&(it.experiment.as_str(), it.cell.as_str()))
-        else {
+    for &(d, it) in located.iter().filter(|l| !l.1.baseline) {
+        let Some(&(bd, base)) = baselines.get(&(it.experiment.as_str(), it.cell.as_str())) else {
             unpaired += 1;
             continue;
         };
-        check_pair((d, r, it), (bd, br, base))?;
-        if d != bd {
-            check_generation(d, bd, &generations)?;
-        }
+        check_pair((d, it), (bd, base))?;
         let key = (it.experiment.clone(), it.arm.clone());
         let k = *index.entry(key.clone()).or_insert_with(|| {
             groups.push((key, Vec::new()));
@@ -1182,7 +1187,9 @@ mod tests {
         assert_eq!(compare(&two(&same), &opts).unwrap().rows[0].n, 1);
         let err = compare(&two(&other), &opts).unwrap_err().to_string();
         assert!(
-            err.contains("generation.steps is `6` here but `4`") && err.contains("other"),
+            err.contains("other")
+                && err.contains("generation.steps `6`, but")
+                && err.contains("with `4`"),
             "{err}"
         );
         // What the copies leave to the model, or state as the default, is no difference.
@@ -1285,7 +1292,7 @@ mod tests {
         );
         let err = refused(vec![run("sd", base()), run("sdxl", vec![guided()])]);
         assert!(
-            err.contains("differ in model") && err.contains("`sdxl` vs `sd`"),
+            err.contains("was made with the model `sdxl`, but") && err.contains("with `sd`"),
             "{err}"
         );
         // The same ids made with other weights, or in another dtype: refused as well.
@@ -1295,6 +1302,7 @@ mod tests {
                 fingerprints: BTreeMap::from([("sd".into(), fp.into())]),
                 device: "cpu".into(),
                 dtype: dtype.into(),
+                ..Default::default()
             };
             r
         };
@@ -1307,12 +1315,31 @@ mod tests {
         assert_eq!(ok.unwrap().rows[0].n, 1);
         let err = refused(vec![b.clone(), made("bbbbbbbbbbbbbbbb", "f32")]);
         assert!(
-            err.contains("differ in the weights of sd")
-                && err.contains("`sha256 bbbbbbbbbbbb…` vs `sha256 aaaaaaaaaaaa…`"),
+            err.contains("the weights of sd `sha256 bbbbbbbbbbbb…`, but")
+                && err.contains("with `sha256 aaaaaaaaaaaa…`"),
             "{err}"
         );
         let err = refused(vec![b, made("aaaaaaaaaaaaaaaa", "f16")]);
-        assert!(err.contains("differ in dtype (`f16` vs `f32`)"), "{err}");
+        assert!(
+            err.contains("dtype `f16`, but") && err.contains("with `f32`"),
+            "{err}"
+        );
+        // Runs that each hold their own baselines are refused too: rows pool every run.
+        let err = refused(vec![
+            run("sd", [base(), vec![guided()]].concat()),
+            run("sdxl", [base(), vec![guided()]].concat()),
+        ]);
+        assert!(err.contains("was made with the model `sdxl`"), "{err}");
+        // A probe whose labels changed between the items of a pair (an edited suite).
+        let mut relabelled = guided();
+        for answers in relabelled.probes.values_mut() {
+            answers[0].labels[0] = "Renamed".into();
+        }
+        let err = refused(vec![run("sd", [base(), vec![relabelled]].concat())]);
+        assert!(
+            err.contains("differ in the labels of probe") && err.contains("Renamed"),
+            "{err}"
+        );
         let mut second = item("s0", "plain", ("style", "A"), None, 0.2);
         second.baseline = true;
         let err = refused(vec![run("sd", base()), run("sd", vec![second, guided()])]);

@@ -1016,6 +1016,47 @@ fn a_resumed_run_keeps_its_scheduler_and_models() {
     );
 }
 
+/// The recipe's input files are part of what a run was made with: a suite edited between a
+/// run and its resume would mix two label lists in one run (compare then paired them label
+/// by label), so the resume is refused, naming the file; restored, it resumes.
+#[test]
+fn a_resume_with_an_edited_input_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let suite = tmp.path().join("suite.yaml");
+    std::fs::copy(repo().join("probes/art.yaml"), &suite).unwrap();
+    let recipe = tmp.path().join("r.yaml");
+    let text = std::fs::read_to_string(smoke("probeset"))
+        .unwrap()
+        .replace("../../", &format!("{}/", repo().display()))
+        .replace(
+            &format!("{}/probes/art.yaml", repo().display()),
+            "suite.yaml",
+        )
+        .replace(
+            "subjects: [a portrait, a landscape]",
+            "subjects: [a portrait]",
+        );
+    std::fs::write(&recipe, text).unwrap();
+    let out = tmp.path().join("run");
+    let o = run(&recipe, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let image = out.join("images/pastiche/s00-t01-seed0/baseline.png");
+    std::fs::remove_file(&image).unwrap();
+    let original = std::fs::read(&suite).unwrap();
+    std::fs::write(&suite, [&original[..], b"\n# edited\n"].concat()).unwrap();
+    let before = tree(&out);
+    let o = run(&recipe, &out, &[]);
+    assert_refused(&o, "resumed with an edited suite", &["the file suite.yaml"]);
+    assert!(
+        tree(&out) == before,
+        "the refused resume changed the run folder"
+    );
+    std::fs::write(&suite, &original).unwrap();
+    let o = run(&recipe, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(image.is_file());
+}
+
 /// One recipe text in three folders, each with its own SD model under the same relative
 /// path: a run made from one resumes from a folder holding the same weights (though the first
 /// folder still exists), and not from one holding other weights, nor in another dtype; a

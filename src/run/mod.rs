@@ -77,6 +77,10 @@ pub struct MadeWith {
     /// a CLIP's configs and weights).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fingerprints: BTreeMap<String, String>,
+    /// The recipe's input files (suite, init and guidance images), as the recipe writes
+    /// them -> sha256: a file edited between a run and its resume would mix two versions.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub device: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -86,7 +90,10 @@ pub struct MadeWith {
 impl MadeWith {
     /// Whether nothing is recorded (a manifest from before these were).
     pub fn is_empty(&self) -> bool {
-        self.fingerprints.is_empty() && self.device.is_empty() && self.dtype.is_empty()
+        self.fingerprints.is_empty()
+            && self.files.is_empty()
+            && self.device.is_empty()
+            && self.dtype.is_empty()
     }
 
     /// The first way `other` differs from `self` where both say something, as
@@ -95,6 +102,11 @@ impl MadeWith {
         for (id, fp) in &self.fingerprints {
             if let Some(o) = other.fingerprints.get(id).filter(|o| *o != fp) {
                 return Some((format!("the weights of {id}"), short(fp), short(o)));
+            }
+        }
+        for (file, fp) in &self.files {
+            if let Some(o) = other.files.get(file).filter(|o| *o != fp) {
+                return Some((format!("the file {file}"), short(fp), short(o)));
             }
         }
         [
@@ -574,7 +586,8 @@ pub fn execute(
                     path: out.join(MANIFEST_FILE),
                     message: format!(
                         "was made with {what} {then}, but this run has {now}; resume with \
-                         the same models, --device and --dtype, or choose another --out"
+                         the same models, input files, --device and --dtype, or choose \
+                         another --out"
                     ),
                 });
             }
@@ -724,8 +737,13 @@ fn load_models(
     for p in &probers {
         fingerprints.insert(p.encoder.id.clone(), p.encoder.fingerprint()?.to_string());
     }
+    let mut files = BTreeMap::new();
+    for (written, path) in recipe.input_files() {
+        files.insert(written, crate::output::sha256_file(&path)?);
+    }
     let made_with = MadeWith {
         fingerprints,
+        files,
         device: crate::models::device_kind(&load.device).into(),
         dtype: generate::dtype_name(load.dtype).into(),
     };
@@ -986,6 +1004,7 @@ pub fn merge(
             }
             let fps = std::mem::take(&mut m.made_with.fingerprints);
             made_with.fingerprints.extend(fps);
+            made_with.files.append(&mut m.made_with.files);
             for (mine, theirs) in [
                 (&mut made_with.device, &m.made_with.device),
                 (&mut made_with.dtype, &m.made_with.dtype),
