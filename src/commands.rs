@@ -1002,6 +1002,18 @@ fn write_image(
         generate::model_hash(hashes),
         args.init_image.as_ref().map(|p| p.display().to_string()),
     );
+    if let Some(path) = &args.latents {
+        // The initial noise came from this file's row, not from the seed (which still drives
+        // an ancestral sampler's per-step noise): without it the image cannot be remade.
+        params.extra.insert(
+            "latents".into(),
+            serde_json::json!({
+                "file": path.display().to_string(),
+                "sha256": output::sha256_file(path)?,
+                "row": g.index,
+            }),
+        );
+    }
     let (rgb, w, h) = output::tensor_to_rgb8(&g.image)?;
     if !probers.is_empty() {
         let mut answers = serde_json::Map::new();

@@ -75,7 +75,15 @@ pub fn load_latents(path: &Path, expect: (usize, usize, usize)) -> Result<Tensor
             format!("shape {dims:?}, expected N x {c} x {h} x {w} for this model and size"),
         ));
     }
-    Ok(t.to_dtype(DType::F32)?)
+    let t = t.to_dtype(DType::F32)?;
+    if !t.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        return Err(Error::field(
+            path,
+            "latents",
+            "holds NaN or infinite values",
+        ));
+    }
+    Ok(t)
 }
 
 /// Checks options against the model before any work starts.
@@ -277,13 +285,15 @@ pub fn generate(
         if guide.is_some() {
             timings.insert("guidance".into(), guidance_s);
         }
-        check_finite(&latents, "final latents")?;
+        check_finite(&latents, "final latents", model.dtype)?;
 
         let t = Instant::now();
         let image = model
             .decode(&latents)?
             .squeeze(0)?
             .to_device(&Device::Cpu)?;
+        // Clamped to bytes, a NaN would be written as black.
+        check_finite(&image, "decoded image", model.vae_dtype)?;
         timings.insert("vae_decode".into(), t.elapsed().as_secs_f64());
         on_image(Generated {
             index,
@@ -350,6 +360,12 @@ pub fn generation_params(
         batch_index: g.index as u32,
         extra: BTreeMap::from([("timesteps".to_string(), serde_json::json!(g.timesteps))]),
     };
+    if opts.scheduler == SchedulerKind::Ddim {
+        // DDIM's eta changes the image (its per-step noise); the other samplers ignore it.
+        params
+            .extra
+            .insert("eta".into(), serde_json::json!(opts.eta));
+    }
     if let Some(guide) = opts.guide.as_ref().filter(|g| g.config.is_active()) {
         let mut v = serde_json::to_value(&guide.config).unwrap_or_default();
         v["losses"] = serde_json::json!(g.guidance_losses);
@@ -369,15 +385,20 @@ pub fn generation_params(
 }
 
 /// Refuses NaN or infinite values, which would otherwise be written out as a black image.
-pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+pub fn check_finite(t: &Tensor, what: &str, dtype: DType) -> Result<()> {
     let s = t
         .to_dtype(DType::F32)?
         .abs()?
         .sum_all()?
         .to_scalar::<f32>()?;
     if !s.is_finite() {
+        let cause = if dtype == DType::F32 {
+            "the model's weights or configs may be broken"
+        } else {
+            "the activations may have overflowed (try --dtype f32), or the weights are broken"
+        };
         return Err(Error::Msg(format!(
-            "{what} contain NaN or infinite values; refusing to write the image (try --dtype f32)"
+            "{what} contain NaN or infinite values; refusing to write the image: {cause}"
         )));
     }
     Ok(())

@@ -267,6 +267,41 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
         &out,
         &["lat.safetensors"],
     );
+
+    // Values that panicked, or ran every step into NaN (or a black image) with no hint of
+    // the cause: each is named in its file before any work.
+    let broken: [(&str, &str, serde_json::Value); 6] = [
+        ("unet/config.json", "norm_num_groups", 0.into()),
+        ("vae/config.json", "norm_num_groups", 0.into()),
+        ("vae/config.json", "scaling_factor", 0.into()),
+        ("scheduler/scheduler_config.json", "beta_end", 2.0.into()),
+        ("scheduler/scheduler_config.json", "beta_start", (-1).into()),
+        (
+            "scheduler/scheduler_config.json",
+            "sigma_min",
+            (-1.0).into(),
+        ),
+    ];
+    for (file, field, value) in broken {
+        copy_model(&m);
+        let cfg = m.join(file);
+        let mut j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        j[field] = value;
+        std::fs::write(&cfg, j.to_string()).unwrap();
+        assert_user_error(generate(&m, &out, &[]), &out, &[file, field]);
+    }
+    let nan = tmp.path().join("nan.safetensors");
+    let mut v = vec![0f32; 4 * 16 * 16];
+    v[7] = f32::NAN;
+    let t = candle_core::Tensor::from_vec(v, (1, 4, 16, 16), &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("latents", t)]), &nan)
+        .unwrap();
+    assert_user_error(
+        generate(&tiny(), &out, &["--latents", nan.to_str().unwrap()]),
+        &out,
+        &["nan.safetensors", "latents", "NaN"],
+    );
 }
 
 /// Mistakes that would otherwise surface only after minutes of work (or as an internal
@@ -810,6 +845,17 @@ fn hub_cache_and_latents_reproduce_diffusers() {
     assert!(d < 1e-3, "image differs from diffusers by {d}");
     let side = std::fs::read_to_string(out.join("00000-0.json")).unwrap();
     assert!(side.contains("\"model\": \"tiny/sd-a\""), "{side}");
+    // The noise came from the file, which the record names (with its hash and row), and
+    // DDIM's eta is recorded: both change the image, so both are needed to remake it.
+    let side: serde_json::Value = serde_json::from_str(&side).unwrap();
+    let extra = &side["params"]["extra"];
+    assert_eq!(extra["eta"], 0.0, "{extra}");
+    assert_eq!(extra["latents"]["row"], 0, "{extra}");
+    assert_eq!(
+        extra["latents"]["sha256"],
+        artguide::output::sha256_file(&lat).unwrap(),
+        "{extra}"
+    );
 
     // Not cached and offline: the error names the repo and the file.
     let o = bin()

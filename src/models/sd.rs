@@ -337,7 +337,7 @@ impl UNetJson {
                     "must mirror down_block_types (cross-attention in the same blocks)",
                 ));
             }
-            if self.block_out_channels[i] % self.norm_num_groups != 0 {
+            if self.norm_num_groups == 0 || self.block_out_channels[i] % self.norm_num_groups != 0 {
                 return Err(Error::field(
                     path,
                     "norm_num_groups",
@@ -453,10 +453,17 @@ impl VaeJson {
                 "false is not supported; expected true",
             ));
         }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return Err(Error::field(
+                path,
+                "scaling_factor",
+                format!("{}: expected a positive number", self.scaling_factor),
+            ));
+        }
         if let Some(&c) = self
             .block_out_channels
             .iter()
-            .find(|&&c| c % self.norm_num_groups != 0)
+            .find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0)
         {
             return Err(Error::field(
                 path,

@@ -345,7 +345,50 @@ impl SchedulerConfig {
                 "must be at least 1",
             ));
         }
+        // A beta outside (0, 1) makes some alpha_bar 0 or negative: the sampler divides by
+        // it or takes its root, and the run ends in NaN with no hint of the cause.
+        let beta_ok = |b: f64| b > 0.0 && b < 1.0;
+        for (key, b) in [
+            ("beta_start", config.beta_start),
+            ("beta_end", config.beta_end),
+        ] {
+            if !beta_ok(b) {
+                return Err(Error::field(
+                    origin,
+                    key,
+                    format!("{b}: expected a value in (0, 1)"),
+                ));
+            }
+        }
+        for (key, sigma) in [
+            ("sigma_min", config.sigma_min),
+            ("sigma_max", config.sigma_max),
+        ] {
+            if let Some(x) = sigma.filter(|x| *x <= 0.0) {
+                return Err(Error::field(
+                    origin,
+                    key,
+                    format!("{x}: expected a positive number"),
+                ));
+            }
+        }
+        if let (Some(lo), Some(hi)) = (config.sigma_min, config.sigma_max) {
+            if lo >= hi {
+                return Err(Error::field(
+                    origin,
+                    "sigma_min",
+                    format!("{lo} is not below sigma_max {hi}"),
+                ));
+            }
+        }
         if let Some(betas) = &config.trained_betas {
+            if let Some((i, b)) = betas.iter().enumerate().find(|(_, &b)| !beta_ok(b)) {
+                return Err(Error::field(
+                    origin,
+                    "trained_betas",
+                    format!("value {i} is {b}: expected values in (0, 1)"),
+                ));
+            }
             if betas.len() != config.num_train_timesteps {
                 return Err(Error::field(
                     origin,
