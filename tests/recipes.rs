@@ -641,6 +641,27 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
 }
 
 #[test]
+fn a_dry_run_checks_memory_before_timing_steps() {
+    // With 1 MiB available, the smoke recipe's size cannot fit: the dry run fails as the run
+    // would, instead of timing steps (which, at a size that really cannot fit, exhausted the
+    // memory).
+    let tmp = tempfile::tempdir().unwrap();
+    let o = bin()
+        .env("ARTGUIDE_MEMORY_LIMIT_MB", "1")
+        .args(["run", "--dry-run"])
+        .arg(smoke("compare"))
+        .arg("--out")
+        .arg(tmp.path().join("o"))
+        .output()
+        .unwrap();
+    assert_refused(
+        &o,
+        "a dry run of a size that cannot fit",
+        &["compare.yaml", "generation.size", "working memory"],
+    );
+}
+
+#[test]
 fn shipped_recipes_plan_without_network() {
     for e in std::fs::read_dir(repo().join("recipes")).unwrap() {
         let p = e.unwrap().path();

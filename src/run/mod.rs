@@ -1095,6 +1095,25 @@ pub fn estimate(
     let (c, lh, lw) = sd
         .latent_shape(w, h)
         .map_err(|e| recipe.generation_error(e))?;
+    // The run's own memory check first: a size that cannot fit would exhaust the memory in
+    // the timing steps below (a dry run is how one finds out whether a recipe fits).
+    let unguided = generate::GenerateOptions {
+        prompt: String::new(),
+        negative_prompt: String::new(),
+        steps: g.steps,
+        guidance_scale: g.guidance_scale,
+        scheduler: crate::schedulers::SchedulerKind::Ddim,
+        eta: g.eta,
+        seed: 0,
+        width: w,
+        height: h,
+        num_images: 1,
+        init_image: None,
+        strength: g.strength(),
+        latents: None,
+        guide: None,
+    };
+    crate::resources::check(&sd, &unguided).map_err(|e| recipe.generation_error(e))?;
     let batch = if g.guidance_scale > 1.0 { 2 } else { 1 };
     let x = NoiseGen::new(0, Stream::InitialLatents)
         .randn(&[batch, c, lh, lw])?
