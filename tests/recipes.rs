@@ -600,6 +600,33 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         "{}",
         stderr(&o)
     );
+    // With --force the new run replaces the old one whole: no image or report of the old
+    // run stays beside it as if it were the new run's (a person's annotation.csv stays).
+    std::fs::write(out.join("report.html"), "old report").unwrap();
+    std::fs::write(out.join("annotation.csv"), "answers").unwrap();
+    let o = run(&smoke("period-shift"), &out, &["--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let mut listed: Vec<String> = results["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|it| it["image"].as_str().unwrap().to_string())
+        .collect();
+    let mut on_disk: Vec<String> = tree(&out)
+        .into_iter()
+        .map(|(rel, _)| rel)
+        .filter(|rel| rel.starts_with("images/") && rel.ends_with(".png"))
+        .collect();
+    listed.sort();
+    on_disk.sort();
+    assert_eq!(on_disk, listed);
+    assert!(!out.join("report.html").exists());
+    assert_eq!(
+        std::fs::read(out.join("annotation.csv")).unwrap(),
+        b"answers"
+    );
     // --dry-run prints the plan and writes nothing.
     let out = tmp.path().join("dry");
     let o = bin()

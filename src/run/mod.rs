@@ -33,6 +33,17 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// File name of the recipe copy inside a run folder.
 pub const RECIPE_FILE: &str = "recipe.yaml";
 
+/// Files `compare` and `probeset` write into a run folder from its images.
+const DERIVED_FILES: [&str; 7] = [
+    "summary.json",
+    "summary.csv",
+    "targets.csv",
+    "report.html",
+    "labels.csv",
+    "clip_scores.csv",
+    "annotation.html",
+];
+
 /// One finished item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -344,8 +355,25 @@ fn claim_folder(recipe: &LoadedRecipe, out: &Path, claim: Claim) -> Result<()> {
         Claim::Start => crate::output::write_atomic(&copy, recipe.text.as_bytes(), true)?,
         Claim::Replace => {
             crate::output::write_atomic(&copy, recipe.text.as_bytes(), true)?;
-            for f in [MANIFEST_FILE, RESULTS_FILE] {
+            // The old run's images and what was made from them (compare's summary and report,
+            // probeset's sheet) would otherwise sit beside the new run as if they were its
+            // own. annotation.csv stays: it may hold a person's answers.
+            for f in [MANIFEST_FILE, RESULTS_FILE]
+                .into_iter()
+                .chain(DERIVED_FILES)
+            {
                 let _ = std::fs::remove_file(out.join(f));
+            }
+            for d in ["images", crate::probeset::SHEET_DIR] {
+                let d = out.join(d);
+                // remove_dir_all does not follow symbolic links; a link itself is removed.
+                match std::fs::symlink_metadata(&d) {
+                    Ok(m) if m.is_dir() => {
+                        std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?
+                    }
+                    Ok(_) => std::fs::remove_file(&d).map_err(|e| Error::io(&d, e))?,
+                    Err(_) => {}
+                }
             }
         }
     }
