@@ -1103,6 +1103,15 @@ fn a_resume_with_an_edited_input_file_is_refused() {
     let o = run(&recipe, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(image.is_file());
+    // An item whose sidecar is gone is made again (it counted as done, and a merge of the
+    // folder then failed on the missing file).
+    let sidecar = image.with_extension("json");
+    let png = std::fs::read(&image).unwrap();
+    std::fs::remove_file(&sidecar).unwrap();
+    let o = run(&recipe, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(sidecar.is_file());
+    assert_eq!(std::fs::read(&image).unwrap(), png);
 }
 
 /// One recipe text in three folders, each with its own SD model under the same relative

@@ -445,7 +445,10 @@ fn is_done(out: &Path, manifest: &Manifest, id: &str) -> bool {
 
 /// Whether the PNG of item `id` in `out` is the one `entry` records.
 fn image_matches(out: &Path, id: &str, entry: &ManifestEntry) -> bool {
+    // The sidecar belongs to the item too: without it the item is made again (a merge of
+    // the folder would otherwise fail on the missing file).
     crate::output::sha256_file(&out.join(image_rel(id))).is_ok_and(|h| h == entry.sha256)
+        && out.join(format!("images/{id}.json")).is_file()
 }
 
 /// The scheduler a recipe's generation settings give for a loaded model.
