@@ -667,6 +667,29 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     assert!(!out.exists());
 }
 
+/// A recipe whose arms are all unguided is still judged by its guide CLIP, so its images
+/// pair with a guided run's on both judges (the guide-CLIP row used to vanish from compare).
+#[test]
+fn the_guide_clip_judges_a_baseline_only_recipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(smoke("compare")).unwrap();
+    let cut = text.find("      - name: clip-text").unwrap();
+    let text = text[..cut].replace("count: 3", "count: 1");
+    let out = tmp.path().join("base");
+    let o = run_text("baseline-only", &text, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let guide = results["guide_clip"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{results}"));
+    assert!(guide.contains("tiny-clip-a"), "{guide}");
+    for it in results["items"].as_array().unwrap() {
+        let probes = it["probes"].as_object().unwrap();
+        assert!(probes.contains_key(guide) && probes.len() == 2, "{it}");
+    }
+}
+
 #[test]
 fn a_dry_run_checks_memory_before_timing_steps() {
     // With 1 MiB available, the smoke recipe's size cannot fit: the dry run fails as the run

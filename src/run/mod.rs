@@ -735,7 +735,16 @@ fn load_models(
         ClipEncoder::load(probe_spec, &load.hub, load.dtype, &load.device)?,
         suite.clone(),
     )?];
-    for g in guides {
+    // The recipe's guide CLIP judges every image, as the README says, even when no arm is
+    // guided (a baseline-only recipe, whose images are compared with guided runs' later).
+    let mut judges = guides.to_vec();
+    if let Some(g) = &r.guide_clip {
+        let g = recipe.resolve_model("guide_clip", g)?;
+        if !judges.contains(&g) {
+            judges.push(g);
+        }
+    }
+    for g in &judges {
         probers.push(Prober::new(
             ClipEncoder::load(g, &load.hub, load.dtype, &load.device)?,
             suite.clone(),
