@@ -23,7 +23,8 @@ pub struct Sidecar {
     /// model directory (`unet/diffusion_pytorch_model.safetensors`, ...).
     #[serde(default)]
     pub model_files_sha256: BTreeMap<String, String>,
-    /// Timings in seconds (`load`, `text_encode`, `denoise`, `decode`, `total`, ...).
+    /// Timings in seconds per stage (`text_encoder`, `denoise`, `vae_decode`; `vae_encode`
+    /// for img2img, `guidance` when guided).
     #[serde(default)]
     pub timings: BTreeMap<String, f64>,
     /// The web UI `parameters` text, as stored in the PNG.
