@@ -187,12 +187,13 @@ fn jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
     }
     let mut i = 2;
     loop {
-        // A marker: 0xFF, any fill bytes 0xFF, then the code.
-        if b.get(i) != Some(&0xFF) {
-            return Err(match b.get(i) {
-                None => TRUNCATED.into(),
-                Some(_) => format!("corrupt JPEG data: no marker at byte {i}"),
-            });
+        // A marker: 0xFF, any fill bytes 0xFF, then the code. Stray bytes before it are
+        // skipped, as libjpeg does (with a warning), so PIL's files all pass.
+        while b.get(i).is_some_and(|&x| x != 0xFF) {
+            i += 1;
+        }
+        if i >= b.len() {
+            return Err(TRUNCATED.into());
         }
         while b.get(i) == Some(&0xFF) {
             i += 1;
@@ -480,6 +481,10 @@ mod tests {
         // Restart markers and stuffed bytes inside a scan, fill bytes before a marker.
         let mut marked = whole[..whole.len() - 2].to_vec();
         marked.extend_from_slice(&[0xFF, 0x00, 0x12, 0xFF, 0xD3, 0x34, 0xFF, 0xFF, 0xD9]);
+        // Stray bytes between segments (libjpeg skips them): after the start marker here.
+        let mut stray = whole.clone();
+        stray.splice(2..2, [0x00, 0x00, 0x17]);
+        assert_eq!(jpeg_complete(&stray), Ok(()));
         assert_eq!(jpeg_complete(&marked), Ok(()));
         marked.truncate(marked.len() - 1);
         assert!(jpeg_complete(&marked).unwrap_err().contains("truncated"));
