@@ -40,13 +40,16 @@ pub struct Evaluation {
 
 /// The image a labels row names: the one probed under exactly that path, else the only one
 /// whose path ends with it in whole components (so `baseline.png` or `cellA/baseline.png`).
-/// Several such images are an error (the candidates): run folders repeat file names in every
-/// cell, and scoring the first of them would count one image's answer for all.
+/// Several such images are an error naming the file, the line and the candidates: run folders
+/// repeat file names in every cell, and scoring the first of them would count one image's
+/// answer for all.
 fn find_image<'a, T>(
     images: &'a [T],
     path: impl Fn(&T) -> &Path,
     name: &str,
-) -> std::result::Result<Option<&'a T>, Vec<&'a T>> {
+    labels_csv: &Path,
+    line: usize,
+) -> Result<Option<&'a T>> {
     if let Some(img) = images.iter().find(|i| path(i).to_string_lossy() == name) {
         return Ok(Some(img));
     }
@@ -54,12 +57,30 @@ fn find_image<'a, T>(
     if name.is_empty() {
         return Ok(None);
     }
-    let mut fits = images.iter().filter(|i| path(i).ends_with(name));
-    match (fits.next(), fits.next()) {
-        (None, _) => Ok(None),
-        (Some(img), None) => Ok(Some(img)),
-        (Some(a), Some(b)) => Err([a, b].into_iter().chain(fits).collect()),
+    let fits: Vec<&T> = images.iter().filter(|i| path(i).ends_with(name)).collect();
+    match fits[..] {
+        [] => Ok(None),
+        [img] => Ok(Some(img)),
+        _ => {
+            let c: Vec<&Path> = fits.iter().map(|i| path(i)).collect();
+            Err(Error::field(
+                labels_csv,
+                format!("line {line}: image"),
+                ambiguous(name, &c),
+            ))
+        }
     }
+}
+
+/// A labels file and the indices of its `image`, `probe` and `label` columns.
+fn read_labels(labels_csv: &Path) -> Result<(Table, [usize; 3])> {
+    let table = Table::read(labels_csv)?;
+    let columns = [
+        table.column_index("image")?,
+        table.column_index("probe")?,
+        table.column_index("label")?,
+    ];
+    Ok((table, columns))
 }
 
 /// The message for an image value that fits several probed images, naming at most 3.
@@ -119,12 +140,7 @@ fn locate(
 /// its columns, every row's probe and label, and that no row's image value fits several
 /// images (see [`evaluate`]).
 pub fn check_labels(paths: &[std::path::PathBuf], suite: &Suite, labels_csv: &Path) -> Result<()> {
-    let table = Table::read(labels_csv)?;
-    let (ci, cp, cl) = (
-        table.column_index("image")?,
-        table.column_index("probe")?,
-        table.column_index("label")?,
-    );
+    let (table, [ci, cp, cl]) = read_labels(labels_csv)?;
     let names: ProbeNames = suite
         .probes
         .iter()
@@ -133,14 +149,7 @@ pub fn check_labels(paths: &[std::path::PathBuf], suite: &Suite, labels_csv: &Pa
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
         locate(&names, labels_csv, line, &row[cp], &row[cl])?;
-        find_image(paths, |p| p.as_path(), &row[ci]).map_err(|candidates| {
-            let c: Vec<&Path> = candidates.iter().map(|p| p.as_path()).collect();
-            Error::field(
-                labels_csv,
-                format!("line {line}: image"),
-                ambiguous(&row[ci], &c),
-            )
-        })?;
+        find_image(paths, |p| p.as_path(), &row[ci], labels_csv, line)?;
     }
     Ok(())
 }
@@ -150,12 +159,7 @@ pub fn check_labels(paths: &[std::path::PathBuf], suite: &Suite, labels_csv: &Pa
 /// A label or probe the suite does not have, or an image value that fits several images, is
 /// an error naming the file and line.
 pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<Evaluation> {
-    let table = Table::read(labels_csv)?;
-    let (ci, cp, cl) = (
-        table.column_index("image")?,
-        table.column_index("probe")?,
-        table.column_index("label")?,
-    );
+    let (table, [ci, cp, cl]) = read_labels(labels_csv)?;
     // Every image has the suite's probes in suite order.
     let names: ProbeNames = results
         .images
@@ -178,14 +182,13 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
         let (image, probe, label) = (&row[ci], &row[cp], &row[cl]);
         let (p, t) = locate(&names, labels_csv, line, probe, label)?;
-        let img = find_image(&results.images, |i| i.path.as_path(), image).map_err(|cands| {
-            let c: Vec<&Path> = cands.iter().map(|i| i.path.as_path()).collect();
-            Error::field(
-                labels_csv,
-                format!("line {line}: image"),
-                ambiguous(image, &c),
-            )
-        })?;
+        let img = find_image(
+            &results.images,
+            |i| i.path.as_path(),
+            image,
+            labels_csv,
+            line,
+        )?;
         let Some(img) = img else {
             unmatched += 1;
             continue;
