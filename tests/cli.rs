@@ -610,12 +610,7 @@ fn outputs_never_replace_inputs_or_each_other() {
     );
     // The CLIP model's own files are inputs too (a copy: were the check wrong, the run
     // would overwrite them).
-    let model = tmp.path().join("clip");
-    std::fs::create_dir(&model).unwrap();
-    for f in std::fs::read_dir(clip_fixture("tiny-clip-a")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    let model = copy_clip("tiny-clip-a", &tmp.path().join("clip"));
     let config = std::fs::read(model.join("config.json")).unwrap();
     let o = bin()
         .args(["--quiet", "probe", "--clip"])
@@ -871,6 +866,16 @@ fn hub_cache_and_latents_reproduce_diffusers() {
             && err.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
+}
+
+/// A copy of a fixture CLIP folder at `dst`, for tests that alter or guard its files.
+fn copy_clip(fixture: &str, dst: &Path) -> PathBuf {
+    std::fs::create_dir(dst).unwrap();
+    for f in std::fs::read_dir(clip_fixture(fixture)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+    }
+    dst.to_path_buf()
 }
 
 fn clip_fixture(rel: &str) -> PathBuf {
@@ -1591,12 +1596,7 @@ fn probe_cache_keeps_dtypes_apart() {
 #[test]
 fn probe_cache_keeps_fine_tunes_apart() {
     let tmp = tempfile::tempdir().unwrap();
-    let tuned = tmp.path().join("tiny-clip-b-tuned");
-    std::fs::create_dir(&tuned).unwrap();
-    for f in std::fs::read_dir(clip_fixture("tiny-clip-b")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, tuned.join(f.file_name().unwrap())).unwrap();
-    }
+    let tuned = copy_clip("tiny-clip-b", &tmp.path().join("tiny-clip-b-tuned"));
     // Negate `visual_projection.weight` (f16: flip each sign bit), the file's last tensor.
     let weights = tuned.join("model.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
@@ -1634,12 +1634,7 @@ fn probe_cache_keeps_fine_tunes_apart() {
 #[test]
 fn non_finite_embeddings_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("nan-clip");
-    std::fs::create_dir(&model).unwrap();
-    for f in std::fs::read_dir(clip_fixture("tiny-clip-a")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    let model = copy_clip("tiny-clip-a", &tmp.path().join("nan-clip"));
     let weights = model.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
     let w = &tensors["visual_projection.weight"];
