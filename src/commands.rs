@@ -714,9 +714,10 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         args.guidance_scale,
         args.eta,
     )?;
-    if args.init_image.is_some() {
-        crate::schedulers::img2img_start_index(args.steps, args.strength)?;
-    }
+    let denoising_steps = match args.init_image {
+        Some(_) => args.steps - crate::schedulers::img2img_start_index(args.steps, args.strength)?,
+        None => args.steps,
+    };
     if args.latents.is_none() {
         check_seed(args.seed, args.num_images.unwrap_or(1))?;
     }
@@ -735,6 +736,24 @@ fn run_generate(args: &GenerateArgs, mode: ProgressMode) -> Result<()> {
         loading.warn(
             "guidance is off: every guidance term has scale or weight 0, so the image is the unguided one",
             serde_json::json!({"event": "ignored", "option": "guidance", "reason": "all weights 0"}),
+        );
+    } else if let Some(why) = guidance
+        .as_ref()
+        .and_then(|g| g.empty_window(denoising_steps))
+    {
+        loading.warn(
+            &format!("guidance is off: {why}"),
+            serde_json::json!({"event": "ignored", "option": "guidance", "reason": why}),
+        );
+    }
+    if !args.negative_prompt.is_empty() && args.guidance_scale <= 1.0 {
+        loading.warn(
+            &format!(
+                "--negative-prompt is ignored: it acts through classifier-free guidance, which \
+                 --guidance-scale {} (<= 1) turns off",
+                args.guidance_scale
+            ),
+            serde_json::json!({"event": "ignored", "option": "negative-prompt", "guidance_scale": args.guidance_scale}),
         );
     }
     loading.event(

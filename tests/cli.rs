@@ -397,6 +397,38 @@ fn cheap_mistakes_are_named_before_any_work() {
     assert_says(&o, true, &["guidance is off"]);
     let o = generate(&tiny(), &out, &["--tv-weight", "0", "--cutouts", "4"]);
     assert_says(&o, true, &["guidance is off"]);
+    // So is a guided range that falls between the steps run (2 steps sit at 0 and 0.5).
+    let o = generate(&tiny(), &out, &["--tv-weight", "1", "--guide-start", "0.6"]);
+    assert_says(
+        &o,
+        true,
+        &["guidance is off: the guided range [0.6, 1) holds none of the 2 denoising steps"],
+    );
+    let o = generate(&tiny(), &out, &["--tv-weight", "1", "--guide-start", "0.5"]);
+    assert_says(&o, true, &[]);
+    assert!(!stderr(&o).contains("guidance is off"), "{}", stderr(&o));
+    // A negative prompt without classifier-free guidance has nothing to act through.
+    let o = generate(
+        &tiny(),
+        &out,
+        &["--negative-prompt", "blurry", "--guidance-scale", "1"],
+    );
+    assert_says(
+        &o,
+        true,
+        &["--negative-prompt is ignored", "--guidance-scale 1 (<= 1)"],
+    );
+    // A TAESD source for another decoder would be silently unused: refused.
+    let unwritten = tmp.path().join("unwritten");
+    assert_user_error(
+        generate(
+            &tiny(),
+            &unwritten,
+            &["--tv-weight", "1", "--taesd", "my/taesd"],
+        ),
+        &unwritten,
+        &["taesd", "`my/taesd`", "the guidance decoder is vae"],
+    );
     // A prompt longer than the text encoder reads is said to be cut.
     let long = "a lighthouse at dusk, ".repeat(40);
     let o = generate(&tiny(), &out, &["--prompt", &long]);

@@ -45,6 +45,15 @@ fn target(text: &str, weight: f64) -> TextTarget {
 }
 
 /// A config with every term switched on.
+/// The TAESD source for `decoder`: the fixture for TAESD, the default otherwise (another
+/// decoder refuses a TAESD source).
+fn taesd_for(decoder: DecoderKind) -> String {
+    match decoder {
+        DecoderKind::Taesd => fixture("tiny-taesd"),
+        _ => GuidanceConfig::default().taesd,
+    }
+}
+
 fn all_terms(decoder: DecoderKind) -> GuidanceConfig {
     GuidanceConfig {
         clip: Some(fixture("clip/tiny-clip-a")),
@@ -67,7 +76,7 @@ fn all_terms(decoder: DecoderKind) -> GuidanceConfig {
             content_layers: Some(vec![1]),
         }),
         decoder,
-        taesd: fixture("tiny-taesd"),
+        taesd: taesd_for(decoder),
         ..Default::default()
     }
 }
@@ -216,6 +225,7 @@ fn every_loss_term_has_a_correct_gradient_on_its_own() {
         for decoder in [DecoderKind::Vae, DecoderKind::Taesd] {
             let cfg = GuidanceConfig {
                 decoder,
+                taesd: taesd_for(decoder),
                 ..cfg.clone()
             };
             let guide = Guide::load(cfg, &model, &hub, MAX_PIXELS).unwrap();
@@ -266,7 +276,7 @@ fn text_guide(model: &SdModel, scale: f64, decoder: DecoderKind) -> Guide {
         scale,
         cutouts: 2,
         decoder,
-        taesd: fixture("tiny-taesd"),
+        taesd: taesd_for(decoder),
         ..Default::default()
     };
     Guide::load(cfg, model, &HubOptions::from_env(), MAX_PIXELS).unwrap()

@@ -491,6 +491,43 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             vec!["s01", "empty text"],
         ),
         (
+            "eta with a scheduler that has none",
+            good.replace(
+                "  steps: 4\n",
+                "  steps: 4\n  scheduler: euler\n  eta: 0.5\n",
+            ),
+            vec!["generation.eta", "ddim scheduler only", "euler"],
+        ),
+        (
+            "negative prompt without classifier-free guidance",
+            good.replace(
+                "guidance_scale: 3.0",
+                "guidance_scale: 1.0\n  negative_prompt: blurry",
+            ),
+            vec!["generation.negative_prompt", "guidance_scale 1 (<= 1)"],
+        ),
+        (
+            "guided range between the steps",
+            good.replace(
+                "          cutouts: 2\n",
+                "          cutouts: 2\n          start: 0.8\n",
+            ),
+            vec![
+                "arms[1] (clip-text).guidance.start",
+                "[0.8, 1)",
+                "none of the 4 denoising steps",
+            ],
+        ),
+        (
+            "taesd for another decoder",
+            good.replace("decoder: taesd", "decoder: linear"),
+            vec![
+                "arms[1] (clip-text).guidance",
+                "tiny-taesd",
+                "guidance decoder is linear",
+            ],
+        ),
+        (
             "negative eta",
             good.replace("  steps: 4\n", "  steps: 4\n  eta: -1\n"),
             vec!["generation.eta", "-1", ">= 0"],

@@ -301,7 +301,30 @@ impl GuidanceConfig {
                 "CLIP guidance and style terms need a guide CLIP model (--clip)",
             ));
         }
+        // Another decoder never reads it: a TAESD source given with it was meant for something.
+        if self.decoder != DecoderKind::Taesd && self.taesd != DEFAULT_TAESD {
+            return Err(Error::value(
+                "taesd",
+                format!(
+                    "`{}` is given, but the guidance decoder is {}: it applies to guidance-decoder taesd only",
+                    self.taesd, self.decoder
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Why none of `steps` executed steps is guided, when none is: the range
+    /// [start, end) falls between two steps (step k sits at k/steps).
+    pub fn empty_window(&self, steps: usize) -> Option<String> {
+        if self.guided_steps(steps).contains(&true) {
+            return None;
+        }
+        Some(format!(
+            "the guided range [{}, {}) holds none of the {steps} denoising steps (step k sits at k/{steps}); \
+             widen guide-start/guide-end or run more steps",
+            self.start, self.end
+        ))
     }
 
     /// Which of `steps` executed steps are guided.

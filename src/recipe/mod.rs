@@ -425,9 +425,33 @@ impl LoadedRecipe {
                 return Err(self.field_err(field, "0: expected a positive image size in pixels"));
             }
         }
-        g.scheduler
+        let scheduler = g
+            .scheduler
             .parse::<crate::schedulers::SchedulerChoice>()
             .map_err(|e| self.field_err("generation.scheduler", e.to_string()))?;
+        // Settings that the rest of the generation section would leave silently unused.
+        if let crate::schedulers::SchedulerChoice::Kind(kind) = scheduler {
+            if g.eta != 0.0 && kind != crate::schedulers::SchedulerKind::Ddim {
+                return Err(self.field_err(
+                    "generation.eta",
+                    format!(
+                        "{}: eta applies to the ddim scheduler only, and generation.scheduler is {}",
+                        g.eta,
+                        kind.cli_name()
+                    ),
+                ));
+            }
+        }
+        if !g.negative_prompt.is_empty() && g.guidance_scale <= 1.0 {
+            return Err(self.field_err(
+                "generation.negative_prompt",
+                format!(
+                    "is set, but generation.guidance_scale {} (<= 1) turns classifier-free guidance \
+                     off, and the negative prompt acts only through it: raise the scale or remove it",
+                    g.guidance_scale
+                ),
+            ));
+        }
         if let Some(p) = &g.init_image {
             self.must_exist("generation.init_image", p)?;
             if !(g.strength() > 0.0 && g.strength() <= 1.0) {
@@ -606,6 +630,11 @@ impl LoadedRecipe {
                                 "guides toward nothing: give prompts, image, style, tv_weight \
                                  or range_weight (an arm without guidance is the baseline)",
                             ));
+                        }
+                        // Only reached once the generation section has passed its checks.
+                        if let Some(why) = g.denoising_steps().ok().and_then(|n| gc.empty_window(n))
+                        {
+                            return Err(self.field_err(at_arm("guidance.start"), why));
                         }
                         if let Some(c) = &gc.clip {
                             self.resolve_model(&at_arm("guidance.clip"), c)?;
