@@ -211,7 +211,7 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         // The resume advice only where the folder holds this recipe's run: errors found
         // before it was claimed (bad settings, a folder of another run) wrote nothing.
         let started = std::fs::read_to_string(out.join(crate::run::RECIPE_FILE))
-            .is_ok_and(|t| t == recipe.text);
+            .is_ok_and(|t| recipe.is_copy(&t));
         match e {
             e if !started => anyhow::Error::new(e),
             // The folder's run is not this one's to finish: resuming would not help.

@@ -625,6 +625,47 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         stderr(&o)
     );
 
+    // A resume reads the recipe, not its text: comments and layout may change, and the
+    // finished run is recognised as this recipe's.
+    let commented = format!(
+        "# rerun after review\n{}",
+        long.replace("  steps: 4\n", "  steps:   4   # as before\n")
+            .replace("guidance_scale: 3.0", "guidance_scale: 3")
+    );
+    assert_ne!(commented, long);
+    let path = smoke(".test-long-prompt-commented");
+    std::fs::write(&path, &commented).unwrap();
+    let o = bin()
+        .args(["--json", "run"])
+        .arg(&path)
+        .arg("--out")
+        .arg(tmp.path().join("long"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let done = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "done")
+        .unwrap();
+    assert_eq!(
+        (done["made"].as_u64(), done["skipped"].as_u64()),
+        (Some(0), Some(2))
+    );
+    // A change of content is another recipe.
+    let o = run_text(
+        "long-prompt",
+        &long.replace("steps: 4", "steps: 5"),
+        &tmp.path().join("long"),
+        &[],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("different recipe"),
+        "{}",
+        stderr(&o)
+    );
+
     // A folder holding another recipe's run is not reused without --force.
     let out = tmp.path().join("taken");
     let o = run(&smoke("probeset"), &out, &[]);

@@ -263,6 +263,12 @@ impl LoadedRecipe {
         Ok(loaded)
     }
 
+    /// Whether `text`, a run folder's recipe copy, is this recipe: the same text, or text
+    /// that reads as the same recipe (comments, layout, key order and number spellings aside).
+    pub fn is_copy(&self, text: &str) -> bool {
+        text == self.text || serde_yaml::from_str::<Recipe>(text).is_ok_and(|r| r == self.recipe)
+    }
+
     /// The folder relative paths are resolved against.
     pub fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new(""))

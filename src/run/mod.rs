@@ -321,7 +321,7 @@ pub fn check_folder(recipe: &LoadedRecipe, out: &Path, force: bool) -> Result<Cl
     crate::output::check_output_dir(out)?;
     let copy = out.join(RECIPE_FILE);
     match std::fs::read_to_string(&copy) {
-        Ok(old) if old == recipe.text => Ok(Claim::Resume),
+        Ok(old) if recipe.is_copy(&old) => Ok(Claim::Resume),
         Ok(_) if !force => Err(Error::file(
             out,
             "holds a run of a different recipe; choose another --out or pass --force",
@@ -981,7 +981,7 @@ pub fn merge(
         seen.push((id, dir.as_path()));
         let copy = dir.join(RECIPE_FILE);
         let text = std::fs::read_to_string(&copy).map_err(|e| Error::io(&copy, e))?;
-        if text != recipe.text {
+        if !recipe.is_copy(&text) {
             return Err(Error::file(
                 &copy,
                 "is a different recipe from the one being merged",
