@@ -259,6 +259,46 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
         &out,
         &["unet/diffusion_pytorch_model.safetensors", "shape"],
     );
+    // Fewer layers in the config than in the weights: the model would run without some of
+    // them. The error names the weights, the config and a tensor left unused.
+    let fewer: [(&str, &str, serde_json::Value, &str, &str); 3] = [
+        (
+            "unet",
+            "transformer_layers_per_block",
+            0.into(),
+            "diffusion_pytorch_model",
+            "transformer_blocks.0.",
+        ),
+        (
+            "vae",
+            "layers_per_block",
+            0.into(),
+            "diffusion_pytorch_model",
+            "decoder.up_blocks.0.resnets.1.",
+        ),
+        (
+            "text_encoder",
+            "num_hidden_layers",
+            1.into(),
+            "model",
+            "text_model.encoder.layers.1.",
+        ),
+    ];
+    for (part, field, value, stem, unused) in fewer {
+        copy_model(&m);
+        let cfg = m.join(format!("{part}/config.json"));
+        let mut j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        j[field] = value;
+        std::fs::write(&cfg, j.to_string()).unwrap();
+        let weights = format!("{part}/{stem}.safetensors");
+        let config = format!("{part}/config.json");
+        assert_user_error(
+            generate(&m, &out, &[]),
+            &out,
+            &[&weights, "not used by the model", &config, unused],
+        );
+    }
 
     let lat = tmp.path().join("lat.safetensors");
     std::fs::write(&lat, b"garbage").unwrap();
@@ -1695,4 +1735,35 @@ fn non_finite_embeddings_are_refused() {
         .output()
         .unwrap();
     assert_user_error(o, &out, &["nan-clip", "image embedding", "not finite"]);
+}
+
+/// A CLIP config with fewer vision layers than its weights is refused, naming the weights,
+/// the config and a layer left unused (the model would embed without it).
+#[test]
+fn clip_config_with_fewer_layers_than_the_weights_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = copy_clip("tiny-clip-a", &tmp.path().join("short-clip"));
+    let cfg = model.join("config.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    j["vision_config"]["num_hidden_layers"] = 1.into();
+    std::fs::write(&cfg, j.to_string()).unwrap();
+    let out = tmp.path().join("out");
+    let o = bin()
+        .args(["--quiet", "embed", "--clip"])
+        .arg(&model)
+        .arg("--out")
+        .arg(out.join("e.npy"))
+        .arg(clip_fixture("images/img0_37x23_rgb.png"))
+        .output()
+        .unwrap();
+    assert_user_error(
+        o,
+        &out,
+        &[
+            "short-clip/model.safetensors",
+            "short-clip/config.json",
+            "`vision_model.encoder.layers.1.",
+        ],
+    );
 }

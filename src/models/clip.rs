@@ -821,8 +821,13 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> candle_core::Result
     Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
 }
 
-/// Reads `config.json` + `model.safetensors` of a model folder into a VarBuilder.
-fn load_weights(dir: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+/// Reads `model.safetensors` of a model folder into a VarBuilder, with the handle that says
+/// which tensors the model built from it read.
+fn load_weights(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, crate::models::weights::Usage)> {
     let weights = dir.join("model.safetensors");
     if !weights.is_file() {
         return Err(Error::file(
@@ -831,7 +836,9 @@ fn load_weights(dir: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<
         ));
     }
     // Memory-mapped, with the header checked up front and errors naming file and tensor.
-    Ok(crate::models::weights::FileWeights::open(&[weights])?.into_var_builder(dtype, device))
+    let file = crate::models::weights::FileWeights::open(&[weights])?;
+    let usage = file.usage();
+    Ok((file.into_var_builder(dtype, device), usage))
 }
 
 /// Wraps a weight-loading failure with the file it came from.
@@ -906,7 +913,7 @@ impl ClipTextTransformer {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let cfg = ClipTextConfig::load(dir.join("config.json"))?;
-        let vb = load_weights(dir, dtype, device)?;
+        let (vb, usage) = load_weights(dir, dtype, device)?;
         // Checkpoints written by transformers 4 put the tower under `text_model.`; those
         // written by transformers 5 store its tensors at the root.
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
@@ -914,10 +921,12 @@ impl ClipTextTransformer {
         } else {
             vb
         };
-        Self::new(vb, &cfg, norm).map_err(|e| match e {
+        let tower = Self::new(vb, &cfg, norm).map_err(|e| match e {
             Error::Candle(e) => weights_error(dir)(e),
             other => other,
-        })
+        })?;
+        usage.check_all_read(&dir.join("config.json"))?;
+        Ok(tower)
     }
 
     /// The config this tower was built from.
@@ -1219,11 +1228,13 @@ impl ClipModel {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let cfg = ClipConfig::load(dir.join("config.json"))?;
-        let vb = load_weights(dir, dtype, device)?;
-        Self::new(vb, &cfg, norm).map_err(|e| match e {
+        let (vb, usage) = load_weights(dir, dtype, device)?;
+        let model = Self::new(vb, &cfg, norm).map_err(|e| match e {
             Error::Candle(e) => weights_error(dir)(e),
             other => other,
-        })
+        })?;
+        usage.check_all_read(&dir.join("config.json"))?;
+        Ok(model)
     }
 
     /// The config this model was built from.

@@ -289,26 +289,33 @@ impl SdModel {
         files.extend(tokenizer_2_files);
 
         let (device, dtype) = (&opts.device, opts.dtype);
-        let text_vb =
-            FileWeights::open(std::slice::from_ref(&text_w))?.into_var_builder(dtype, device);
+        // Each component's weights, and a handle that says which of them it read.
+        let open = |w: &PathBuf, dtype| -> Result<_> {
+            let weights = FileWeights::open(std::slice::from_ref(w))?;
+            let usage = weights.usage();
+            Ok((weights.into_var_builder(dtype, device), usage))
+        };
+        let (text_vb, text_usage) = open(&text_w, dtype)?;
         let text_encoder =
             ClipTextTransformer::new(text_vb.pp("text_model"), &text_cfg, NormMode::Fused)
                 .map_err(|e| with_file(e, &text_w))?;
+        text_usage.check_all_read(&text_cfg_path)?;
         let text_encoder_2 = match (&text_2, &text_cfg_2) {
-            (Some((_, w)), Some((cfg, _))) => {
-                let vb =
-                    FileWeights::open(std::slice::from_ref(w))?.into_var_builder(dtype, device);
-                Some(PooledTextEncoder::new(vb, cfg).map_err(|e| with_file(e, w))?)
+            (Some((_, w)), Some((cfg, cfg_path))) => {
+                let (vb, usage) = open(w, dtype)?;
+                let encoder = PooledTextEncoder::new(vb, cfg).map_err(|e| with_file(e, w))?;
+                usage.check_all_read(cfg_path)?;
+                Some(encoder)
             }
             _ => None,
         };
         let vae_dtype = vae_dtype(&vae_spec, dtype);
-        let unet_vb =
-            FileWeights::open(std::slice::from_ref(&unet_w))?.into_var_builder(dtype, device);
+        let (unet_vb, unet_usage) = open(&unet_w, dtype)?;
         let unet = UNet::new(unet_vb, &unet_spec).map_err(|e| with_file(e, &unet_w))?;
-        let vae_vb =
-            FileWeights::open(std::slice::from_ref(&vae_w))?.into_var_builder(vae_dtype, device);
+        unet_usage.check_all_read(&unet_cfg_path)?;
+        let (vae_vb, vae_usage) = open(&vae_w, vae_dtype)?;
         let vae = VaeDecoder::new(&vae_spec, vae_vb).map_err(|e| with_file(e, &vae_w))?;
+        vae_usage.check_all_read(&vae_cfg_path)?;
 
         Ok(SdModel {
             id: repo.id(),

@@ -297,8 +297,12 @@ impl TaesdDecoder {
         let config_path = repo.get("config.json")?;
         let config = TaesdConfig::load(&config_path)?;
         let weights = weight_file(&repo)?;
-        let vb = FileWeights::open(std::slice::from_ref(&weights))?.into_var_builder(dtype, device);
-        Self::new(vb, &config).map_err(|e| with_file(e, &weights))
+        let file = FileWeights::open(std::slice::from_ref(&weights))?;
+        let usage = file.usage();
+        let decoder = Self::new(file.into_var_builder(dtype, device), &config)
+            .map_err(|e| with_file(e, &weights))?;
+        usage.check_all_read(&config_path)?;
+        Ok(decoder)
     }
 
     /// Builds the decoder from weights named as in diffusers' checkpoint (`decoder.layers.*`,

@@ -1,8 +1,9 @@
 //! Weight loading behind candle's `VarBuilder`: safetensors (or PyTorch pickles) with errors
 //! that name the file and tensor, or seeded random weights for measuring real-size speed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -23,6 +24,51 @@ pub struct FileWeights {
     files: Vec<(PathBuf, Store)>,
     index: HashMap<String, usize>,
     overrides: HashMap<String, Tensor>,
+    /// Names read so far, shared with the [`Usage`] handles.
+    read: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Which tensors of some weight files a model read while it was built, to find those a
+/// config that disagrees with the weights left unread.
+#[derive(Clone)]
+pub struct Usage {
+    files: Vec<(PathBuf, BTreeSet<String>)>,
+    read: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Usage {
+    /// Refuses weights the model left unread inside a part of the file it did read (a
+    /// `down_blocks` tensor beside others the model read, not a whole unused `encoder`): the
+    /// model `config` describes has fewer layers or blocks than the weights, so it would run
+    /// silently without some of them. transformers' `position_ids` buffers are not weights.
+    pub fn check_all_read(&self, config: &Path) -> Result<()> {
+        let read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        let root = |n: &str| n.split('.').next().unwrap_or("").to_string();
+        let read_roots: HashSet<String> = read.iter().map(|n| root(n)).collect();
+        for (path, names) in &self.files {
+            let unread: Vec<&String> = names
+                .iter()
+                .filter(|n| {
+                    !read.contains(*n)
+                        && !n.ends_with("position_ids")
+                        && read_roots.contains(&root(n))
+                })
+                .collect();
+            if let Some(first) = unread.first() {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "{} of its {} tensors are not used by the model {} describes (first: \
+                         `{first}`): the config disagrees with the weights (a layer or block count?)",
+                        unread.len(),
+                        names.len(),
+                        config.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl FileWeights {
@@ -63,7 +109,25 @@ impl FileWeights {
             files,
             index,
             overrides: HashMap::new(),
+            read: Arc::default(),
         })
+    }
+
+    /// A handle that sees which tensors are read from here on (also through the VarBuilder
+    /// these weights become).
+    pub fn usage(&self) -> Usage {
+        let mut files: Vec<(PathBuf, BTreeSet<String>)> = self
+            .files
+            .iter()
+            .map(|(p, _)| (p.clone(), BTreeSet::new()))
+            .collect();
+        for (name, &i) in &self.index {
+            files[i].1.insert(name.clone());
+        }
+        Usage {
+            files,
+            read: self.read.clone(),
+        }
     }
 
     /// Replaces the tensor `name` with `value` whatever the files hold.
@@ -83,6 +147,10 @@ impl FileWeights {
     }
 
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
         if let Some(t) = self.overrides.get(name) {
             return t.to_device(dev);
         }
