@@ -265,6 +265,7 @@ pub fn guidance(
         mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
         std: [0.268_629_55, 0.261_302_6, 0.275_777_1],
         id: format!("random:{}", plan.clip_arch),
+        files: Vec::new(),
     };
     let text = crate::models::clip::normalize(
         &NoiseGen::new(1, Stream::Guidance)

@@ -1021,6 +1021,7 @@ fn write_image(
         generate::model_hash(hashes),
         args.init_image.as_ref().map(|p| p.display().to_string()),
     );
+    generate::record_input_files(&mut params, g_opts, args.init_image.as_deref())?;
     if let Some(path) = &args.latents {
         // The initial noise came from this file's row, not from the seed (which still drives
         // an ancestral sampler's per-step noise): without it the image cannot be remade.

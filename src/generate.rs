@@ -368,6 +368,11 @@ pub fn generation_params(
     }
     if let Some(guide) = opts.guide.as_ref().filter(|g| g.config.is_active()) {
         let mut v = serde_json::to_value(&guide.config).unwrap_or_default();
+        // The layers used, not `null` for "the default for this CLIP's depth".
+        if let Some((style, content)) = guide.style_layers() {
+            v["style"]["layers"] = serde_json::json!(style);
+            v["style"]["content_layers"] = serde_json::json!(content);
+        }
         v["losses"] = serde_json::json!(g.guidance_losses);
         v["skipped_steps"] = g.guidance_skipped.into();
         params.extra.insert("guidance".into(), v);
@@ -382,6 +387,29 @@ pub fn generation_params(
         );
     }
     params
+}
+
+/// Adds the SHA-256 of the files an image was made from beyond the SD model's own: the init
+/// image (`init_image_sha256`) and, when guided, every file the guide read (`guidance.files_sha256`:
+/// its CLIP, TAESD and target images), so the record says which weights and images they were.
+pub fn record_input_files(
+    params: &mut crate::output::GenerationParams,
+    opts: &GenerateOptions,
+    init_image: Option<&Path>,
+) -> Result<()> {
+    let cache = crate::models::file_hash::HashCache::default();
+    if let Some(p) = init_image {
+        params
+            .extra
+            .insert("init_image_sha256".into(), cache.sha256(p)?.into());
+    }
+    if let (Some(guide), Some(record)) = (&opts.guide, params.extra.get_mut("guidance")) {
+        let files = guide.input_files();
+        if !files.is_empty() {
+            record["files_sha256"] = serde_json::json!(cache.sha256_files(&files)?);
+        }
+    }
+    Ok(())
 }
 
 /// Refuses NaN or infinite values, which would otherwise be written out as a black image.

@@ -528,6 +528,17 @@ fn cheap_mistakes_are_named_before_any_work() {
         &["--init-image", "00000-5.png: is 32x32", "64x32"],
     );
     assert!(!fresh.exists());
+    // One that fits makes an img2img image whose record names the init image by content.
+    let init = out.join("00000-5.png");
+    let o = generate(&tiny(), &fresh, &["--init-image", init.to_str().unwrap()]);
+    assert_says(&o, true, &[]);
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fresh.join("00000-5.json")).unwrap()).unwrap();
+    assert_eq!(
+        side["params"]["extra"]["init_image_sha256"],
+        artguide::output::sha256_file(&init).unwrap(),
+        "{side}"
+    );
     #[cfg(target_os = "linux")]
     {
         // An output folder that cannot be made fails before the model runs.
@@ -1289,6 +1300,29 @@ fn generate_with_clip_guidance() {
     assert_eq!(g["decoder"], "taesd", "{side}");
     assert_eq!(g["prompts"][1]["weight"], -0.5, "{side}");
     assert_eq!(g["losses"].as_array().unwrap().len(), 2, "{side}");
+    // The record names what the guide read by content, and the layers the style term used
+    // (tiny-clip-a has 2 vision layers: the default, 1/4, 1/2 and 3/4 of the depth, is 0).
+    let sha = |p: &Path| artguide::output::sha256_file(p).unwrap();
+    let hashed = &g["files_sha256"];
+    assert_eq!(
+        hashed["clip/model.safetensors"],
+        sha(&clip_fixture("tiny-clip-a/model.safetensors")),
+        "{side}"
+    );
+    assert_eq!(
+        hashed["clip/config.json"],
+        sha(&clip_fixture("tiny-clip-a/config.json")),
+        "{side}"
+    );
+    assert_eq!(
+        hashed["taesd/diffusion_pytorch_model.safetensors"],
+        sha(&taesd.join("diffusion_pytorch_model.safetensors")),
+        "{side}"
+    );
+    assert_eq!(hashed["style.image"], sha(&style), "{side}");
+    assert_eq!(hashed.as_object().unwrap().len(), 6, "{side}");
+    assert_eq!(g["style"]["layers"], serde_json::json!([0]), "{side}");
+    assert!(g["style"]["content_layers"].is_array(), "{side}");
     let inspect = bin()
         .arg("inspect")
         .arg(guided.join("00000-5.png"))

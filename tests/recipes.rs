@@ -164,6 +164,21 @@ fn every_smoke_recipe_runs_and_records_each_image() {
             assert_ne!(base["sha256"], arm["sha256"]);
             assert_eq!(base["seed"], arm["seed"]);
         }
+        // A guided image's sidecar names the style image by content.
+        if name == "style-transfer" {
+            let it = items.iter().find(|i| i["arm"] == "style-image").unwrap();
+            let png = out.join(it["image"].as_str().unwrap());
+            let side: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(png.with_extension("json")).unwrap())
+                    .unwrap();
+            let swirls = std::fs::read(repo().join("recipes/assets/swirls.png")).unwrap();
+            use sha2::Digest;
+            assert_eq!(
+                side["params"]["extra"]["guidance"]["files_sha256"]["style.image"],
+                format!("{:x}", sha2::Sha256::digest(&swirls)),
+                "{side}"
+            );
+        }
         if name == "probeset" {
             assert_eq!(items.len(), 2 * 4);
             let labels = &items[0]["target"]["labels"];

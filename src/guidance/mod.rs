@@ -405,6 +405,8 @@ pub struct GuideClip {
     pub mean: [f32; 3],
     pub std: [f32; 3],
     pub id: String,
+    /// The files it was loaded from (none for random weights).
+    pub files: Vec<PathBuf>,
 }
 
 impl GuideClip {
@@ -416,8 +418,10 @@ impl GuideClip {
         device: &candle_core::Device,
     ) -> Result<(Self, ClipTokenizer)> {
         let enc = ClipEncoder::load_with_norm(spec, hub, dtype, device, NormMode::Differentiable)?;
+        let files = enc.files().to_vec();
         Ok((
             GuideClip {
+                files,
                 model: enc.model,
                 mean: enc.preprocessor.mean,
                 std: enc.preprocessor.std,
@@ -441,6 +445,38 @@ impl GuideClip {
 }
 
 impl Guide {
+    /// The files this guide read, by role (`clip/model.safetensors`, `taesd/config.json`,
+    /// `image`, `style.image`): what an image's record hashes, so the record names the guide's
+    /// weights and target images and not only their paths.
+    pub fn input_files(&self) -> BTreeMap<String, PathBuf> {
+        let mut files = BTreeMap::new();
+        let named = |role: &str, p: &PathBuf| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            (format!("{role}/{}", name.unwrap_or_default()), p.clone())
+        };
+        if let Some(c) = &self.clip {
+            files.extend(c.files.iter().map(|p| named("clip", p)));
+        }
+        if let GuidanceDecoder::Taesd(t) = &self.decoder {
+            files.extend(t.files().iter().map(|p| named("taesd", p)));
+        }
+        if self.targets.image.is_some() {
+            files.extend(self.config.image.clone().map(|p| ("image".to_string(), p)));
+        }
+        if let (Some(s), Some(_)) = (&self.config.style, &self.style) {
+            files.insert("style.image".into(), s.image.clone());
+        }
+        files
+    }
+
+    /// The vision layers of the style (Gram) and content terms, with the defaults resolved for
+    /// the guide CLIP's depth; None without style terms.
+    pub fn style_layers(&self) -> Option<(&[usize], &[usize])> {
+        self.style
+            .as_ref()
+            .map(|s| (s.layers.as_slice(), s.content_layers.as_slice()))
+    }
+
     /// Loads the guide CLIP (differentiable), embeds the targets and prepares the decoder.
     pub fn load(
         config: GuidanceConfig,

@@ -281,6 +281,8 @@ pub struct TaesdDecoder {
     stages: Vec<Stage>,
     config: TaesdConfig,
     dtype: DType,
+    /// The config and weight files it was loaded from (none for random weights).
+    files: Vec<PathBuf>,
 }
 
 /// Weight file names tried in order: diffusers' default, then its fp16 variant.
@@ -302,7 +304,15 @@ impl TaesdDecoder {
         let decoder = Self::new(file.into_var_builder(dtype, device), &config)
             .map_err(|e| with_file(e, &weights))?;
         usage.check_all_read(&config_path)?;
-        Ok(decoder)
+        Ok(TaesdDecoder {
+            files: vec![config_path, weights],
+            ..decoder
+        })
+    }
+
+    /// The config and weight files it was loaded from (none when built from a VarBuilder).
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
     }
 
     /// Builds the decoder from weights named as in diffusers' checkpoint (`decoder.layers.*`,
@@ -363,6 +373,7 @@ impl TaesdDecoder {
             });
         }
         Ok(TaesdDecoder {
+            files: Vec::new(),
             conv_in,
             stages,
             config: config.clone(),

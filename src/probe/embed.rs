@@ -94,6 +94,11 @@ impl ClipEncoder {
         Ok(self.fingerprint.get_or_init(|| f))
     }
 
+    /// config.json, preprocessor_config.json and model.safetensors, as found on disk.
+    pub fn files(&self) -> &[PathBuf; 3] {
+        &self.files
+    }
+
     /// The dtype the model's weights were loaded in and its forward passes run in.
     pub fn dtype(&self) -> DType {
         self.model.logit_scale().dtype()

@@ -860,6 +860,8 @@ fn make_item(
             generate::model_hash(&m.hashes),
             g.init_image.as_ref().map(|p| p.display().to_string()),
         );
+        let init_image = g.init_image.as_ref().map(|p| recipe.resolve(p));
+        generate::record_input_files(&mut params, &gopts, init_image.as_deref())?;
         params
             .extra
             .insert("run_item".into(), item.id.clone().into());
