@@ -534,10 +534,18 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
             ],
         ),
         (
+            "guidance value named as the recipe's field, not the command-line option",
+            good.replace(
+                "          cutouts: 2\n",
+                "          cutouts: 2\n          every: 0\n",
+            ),
+            vec!["arms[1] (clip-text).guidance.every`: 0: expected at least 1"],
+        ),
+        (
             "taesd for another decoder",
             good.replace("decoder: taesd", "decoder: linear"),
             vec![
-                "arms[1] (clip-text).guidance",
+                "arms[1] (clip-text).guidance.taesd",
                 "tiny-taesd",
                 "guidance decoder is linear",
             ],

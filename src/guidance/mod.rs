@@ -225,6 +225,26 @@ fn finite(name: &str, v: f64) -> Result<()> {
     }
 }
 
+/// The recipe field (under `guidance.`) of a command-line option that
+/// [`GuidanceConfig::validate`] names, so a recipe's error names what its author wrote.
+pub fn recipe_field(option: &str) -> &str {
+    match option {
+        "clip-guidance-scale" => "scale",
+        "clip-image-weight" => "image_weight",
+        "clip-prompt" | "clip-prompt weight" => "prompts",
+        "guide-every" => "every",
+        "guide-start/guide-end" => "start/end",
+        "guide-clamp" => "clamp",
+        "tv-weight" => "tv_weight",
+        "range-weight" => "range_weight",
+        "style-weight" => "style.weight",
+        "style-embed-weight" => "style.embed_weight",
+        "content-weight" => "style.content_weight",
+        "style-image" => "style.image",
+        other => other,
+    }
+}
+
 impl GuidanceConfig {
     /// Whether the CLIP text/image terms contribute.
     pub fn has_clip_terms(&self) -> bool {

@@ -628,8 +628,16 @@ impl LoadedRecipe {
                         if gc.clip.is_none() {
                             gc.clip = r.guide_clip.clone();
                         }
-                        gc.validate()
-                            .map_err(|err| self.field_err(at_arm("guidance"), err.to_string()))?;
+                        gc.validate().map_err(|err| match err {
+                            crate::Error::Value { name, message } => self.field_err(
+                                at_arm(&format!(
+                                    "guidance.{}",
+                                    crate::guidance::recipe_field(&name)
+                                )),
+                                message,
+                            ),
+                            err => self.field_err(at_arm("guidance"), err.to_string()),
+                        })?;
                         if !gc.is_active() {
                             return Err(self.field_err(
                                 at_arm("guidance"),
