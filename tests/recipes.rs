@@ -453,7 +453,8 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         (
             "wrong type",
             good.replace("seeds: {start: 0, count: 3}", "seeds: lots"),
-            vec!["seeds", ":"],
+            // No Rust type name (`expected struct SeedRange`) reaches the author.
+            vec!["seeds", ":", "string \"lots\", expected a map"],
         ),
         (
             "negative steps",

@@ -220,6 +220,24 @@ fn plain_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// `expected struct SeedRange` (a Rust type name) as `expected a map`, with the rest kept.
+fn without_struct_names(msg: &str) -> String {
+    const RUST: &str = "expected struct ";
+    let mut out = String::new();
+    let mut rest = msg;
+    while let Some(i) = rest.find(RUST) {
+        out.push_str(&rest[..i]);
+        out.push_str("expected a map");
+        let after = &rest[i + RUST.len()..];
+        let name_len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        rest = &after[name_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// serde_yaml's message with its location moved to the front, as `file:line:column: ...`.
 fn yaml_error(path: &Path, e: serde_yaml::Error) -> Error {
     // Rust type names mean nothing to a recipe's author.
@@ -231,6 +249,7 @@ fn yaml_error(path: &Path, e: serde_yaml::Error) -> Error {
     ]
     .iter()
     .fold(e.to_string(), |m, (rust, plain)| m.replace(rust, plain));
+    let msg = without_struct_names(&msg);
     match e.location() {
         Some(loc) => {
             let suffix = format!(" at line {} column {}", loc.line(), loc.column());
