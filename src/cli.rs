@@ -209,8 +209,8 @@ pub struct RecipeArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Run only shard I of N (whole grid cells, every N-th from the I-th), e.g. `--shard 0/4`.
-    #[arg(long, allow_hyphen_values = true)]
-    pub shard: Option<String>,
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
     /// Print the plan (images, steps, estimated time) and stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -579,6 +579,20 @@ pub struct GuidanceArgs {
     pub skip_nonfinite_guidance: bool,
 }
 
+/// `--shard I/N`: whole numbers with 0 <= I < N.
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let parsed = s.split_once('/').and_then(|(i, n)| {
+        Some((
+            i.trim().parse::<usize>().ok()?,
+            n.trim().parse::<usize>().ok()?,
+        ))
+    });
+    match parsed {
+        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
+        _ => Err("expected I/N with 0 <= I < N, e.g. 0/4".to_string()),
+    }
+}
+
 /// `artguide bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -652,6 +666,23 @@ mod tests {
         assert!(with(&["--tv-weight", "1", "--guide-end", "0.5"]).is_ok());
         assert!(with(&["--clip-prompt", "a", "--clip-guidance-scale", "300"]).is_ok());
         assert!(with(&["--clip-image-weight", "2", "--clip-prompt", "a"]).is_err());
+        // A bad --shard is a bad argument (exit 2, as clap's), named with what was expected.
+        for bad in ["4/4", "-1/4", "1/0", "a/b", "3"] {
+            let err =
+                Cli::try_parse_args(["artguide", "run", "r.yaml", "--shard", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+            assert!(
+                err.to_string().contains("expected I/N with 0 <= I < N"),
+                "{err}"
+            );
+        }
+        match Cli::try_parse_args(["artguide", "run", "r.yaml", "--shard", " 1 / 4"]) {
+            Ok(Cli {
+                command: Command::Run(r),
+                ..
+            }) => assert_eq!(r.shard, Some((1, 4))),
+            other => panic!("{other:?}"),
+        }
         // Counts that must be at least 1, and top-k only with labels to score.
         let err = Cli::try_parse_args([
             "artguide", "probe", "--clip", "c", "--suite", "s", "--top-k", "2", "i.png",

@@ -87,26 +87,13 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Parses `--shard I/N`.
-fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let parsed = s.split_once('/').and_then(|(i, n)| {
-        Some((
-            i.trim().parse::<usize>().ok()?,
-            n.trim().parse::<usize>().ok()?,
-        ))
-    });
-    match parsed {
-        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
-        _ => anyhow::bail!("--shard `{s}`: expected I/N with 0 <= I < N, e.g. 0/4"),
-    }
-}
-
 /// Runs (or with --dry-run, plans) a recipe; returns the run folder when it ran.
 fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Option<PathBuf>> {
     use crate::recipe::{LoadedRecipe, Plan};
     let recipe = LoadedRecipe::load(&args.recipe)?;
     let suite = crate::probe::suite::Suite::load(&recipe.resolve(&recipe.recipe.suite))?;
     let plan = Plan::new(&recipe, &suite)?;
-    let shard = args.shard.as_deref().map(parse_shard).transpose()?;
+    let shard = args.shard;
     let shard_items: Vec<&crate::recipe::PlanItem> = match shard {
         Some((i, n)) => plan.shard(i, n),
         None => plan.items.iter().collect(),
