@@ -257,6 +257,40 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
         );
     }
     // The table is the result: printed with --quiet too (only the file list is progress).
+    if !summary.rows.iter().any(|r| r.targeted) {
+        // Without targets there is no intended shift to measure; how far each probe's
+        // answers moved is still the result (the shift table would be headers only).
+        out!(
+            "no guided image has a target label (the experiments give no `targets`): how far the \
+             answers moved from their baselines"
+        );
+        out!("| experiment | arm | probe | judge | n | mean KL (nats) | top label changed |");
+        out!("| --- | --- | --- | --- | --- | --- | --- |");
+        for r in &summary.rows {
+            out!(
+                "| {} | {} | {} | {} | {} | {:.4} | {:.2} |",
+                r.experiment,
+                r.arm,
+                r.probe,
+                r.role,
+                r.n,
+                r.mean_kl,
+                r.top_change_rate
+            );
+        }
+    } else {
+        print_shift_table(&summary)?;
+    }
+    if mode == ProgressMode::Bar {
+        for f in files {
+            let _ = writeln!(std::io::stderr(), "wrote {}", f.display());
+        }
+    }
+    Ok(())
+}
+
+/// compare's main table: each targeted row's shift toward the target, with its statistics.
+fn print_shift_table(summary: &crate::compare::Summary) -> Result<()> {
     out!(
         "| experiment | arm | probe | judge | n | mean shift [{:.0}% CI] | flip | Wilcoxon p | Holm p | r |",
         summary.level * 100.0
@@ -278,11 +312,6 @@ fn run_compare(args: &crate::cli::CompareArgs, mode: ProgressMode) -> Result<()>
             r.wilcoxon_p_holm.unwrap_or(f64::NAN),
             r.rank_biserial.unwrap_or(f64::NAN)
         );
-    }
-    if mode == ProgressMode::Bar {
-        for f in files {
-            let _ = writeln!(std::io::stderr(), "wrote {}", f.display());
-        }
     }
     Ok(())
 }

@@ -276,3 +276,57 @@ fn compare_bad_input_is_one_line() {
         "{err}"
     );
 }
+
+/// Runs without targets have no intended shift to measure: compare prints how far each
+/// probe's answers moved instead of an empty shift table, with the summary's figures.
+#[test]
+fn compare_without_targets_prints_how_far_answers_moved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(recipe())
+        .unwrap()
+        .replace(
+            "    targets:\n      - text: an impressionist painting\n        labels: {style: Impressionism}\n",
+            "",
+        )
+        .replace("\"{target}\"", "\"an oil painting\"")
+        .replace("count: 3", "count: 1");
+    assert!(!text.contains("targets:"), "{text}");
+    // Beside the smoke recipe, so its relative paths resolve.
+    let path = recipe().with_file_name(".test-compare-no-targets.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let run = tmp.path().join("run");
+    let o = bin()
+        .args(["--quiet", "run"])
+        .arg(&path)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = bin()
+        .args(["--quiet", "compare"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(table.contains("mean KL (nats)"), "{table}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let rows = summary["rows"].as_array().unwrap();
+    assert!(!rows.is_empty());
+    for r in rows {
+        let line = format!(
+            "| {} | {} | {} | {} | {} | {:.4} | {:.2} |",
+            r["experiment"].as_str().unwrap(),
+            r["arm"].as_str().unwrap(),
+            r["probe"].as_str().unwrap(),
+            r["role"].as_str().unwrap(),
+            r["n"],
+            f(&r["mean_kl"]),
+            f(&r["top_change_rate"])
+        );
+        assert!(table.contains(&line), "`{line}` missing from:\n{table}");
+    }
+}
