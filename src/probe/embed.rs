@@ -171,6 +171,10 @@ pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             return Err(Error::file(p, "no such image file or folder"));
         }
     }
+    // A file given twice (itself and through its folder, or by two spellings) is one image:
+    // probing it twice would count its answers twice.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(crate::output::file_identity(p)));
     if let ([only], true) = (inputs, out.is_empty()) {
         return Err(Error::file(
             only,
@@ -268,5 +272,23 @@ mod tests {
         std::fs::create_dir(&other).unwrap();
         let err = collect_images(&[empty, other]).unwrap_err().to_string();
         assert!(err.contains("empty, ") && err.contains("other"), "{err}");
+    }
+
+    /// An image given through its folder and by name, or by two spellings, is one image.
+    #[test]
+    fn an_image_given_twice_is_collected_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("imgs");
+        std::fs::create_dir(&dir).unwrap();
+        for n in ["a.png", "b.png"] {
+            std::fs::write(dir.join(n), n).unwrap();
+        }
+        let got = collect_images(&[
+            dir.join("b.png"),
+            dir.clone(),
+            tmp.path().join("imgs/../imgs/a.png"),
+        ])
+        .unwrap();
+        assert_eq!(got, vec![dir.join("b.png"), dir.join("a.png")]);
     }
 }

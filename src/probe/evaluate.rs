@@ -38,36 +38,72 @@ pub struct Evaluation {
     pub unmatched_rows: usize,
 }
 
-/// The image a labels row names: the one probed under exactly that path, else the only one
-/// whose path ends with it in whole components (so `baseline.png` or `cellA/baseline.png`).
-/// Several such images are an error naming the file, the line and the candidates: run folders
-/// repeat file names in every cell, and scoring the first of them would count one image's
-/// answer for all.
-fn find_image<'a, T>(
-    images: &'a [T],
-    path: impl Fn(&T) -> &Path,
-    name: &str,
-    labels_csv: &Path,
-    line: usize,
-) -> Result<Option<&'a T>> {
-    if let Some(img) = images.iter().find(|i| path(i).to_string_lossy() == name) {
-        return Ok(Some(img));
+/// Finds the image a labels row names among the probed images: the one probed under that
+/// path (`./` aside), else the very file the value names when it exists (an absolute path, or
+/// one relative to the working folder), else the only one whose path ends with it in whole
+/// components (so `baseline.png` or `cellA/baseline.png`). Several such images are an error
+/// naming the file, the line and the candidates: run folders repeat file names in every cell,
+/// and scoring the first of them would count one image's answer for all.
+struct ImageMatcher<'a> {
+    /// Each probed image's path without `.` components.
+    paths: Vec<std::path::PathBuf>,
+    labels_csv: &'a Path,
+    /// Each image's file identity, made on the first value that names an existing file.
+    identities: std::cell::OnceCell<Vec<(u64, u64, std::path::PathBuf)>>,
+}
+
+/// `p` without its `.` components (`./a/./b.png` is `a/b.png`).
+fn without_dots(p: &Path) -> std::path::PathBuf {
+    p.components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect()
+}
+
+impl<'a> ImageMatcher<'a> {
+    fn new<'p>(paths: impl Iterator<Item = &'p Path>, labels_csv: &'a Path) -> Self {
+        ImageMatcher {
+            paths: paths.map(without_dots).collect(),
+            labels_csv,
+            identities: std::cell::OnceCell::new(),
+        }
     }
-    // An empty path is a suffix of every path.
-    if name.is_empty() {
-        return Ok(None);
-    }
-    let fits: Vec<&T> = images.iter().filter(|i| path(i).ends_with(name)).collect();
-    match fits[..] {
-        [] => Ok(None),
-        [img] => Ok(Some(img)),
-        _ => {
-            let c: Vec<&Path> = fits.iter().map(|i| path(i)).collect();
-            Err(Error::field(
-                labels_csv,
-                format!("line {line}: image"),
-                ambiguous(name, &c),
-            ))
+
+    /// The index of the image that `name` (a labels row's `image` value, on `line`) names.
+    fn find(&self, name: &str, line: usize) -> Result<Option<usize>> {
+        let wanted = without_dots(Path::new(name));
+        // An empty path is a suffix of every path.
+        if wanted.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        if let Some(i) = self.paths.iter().position(|p| *p == wanted) {
+            return Ok(Some(i));
+        }
+        if wanted.is_file() {
+            let ids = self.identities.get_or_init(|| {
+                self.paths
+                    .iter()
+                    .map(|p| crate::output::file_identity(p))
+                    .collect()
+            });
+            let id = crate::output::file_identity(&wanted);
+            if let Some(i) = ids.iter().position(|x| *x == id) {
+                return Ok(Some(i));
+            }
+        }
+        let fits: Vec<usize> = (0..self.paths.len())
+            .filter(|&i| self.paths[i].ends_with(&wanted))
+            .collect();
+        match fits[..] {
+            [] => Ok(None),
+            [i] => Ok(Some(i)),
+            _ => {
+                let c: Vec<&Path> = fits.iter().map(|&i| self.paths[i].as_path()).collect();
+                Err(Error::field(
+                    self.labels_csv,
+                    format!("line {line}: image"),
+                    ambiguous(name, &c),
+                ))
+            }
         }
     }
 }
@@ -146,10 +182,11 @@ pub fn check_labels(paths: &[std::path::PathBuf], suite: &Suite, labels_csv: &Pa
         .iter()
         .map(|p| (p.name.as_str(), p.labels.iter().map(|l| l.name()).collect()))
         .collect();
+    let images = ImageMatcher::new(paths.iter().map(|p| p.as_path()), labels_csv);
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
-        locate(&names, labels_csv, line, &row[cp], &row[cl])?;
-        find_image(paths, |p| p.as_path(), &row[ci], labels_csv, line)?;
+        locate(&names, labels_csv, line, row[cp].trim(), row[cl].trim())?;
+        images.find(row[ci].trim(), line)?;
     }
     Ok(())
 }
@@ -176,27 +213,22 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
                 .collect()
         })
         .unwrap_or_default();
+    let images = ImageMatcher::new(results.images.iter().map(|i| i.path.as_path()), labels_csv);
     let mut scores: BTreeMap<String, Tally> = BTreeMap::new();
     let mut unmatched = 0;
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
-        let (image, probe, label) = (&row[ci], &row[cp], &row[cl]);
+        // Cells are trimmed, as `agree` trims them: a space after a comma is not a label.
+        let (image, probe, label) = (row[ci].trim(), row[cp].trim(), row[cl].trim());
         let (p, t) = locate(&names, labels_csv, line, probe, label)?;
-        let img = find_image(
-            &results.images,
-            |i| i.path.as_path(),
-            image,
-            labels_csv,
-            line,
-        )?;
-        let Some(img) = img else {
+        let Some(i) = images.find(image, line)? else {
             unmatched += 1;
             continue;
         };
-        let ans = &img.probes[p];
+        let ans = &results.images[i].probes[p];
         let mut order: Vec<usize> = (0..ans.probs.len()).collect();
         order.sort_by(|&a, &b| ans.probs[b].total_cmp(&ans.probs[a]));
-        let entry = scores.entry(probe.clone()).or_insert_with(|| {
+        let entry = scores.entry(probe.to_string()).or_insert_with(|| {
             let n = ans.labels.len();
             (ans.labels.clone(), vec![vec![0; n]; n], 0, 0)
         });
@@ -378,6 +410,32 @@ mod tests {
             s.confusion,
             vec![vec![1, 0, 0], vec![1, 2, 0], vec![0, 0, 2]]
         );
+    }
+
+    /// A row names an image however its path is spelled: with `./`, through `..` or
+    /// absolute (the same file on disk), with spaces around its cells.
+    #[test]
+    fn spellings_of_a_probed_path_match_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("imgs");
+        std::fs::create_dir(&dir).unwrap();
+        let (a, b) = (dir.join("a.png"), dir.join("b.png"));
+        for p in [&a, &b] {
+            std::fs::write(p, p.display().to_string()).unwrap();
+        }
+        let probed = [a.to_str().unwrap(), b.to_str().unwrap()];
+        let r = results(&probed, &[0, 1]);
+        let through_dots = tmp.path().join("imgs/../imgs/./a.png");
+        let through_dots = through_dots.to_str().unwrap();
+        let csv = tmp.path().join("labels.csv");
+        std::fs::write(
+            &csv,
+            format!("image,probe,label\n{through_dots},style,Impressionism\n ./b.png , style , Cubism\n"),
+        )
+        .unwrap();
+        let ev = evaluate(&r, &csv, 1).unwrap();
+        assert_eq!(ev.unmatched_rows, 0, "{ev:?}");
+        assert_eq!((ev.probes[0].n, ev.probes[0].accuracy), (2, 1.0));
     }
 
     /// The labels file is checked against the paths before any image is probed.
