@@ -381,10 +381,15 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
     let models: Vec<&String> = std::iter::once(&args.clip)
         .chain(args.probe_clip.as_ref())
         .collect();
-    let progress = Progress::new(mode, (paths.len() * models.len()) as u64, "probing");
+    // Every model loads before any probes: a bad --probe-clip should not cost a pass of
+    // the first model over every image.
+    let encoders = models
+        .into_iter()
+        .map(|spec| ClipEncoder::load(spec, &opts.hub, opts.dtype, &opts.device))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let progress = Progress::new(mode, (paths.len() * encoders.len()) as u64, "probing");
     let mut all = Vec::new();
-    for spec in models {
-        let enc = ClipEncoder::load(spec, &opts.hub, opts.dtype, &opts.device)?;
+    for enc in encoders {
         let cache = match args.no_cache {
             true => None,
             false => Some(EmbeddingCache::new(&cache_root, enc.fingerprint()?)),

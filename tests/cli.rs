@@ -1446,6 +1446,23 @@ fn probe_clip_holds_out_a_second_model() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    // A held-out CLIP that cannot load fails before the first CLIP probes any image (which
+    // would have filled the embedding cache).
+    let cache = tmp.path().join("cache");
+    let o = bin()
+        .args(["--quiet", "probe", "--cache"])
+        .arg(&cache)
+        .arg("--clip")
+        .arg(clip_fixture("tiny-clip-a"))
+        .args(["--probe-clip", "no/such-clip"])
+        .arg("--suite")
+        .arg(&suite)
+        .arg(clip_fixture("images"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_says(&o, false, &["no/such-clip"]);
+    assert!(files_in(&cache).is_empty(), "{:?}", files_in(&cache));
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let h = &r["held_out"];
