@@ -1818,3 +1818,35 @@ fn clip_config_with_fewer_layers_than_the_weights_is_refused() {
         ],
     );
 }
+
+/// A cache that cannot be written (here a file where the folder would be) is said once, and
+/// the probing goes on: it used to warn once per image.
+#[test]
+fn an_unwritable_cache_is_said_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    std::fs::write(&cache, b"not a folder").unwrap();
+    let out = tmp.path().join("r.json");
+    let o = bin()
+        .args(["probe", "--cache"])
+        .arg(&cache)
+        .arg("--clip")
+        .arg(clip_fixture("tiny-clip-a"))
+        .arg("--suite")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("probes/art.yaml"))
+        .arg("--out")
+        .arg(&out)
+        .arg(clip_fixture("images"))
+        .output()
+        .unwrap();
+    assert_says(&o, true, &["cannot cache embeddings"]);
+    assert_eq!(
+        stderr(&o).matches("cannot cache").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(r["images"].as_array().unwrap().len(), 5);
+}

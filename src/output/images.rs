@@ -131,6 +131,15 @@ fn f32_safetensors(tensors: &[(&str, &Tensor)], meta: &[(&str, &str)]) -> Result
 /// `max_pixels`: a reader ready to decode it, held to that size. Every error names `path`.
 pub fn open_image_checked(path: &Path, max_pixels: u64) -> Result<ImageReader<Cursor<Vec<u8>>>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    check_image_bytes(path, bytes, max_pixels)
+}
+
+/// [`open_image_checked`] of an image file's bytes already read (errors name `path`).
+pub fn check_image_bytes(
+    path: &Path,
+    bytes: Vec<u8>,
+    max_pixels: u64,
+) -> Result<ImageReader<Cursor<Vec<u8>>>> {
     let format = ImageReader::new(Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?

@@ -27,7 +27,8 @@ pub use files::{
 };
 pub(crate) use images::one_line;
 pub use images::{
-    load_image_rgb, load_image_rgb8, open_image_checked, tensor_to_rgb8, tensors_safetensors,
+    check_image_bytes, load_image_rgb, load_image_rgb8, open_image_checked, tensor_to_rgb8,
+    tensors_safetensors,
 };
 pub use params::{
     format_webui_parameters, is_valid_webui_key, parse_webui_parameters, webui_parameters,

@@ -295,14 +295,17 @@ pub fn probe_images(
     let mut cached = 0;
     // Cache lookups first, then embed the misses in batches.
     let mut misses = Vec::new();
+    let mut cache_failed = false;
     for (i, p) in paths.iter().enumerate() {
-        let sha = crate::output::sha256_file(p)?;
+        // Read once: hashed, and for a cache hit also checked.
+        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+        let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
         // A cached image is held to the checks of one decoded now (size limit, format,
         // truncation), so the cache never changes what is accepted: one that fails them is
         // a miss, and the decoding below reports it.
         let hit = cache
             .and_then(|c| c.get(&sha, dims))
-            .filter(|_| crate::output::open_image_checked(p, max_pixels).is_ok());
+            .filter(|_| crate::output::check_image_bytes(p, bytes, max_pixels).is_ok());
         if hit.is_some() {
             cached += 1;
             progress.tick(&p.display().to_string());
@@ -336,10 +339,15 @@ pub fn probe_images(
         let e = enc.embed_named(&pixels, &names)?;
         for (row, &i) in ok.iter().enumerate() {
             let v = e.get(row)?.to_vec1::<f32>()?;
-            if let Some(c) = cache {
+            // After the first failure (a --cache that is a file, a full disk) the rest would
+            // fail alike: said once, and the probing goes on uncached.
+            if let Some(c) = cache.filter(|_| !cache_failed) {
                 if let Err(err) = c.put(&shas[i], &v) {
+                    cache_failed = true;
                     progress.warn(
-                        &format!("cannot cache an embedding: {err}"),
+                        &format!(
+                            "cannot cache embeddings ({err}); probing goes on without caching"
+                        ),
                         serde_json::json!({"event": "cache-error", "error": err.to_string()}),
                     );
                 }
