@@ -135,12 +135,23 @@ pub struct Matching {
 }
 
 impl Matching {
-    /// The first line of a report: columns, key, pairs kept and rows skipped.
+    /// The first line of a report: columns, key, pairs kept, rows skipped, and the rows of
+    /// either file that found no partner (a key spelled differently in one file shows here).
     pub fn summary(&self, n: usize) -> String {
-        format!(
-            "{} vs {} on key `{}`: n = {n} ({} skipped)",
+        let mut s = format!(
+            "{} vs {} on key `{}`: n = {n} ({} skipped",
             self.score_column, self.rating_column, self.key, self.skipped
-        )
+        );
+        if self.unmatched_scores > 0 {
+            s += &format!(", {} score rows without a rating", self.unmatched_scores);
+        }
+        if self.unmatched_ratings > 0 {
+            s += &format!(", {} rating rows without a score", self.unmatched_ratings);
+        }
+        if self.filtered_out > 0 {
+            s += &format!(", {} score rows left out by --where", self.filtered_out);
+        }
+        s + ")"
     }
 }
 
@@ -1078,6 +1089,33 @@ pub fn kendall_tau_b(x: &[f64], y: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The report's first line says which rows found no partner, not only those skipped.
+    #[test]
+    fn the_summary_counts_unmatched_and_filtered_rows() {
+        let mut m = Matching {
+            scores_file: "s.csv".into(),
+            ratings_file: "r.csv".into(),
+            key: "image".into(),
+            score_column: "p".into(),
+            rating_column: "rating".into(),
+            filtered_out: 0,
+            unmatched_scores: 0,
+            unmatched_ratings: 0,
+            skipped: 1,
+            skipped_examples: Vec::new(),
+        };
+        assert_eq!(
+            m.summary(9),
+            "p vs rating on key `image`: n = 9 (1 skipped)"
+        );
+        (m.unmatched_scores, m.unmatched_ratings, m.filtered_out) = (2, 3, 4);
+        assert_eq!(
+            m.summary(9),
+            "p vs rating on key `image`: n = 9 (1 skipped, 2 score rows without a rating, \
+             3 rating rows without a score, 4 score rows left out by --where)"
+        );
+    }
 
     /// Brute-force tau-b for checking.
     fn tau_b_naive(x: &[f64], y: &[f64]) -> f64 {
