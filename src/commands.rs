@@ -535,6 +535,20 @@ fn run_separate(args: &SeparateArgs, mode: ProgressMode) -> Result<()> {
         ..Default::default()
     };
     opts.logistic.c = args.c;
+    // Two classes from one file separate nothing (a typo, not a null test: shuffle a file's
+    // rows for that), and one name for both makes the scores file unreadable.
+    if output::file_identity(&args.class_a) == output::file_identity(&args.class_b) {
+        anyhow::bail!(
+            "--class-b {}: is the same file as --class-a; give the embeddings of the other class",
+            args.class_b.display()
+        );
+    }
+    if args.label_a == args.label_b {
+        anyhow::bail!(
+            "--label-b `{}`: is also --label-a's; the scores file names each row's class by it",
+            args.label_b
+        );
+    }
     if let Some(path) = &args.scores {
         output::prepare_output_files(&[("--scores", path)], &[&args.class_a, &args.class_b])?;
     }

@@ -780,6 +780,28 @@ fn separate_then_agree_pipeline() {
         "{}",
         stderr(&o)
     );
+    // One file for both classes, or one name for both, is a mistake said as such.
+    let separate = |b: &Path, labels: [&str; 2]| {
+        bin()
+            .args(["separate", "--class-a"])
+            .arg(emb("a.npy"))
+            .arg("--class-b")
+            .arg(b)
+            .args(["--label-a", labels[0], "--label-b", labels[1]])
+            .output()
+            .unwrap()
+    };
+    let twice = emb("../embeddings/a.npy");
+    assert_says(
+        &separate(&twice, ["a", "b"]),
+        false,
+        &["--class-b", "same file as --class-a"],
+    );
+    assert_says(
+        &separate(&emb("b.npy"), ["x", "x"]),
+        false,
+        &["--label-b `x`"],
+    );
 
     let o = bin()
         .args(["--json", "agree", "--scores"])
