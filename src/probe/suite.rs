@@ -36,8 +36,7 @@ pub struct ProbeSpec {
 }
 
 /// A label: a bare name, or a name with its own prompts.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum Label {
     /// Filled into the probe's templates.
     Name(String),
@@ -51,6 +50,30 @@ pub enum Label {
 pub struct LabelPrompts {
     pub name: String,
     pub prompts: Vec<String>,
+}
+
+// By hand rather than `untagged`: serde's untagged error ("did not match any variant of
+// untagged enum Label") hides which key of a label's mapping is wrong.
+impl<'de> Deserialize<'de> for Label {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::String(s) => Ok(Label::Name(s)),
+            v @ serde_yaml::Value::Mapping(_) => serde_yaml::from_value(v)
+                .map(Label::Prompts)
+                .map_err(|e| D::Error::custom(format!("a label's {{name, prompts}}: {e}"))),
+            other => Err(D::Error::custom(format!(
+                "expected a label name or {{name, prompts}}, found {}",
+                match other {
+                    serde_yaml::Value::Null => "nothing",
+                    serde_yaml::Value::Bool(_) => "true/false",
+                    serde_yaml::Value::Number(_) => "a number (quote it to use it as a name)",
+                    serde_yaml::Value::Sequence(_) => "a list",
+                    _ => "another value",
+                }
+            ))),
+        }
+    }
 }
 
 impl Label {
@@ -217,6 +240,15 @@ mod tests {
         assert!(e.contains("appears twice"), "{e}");
         let e = err("probes: []\n");
         assert!(e.contains("probes") && e.contains("empty"), "{e}");
+        // A wrong key inside a label's mapping is named (not "no variant of untagged enum").
+        let e =
+            err("probes:\n  - name: a\n    labels:\n      - {name: x, promts: [p]}\n      - y\n");
+        assert!(
+            e.contains("unknown field `promts`") && e.contains("line 4"),
+            "{e}"
+        );
+        let e = err("probes:\n  - name: a\n    templates: [\"{}\"]\n    labels: [x, 1800]\n");
+        assert!(e.contains("found a number (quote it"), "{e}");
     }
 }
 
