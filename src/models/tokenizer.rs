@@ -218,6 +218,15 @@ impl ClipTokenizer {
             text.parse::<Tokenizer>()
                 .map_err(|e| Error::file(&json, format!("not a readable tokenizer: {e}")))?
         } else if vocab.is_file() && merges.is_file() {
+            // Read here so a bad vocab.json is named as such: tokenizers' own errors do not
+            // say which of the two files they are about.
+            let text = std::fs::read_to_string(&vocab).map_err(|e| Error::io(&vocab, e))?;
+            serde_json::from_str::<std::collections::HashMap<String, u32>>(&text).map_err(|e| {
+                Error::file(
+                    &vocab,
+                    format!("not a vocabulary (a JSON object of token -> id): {e}"),
+                )
+            })?;
             let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
                 .end_of_word_suffix("</w>".into())
                 .continuing_subword_prefix(String::new())
@@ -226,8 +235,8 @@ impl ClipTokenizer {
                 .build()
                 .map_err(|e| {
                     Error::file(
-                        &vocab,
-                        format!("could not build BPE from vocab.json + merges.txt: {e}"),
+                        &merges,
+                        format!("could not build BPE from these merges (with vocab.json): {e}"),
                     )
                 })?;
             clip_pipeline(bpe)
@@ -586,5 +595,24 @@ mod tests {
         }
         std::fs::write(&json, &text).unwrap();
         assert!(ClipTokenizer::from_dir(dir.path()).is_ok());
+    }
+
+    /// Each of vocab.json and merges.txt is named when it is the bad one.
+    #[test]
+    fn a_bad_vocab_or_merges_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        toy_folder(dir.path(), None, true);
+        assert!(ClipTokenizer::from_dir(dir.path()).is_ok());
+        let merges = std::fs::read_to_string(dir.path().join("merges.txt")).unwrap();
+        std::fs::write(dir.path().join("merges.txt"), format!("{merges}lonely\n")).unwrap();
+        let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("merges.txt: could not build BPE"), "{err}");
+        std::fs::write(dir.path().join("merges.txt"), &merges).unwrap();
+        std::fs::write(dir.path().join("vocab.json"), "{\"a\": \"one\"}").unwrap();
+        let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("vocab.json:") && err.contains("not a vocabulary"),
+            "{err}"
+        );
     }
 }
