@@ -68,11 +68,11 @@ pub fn load_latents(path: &Path, expect: (usize, usize, usize)) -> Result<Tensor
         .ok_or_else(|| Error::file(path, "has no tensor named `latents`"))?;
     let dims = t.dims();
     let (c, h, w) = expect;
-    if dims.len() != 4 || dims[1..] != [c, h, w] {
+    if dims.len() != 4 || dims[1..] != [c, h, w] || dims[0] == 0 {
         return Err(Error::field(
             path,
             "latents",
-            format!("shape {dims:?}, expected N x {c} x {h} x {w} for this model and size"),
+            format!("shape {dims:?}, expected N x {c} x {h} x {w} for this model and size, N >= 1"),
         ));
     }
     let t = t.to_dtype(DType::F32)?;

@@ -307,11 +307,38 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
         &out,
         &["lat.safetensors"],
     );
+    // An empty latents file is named, not reported as a --num-images 0 nobody gave.
+    let empty = candle_core::Tensor::zeros(
+        (0, 4, 16, 16),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("latents", empty)]), &lat)
+        .unwrap();
+    let o = generate(&tiny(), &out, &["--latents", lat.to_str().unwrap()]);
+    assert!(!stderr(&o).contains("num-images"), "{}", stderr(&o));
+    assert_user_error(o, &out, &["lat.safetensors", "latents", "N >= 1"]);
+    // A folder where a model file should be is said to be one, not a missing file.
+    copy_model(&m);
+    let w = m.join("vae/diffusion_pytorch_model.safetensors");
+    std::fs::remove_file(&w).unwrap();
+    std::fs::create_dir(&w).unwrap();
+    assert_user_error(
+        generate(&m, &out, &[]),
+        &out,
+        &[
+            "vae/diffusion_pytorch_model.safetensors",
+            "is a folder; expected a file",
+        ],
+    );
+    std::fs::remove_dir(&w).unwrap();
 
     // Values that panicked, or ran every step into NaN (or a black image) with no hint of
     // the cause: each is named in its file before any work.
-    let broken: [(&str, &str, serde_json::Value); 6] = [
+    let broken: [(&str, &str, serde_json::Value); 7] = [
         ("unet/config.json", "norm_num_groups", 0.into()),
+        ("unet/config.json", "sample_size", 0.into()),
         ("vae/config.json", "norm_num_groups", 0.into()),
         ("vae/config.json", "scaling_factor", 0.into()),
         ("scheduler/scheduler_config.json", "beta_end", 2.0.into()),

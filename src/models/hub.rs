@@ -97,7 +97,15 @@ impl ModelRepo {
     /// The error for a missing file, naming the folder or repo and the file.
     pub fn missing(&self, rel: &str) -> Error {
         match self {
-            ModelRepo::Local(root) => Error::file(root.join(rel), "missing file"),
+            ModelRepo::Local(root) => {
+                let p = root.join(rel);
+                // Something is there, but not a file to read (a folder, /dev/null linked in).
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.is_dir() => Error::file(p, "is a folder; expected a file"),
+                    Ok(_) => Error::file(p, "is not a regular file"),
+                    Err(_) => Error::file(p, "missing file"),
+                }
+            }
             ModelRepo::Hub { repo_id, options } if options.offline => Error::Msg(format!(
                 "{repo_id}: `{rel}` is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
                 options.cache_dir.display()

@@ -300,6 +300,14 @@ impl UNetJson {
             Some(t) => t.expand(n, path, "transformer_layers_per_block")?,
             None => vec![1; n],
         };
+        if self.sample_size == Some(0) {
+            // Else the default image size is 0 and the error would name --width.
+            return Err(Error::field(
+                path,
+                "sample_size",
+                "0: expected the latent size the model was trained at (64 for SD 1.5)",
+            ));
+        }
         let mut blocks = Vec::with_capacity(n);
         for i in 0..n {
             let down = &self.down_block_types[i];
