@@ -66,14 +66,10 @@ impl Cli {
                 }
             }
         }
+        // A value bound with `=` (`--prompt=--quiet`) is the user's explicit text: kept.
         let matches = cmd
             .try_get_matches_from_mut(args)
             .map_err(|e| explain_negative(&mut cmd, sub_name.as_deref(), e))?;
-        if let Some((name, sub)) = matches.subcommand() {
-            if let Some(sub_cmd) = cmd.find_subcommand_mut(name) {
-                refuse_flags_as_text(sub_cmd, sub)?;
-            }
-        }
         Self::from_arg_matches(&matches)
     }
 }
@@ -144,26 +140,6 @@ fn refuse_flag(
             clap::error::ErrorKind::InvalidValue,
             format!("{long} needs a value, but the next argument is the flag '{value}'"),
         ));
-    }
-    Ok(())
-}
-
-/// Text options (prompts) take values that start with `-`, so `--prompt -dark` works; a value
-/// that is one of the command's own flags is refused, as it almost surely means the option's
-/// value was forgotten (`--prompt --seed 3`). This catches the `--prompt=--seed` form, which
-/// the scan of the raw arguments does not.
-fn refuse_flags_as_text(
-    cmd: &mut clap::Command,
-    matches: &clap::ArgMatches,
-) -> Result<(), clap::Error> {
-    let flags = flag_names(cmd);
-    for (id, long) in text_options(cmd) {
-        let Ok(Some(values)) = matches.try_get_many::<String>(&id) else {
-            continue;
-        };
-        for value in values {
-            refuse_flag(cmd, &flags, &long, value)?;
-        }
     }
     Ok(())
 }
@@ -747,5 +723,9 @@ mod tests {
         assert!(err.contains("--negative-prompt needs a value"), "{err}");
         let err = generate(&["--prompt", "-h"]).unwrap_err();
         assert!(err.contains("--prompt needs a value"), "{err}");
+        // Bound with `=`, a value that looks like a flag is the text asked for.
+        let g = generate(&["--prompt=--quiet", "--clip-prompt=--steps:2"]).unwrap();
+        assert_eq!(g.prompt, "--quiet");
+        assert_eq!(g.guidance.clip_prompts, ["--steps:2"]);
     }
 }
