@@ -221,14 +221,22 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
         }
     })?;
     progress.finish();
+    // The folder's results hold every finished item in it, also those another --shard made
+    // there: counted apart, so the figures add up.
+    let others = results.items.len().saturating_sub(made + skipped);
+    let from_others = match others {
+        0 => String::new(),
+        n => format!(", {n} made by other shards in this folder"),
+    };
     progress.event(
         &format!(
-            "{}: {} images ({made} made, {skipped} already done) -> {}",
+            "{}: {} images ({made} made, {skipped} already done{from_others}) -> {}",
             recipe.recipe.name,
             results.items.len(),
             out.join(crate::run::results::RESULTS_FILE).display()
         ),
-        serde_json::json!({"event": "done", "images": results.items.len(), "made": made, "skipped": skipped, "out": out.display().to_string()}),
+        serde_json::json!({"event": "done", "images": results.items.len(), "made": made, "skipped": skipped,
+                           "other_shards": others, "out": out.display().to_string()}),
     );
     Ok(Some(out))
 }

@@ -374,6 +374,30 @@ fn shards_merge_into_the_unsharded_run() {
         &["nope", "no such shard folder"],
     );
     assert!(!tmp.path().join("m5").exists());
+    // The other shard run into a shard's folder: the folder's results hold both, and the
+    // counts say which this run made and which another shard had.
+    let o = bin()
+        .args(["--json", "run"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&a)
+        .args(["--shard", "1/2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let done = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "done")
+        .unwrap();
+    let count = |k: &str| done[k].as_u64().unwrap();
+    assert_eq!(count("images"), 12, "{done}");
+    assert_eq!(
+        count("made") + count("skipped") + count("other_shards"),
+        12,
+        "{done}"
+    );
+    assert_eq!(count("other_shards"), 6, "{done}");
 }
 
 #[test]
