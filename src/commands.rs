@@ -86,7 +86,6 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Parses `--shard I/N`.
 /// Runs (or with --dry-run, plans) a recipe; returns the run folder when it ran.
 fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Option<PathBuf>> {
     use crate::recipe::{LoadedRecipe, Plan};
