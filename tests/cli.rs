@@ -259,9 +259,9 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
         &out,
         &["unet/diffusion_pytorch_model.safetensors", "shape"],
     );
-    // Fewer layers in the config than in the weights: the model would run without some of
-    // them. The error names the weights, the config and a tensor left unused.
-    let fewer: [(&str, &str, serde_json::Value, &str, &str); 3] = [
+    // Fewer layers in the config than in the weights, or a part fewer: the model would run
+    // without some of them. The error names the weights, the config and a tensor left unused.
+    let fewer: [(&str, &str, serde_json::Value, &str, &str); 4] = [
         (
             "unet",
             "transformer_layers_per_block",
@@ -282,6 +282,14 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
             1.into(),
             "model",
             "text_model.encoder.layers.1.",
+        ),
+        // A whole part the weights have and the config leaves out.
+        (
+            "vae",
+            "use_post_quant_conv",
+            false.into(),
+            "diffusion_pytorch_model",
+            "`post_quant_conv.",
         ),
     ];
     for (part, field, value, stem, unused) in fewer {
@@ -336,8 +344,14 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
 
     // Values that panicked, or ran every step into NaN (or a black image) with no hint of
     // the cause: each is named in its file before any work.
-    let broken: [(&str, &str, serde_json::Value); 7] = [
+    let broken: [(&str, &str, serde_json::Value); 8] = [
         ("unet/config.json", "norm_num_groups", 0.into()),
+        // null is diffusers' UNet without a mid block, which artguide's always has.
+        (
+            "unet/config.json",
+            "mid_block_type",
+            serde_json::Value::Null,
+        ),
         ("unet/config.json", "sample_size", 0.into()),
         ("vae/config.json", "norm_num_groups", 0.into()),
         ("vae/config.json", "scaling_factor", 0.into()),

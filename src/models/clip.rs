@@ -925,7 +925,16 @@ impl ClipTextTransformer {
             Error::Candle(e) => weights_error(dir)(e),
             other => other,
         })?;
-        usage.check_all_read(&dir.join("config.json"))?;
+        // A CLIPModel folder's other parts are not the text tower's.
+        usage.check_all_read(
+            &dir.join("config.json"),
+            &[
+                "vision_model",
+                "visual_projection",
+                "text_projection",
+                "logit_scale",
+            ],
+        )?;
         Ok(tower)
     }
 
@@ -1233,7 +1242,7 @@ impl ClipModel {
             Error::Candle(e) => weights_error(dir)(e),
             other => other,
         })?;
-        usage.check_all_read(&dir.join("config.json"))?;
+        usage.check_all_read(&dir.join("config.json"), &[])?;
         Ok(model)
     }
 

@@ -92,8 +92,9 @@ pub struct UNetJson {
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
-    #[serde(default)]
-    pub mid_block_type: Option<String>,
+    /// Absent: diffusers' default mid block; `null`: no mid block (`Some(None)`).
+    #[serde(default, deserialize_with = "present")]
+    pub mid_block_type: Option<Option<String>>,
     #[serde(default = "d_1")]
     pub layers_per_block: usize,
     #[serde(default)]
@@ -171,6 +172,16 @@ impl AddedCondSpec {
     }
 }
 
+/// A field that is present, even as `null` (`Some(None)`), told apart from one that is absent
+/// (`None`, through `#[serde(default)]`).
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
 impl UNetJson {
     /// Translates diffusers' config into candle's, refusing what candle's UNet cannot run.
     pub fn to_spec(&self, path: &Path) -> Result<UNetSpec> {
@@ -196,14 +207,23 @@ impl UNetJson {
                 format!("`{}` is not supported; expected silu", self.act_fn),
             ));
         }
-        if let Some(m) = &self.mid_block_type {
-            if m != "UNetMidBlock2DCrossAttn" {
+        match &self.mid_block_type {
+            Some(Some(m)) if m != "UNetMidBlock2DCrossAttn" => {
                 return Err(Error::field(
                     path,
                     "mid_block_type",
                     format!("`{m}` is not supported; expected UNetMidBlock2DCrossAttn"),
-                ));
+                ))
             }
+            // diffusers then builds no mid block; artguide's UNet always has one.
+            Some(None) => {
+                return Err(Error::field(
+                    path,
+                    "mid_block_type",
+                    "null (a UNet without a mid block) is not supported; expected UNetMidBlock2DCrossAttn",
+                ))
+            }
+            _ => {}
         }
         let added_cond = match self.addition_embed_type.as_deref() {
             None => None,

@@ -299,12 +299,13 @@ impl SdModel {
         let text_encoder =
             ClipTextTransformer::new(text_vb.pp("text_model"), &text_cfg, NormMode::Fused)
                 .map_err(|e| with_file(e, &text_w))?;
-        text_usage.check_all_read(&text_cfg_path)?;
+        // A CLIPTextModelWithProjection's projection is not on the hidden states' path.
+        text_usage.check_all_read(&text_cfg_path, &["text_projection"])?;
         let text_encoder_2 = match (&text_2, &text_cfg_2) {
             (Some((_, w)), Some((cfg, cfg_path))) => {
                 let (vb, usage) = open(w, dtype)?;
                 let encoder = PooledTextEncoder::new(vb, cfg).map_err(|e| with_file(e, w))?;
-                usage.check_all_read(cfg_path)?;
+                usage.check_all_read(cfg_path, &[])?;
                 Some(encoder)
             }
             _ => None,
@@ -312,10 +313,11 @@ impl SdModel {
         let vae_dtype = vae_dtype(&vae_spec, dtype);
         let (unet_vb, unet_usage) = open(&unet_w, dtype)?;
         let unet = UNet::new(unet_vb, &unet_spec).map_err(|e| with_file(e, &unet_w))?;
-        unet_usage.check_all_read(&unet_cfg_path)?;
+        unet_usage.check_all_read(&unet_cfg_path, &[])?;
         let (vae_vb, vae_usage) = open(&vae_w, vae_dtype)?;
         let vae = VaeDecoder::new(&vae_spec, vae_vb).map_err(|e| with_file(e, &vae_w))?;
-        vae_usage.check_all_read(&vae_cfg_path)?;
+        // The encoder is built on demand, for img2img.
+        vae_usage.check_all_read(&vae_cfg_path, &["encoder", "quant_conv"])?;
 
         Ok(SdModel {
             id: repo.id(),

@@ -303,7 +303,7 @@ impl TaesdDecoder {
         let usage = file.usage();
         let decoder = Self::new(file.into_var_builder(dtype, device), &config)
             .map_err(|e| with_file(e, &weights))?;
-        usage.check_all_read(&config_path)?;
+        usage.check_all_read(&config_path, &["encoder"])?;
         Ok(TaesdDecoder {
             files: vec![config_path, weights],
             ..decoder

@@ -37,21 +37,21 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Refuses weights the model left unread inside a part of the file it did read (a
-    /// `down_blocks` tensor beside others the model read, not a whole unused `encoder`): the
-    /// model `config` describes has fewer layers or blocks than the weights, so it would run
-    /// silently without some of them. transformers' `position_ids` buffers are not weights.
-    pub fn check_all_read(&self, config: &Path) -> Result<()> {
+    /// Refuses weights the model left unread, outside the `unused_parts` it never uses (a
+    /// VAE's `encoder` when only its decoder is built): the model `config` describes has fewer
+    /// layers or blocks than the weights, or lacks a part they have (a UNet without its
+    /// `mid_block`), so it would run silently without them. transformers' `position_ids`
+    /// buffers are not weights.
+    pub fn check_all_read(&self, config: &Path, unused_parts: &[&str]) -> Result<()> {
         let read = self.read.lock().unwrap_or_else(|e| e.into_inner());
         let root = |n: &str| n.split('.').next().unwrap_or("").to_string();
-        let read_roots: HashSet<String> = read.iter().map(|n| root(n)).collect();
         for (path, names) in &self.files {
             let unread: Vec<&String> = names
                 .iter()
                 .filter(|n| {
                     !read.contains(*n)
                         && !n.ends_with("position_ids")
-                        && read_roots.contains(&root(n))
+                        && !unused_parts.contains(&root(n).as_str())
                 })
                 .collect();
             if let Some(first) = unread.first() {
@@ -160,8 +160,11 @@ impl FileWeights {
                 .iter()
                 .map(|(p, _)| p.display().to_string())
                 .collect();
+            // Most often a config that describes more layers or blocks than the weights hold
+            // (the names of the layers after it shift).
             return Err(candle_core::Error::Msg(format!(
-                "{}: missing tensor `{name}`",
+                "{}: missing tensor `{name}` (does the model's config.json describe these weights? \
+                 a layer or block count that differs shifts the names)",
                 files.join(", ")
             )));
         };
