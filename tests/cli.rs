@@ -1383,7 +1383,26 @@ fn generate_with_clip_guidance() {
         "{side}"
     );
     assert_eq!(hashed["style.image"], sha(&style), "{side}");
-    assert_eq!(hashed.as_object().unwrap().len(), 6, "{side}");
+    assert_eq!(
+        hashed["clip/tokenizer.json"],
+        sha(&clip_fixture("tiny-clip-a/tokenizer.json")),
+        "{side}"
+    );
+    let tokenizer_files = [
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
+    .iter()
+    .filter(|f| clip_fixture("tiny-clip-a").join(f).is_file())
+    .count();
+    assert_eq!(
+        hashed.as_object().unwrap().len(),
+        6 + tokenizer_files,
+        "{side}"
+    );
     assert_eq!(g["style"]["layers"], serde_json::json!([0]), "{side}");
     assert!(g["style"]["content_layers"].is_array(), "{side}");
     let inspect = bin()

@@ -425,7 +425,7 @@ pub struct GuideClip {
     pub mean: [f32; 3],
     pub std: [f32; 3],
     pub id: String,
-    /// The files it was loaded from (none for random weights).
+    /// The files it was loaded from, tokenizer files included (none for random weights).
     pub files: Vec<PathBuf>,
 }
 
@@ -438,7 +438,13 @@ impl GuideClip {
         device: &candle_core::Device,
     ) -> Result<(Self, ClipTokenizer)> {
         let enc = ClipEncoder::load_with_norm(spec, hub, dtype, device, NormMode::Differentiable)?;
-        let files = enc.files().to_vec();
+        // The tokenizer's too: it turns the text targets into ids.
+        let files = enc
+            .files()
+            .iter()
+            .chain(enc.tokenizer_files())
+            .cloned()
+            .collect();
         Ok((
             GuideClip {
                 files,

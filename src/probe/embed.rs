@@ -26,6 +26,9 @@ pub struct ClipEncoder {
     /// config.json, preprocessor_config.json and model.safetensors: what
     /// [`ClipEncoder::fingerprint`] covers.
     files: [PathBuf; 3],
+    /// The tokenizer files found beside them (tokenizer.json, or vocab.json + merges.txt, and
+    /// the special-token settings).
+    tokenizer_files: Vec<PathBuf>,
     fingerprint: std::sync::OnceLock<String>,
 }
 
@@ -59,6 +62,7 @@ impl ClipEncoder {
         let config = repo.get("config.json")?;
         repo.get("model.safetensors")?;
         let pre = repo.get("preprocessor_config.json")?;
+        let mut tokenizer_files = Vec::new();
         for optional in [
             "tokenizer.json",
             "vocab.json",
@@ -66,13 +70,14 @@ impl ClipEncoder {
             "tokenizer_config.json",
             "special_tokens_map.json",
         ] {
-            repo.find(optional)?;
+            tokenizer_files.extend(repo.find(optional)?);
         }
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(ClipEncoder {
             model: ClipModel::from_dir(&dir, dtype, device, norm)?,
             tokenizer: ClipTokenizer::from_dir(&dir)?,
             files: [config, pre.clone(), dir.join("model.safetensors")],
+            tokenizer_files,
             fingerprint: std::sync::OnceLock::new(),
             preprocessor: ClipPreprocessor::from_file(&pre)?,
             id: repo.id(),
@@ -97,6 +102,11 @@ impl ClipEncoder {
     /// config.json, preprocessor_config.json and model.safetensors, as found on disk.
     pub fn files(&self) -> &[PathBuf; 3] {
         &self.files
+    }
+
+    /// The tokenizer files it read, as found on disk.
+    pub fn tokenizer_files(&self) -> &[PathBuf] {
+        &self.tokenizer_files
     }
 
     /// The dtype the model's weights were loaded in and its forward passes run in.
