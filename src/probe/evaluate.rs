@@ -108,6 +108,43 @@ impl<'a> ImageMatcher<'a> {
     }
 }
 
+/// The labels each (image, probe) was given so far, with their lines: a second row for the
+/// same image and probe is counted once when it agrees, and is an error when it does not
+/// (spellings such as `./x.png` and `x.png` name one image, which must not count twice).
+#[derive(Default)]
+struct GivenLabels(std::collections::HashMap<(usize, usize), (usize, usize)>);
+
+impl GivenLabels {
+    /// Whether row `line` gives image `image` its first label `label` for probe `probe`.
+    fn first(
+        &mut self,
+        (image, probe, label): (usize, usize, usize),
+        line: usize,
+        labels_csv: &Path,
+        names: &ProbeNames,
+    ) -> Result<bool> {
+        match self.0.get(&(image, probe)) {
+            None => {
+                self.0.insert((image, probe), (label, line));
+                Ok(true)
+            }
+            Some(&(same, _)) if same == label => Ok(false),
+            Some(&(other, first_line)) => {
+                let (probe_name, labels) = &names[probe];
+                Err(Error::field(
+                    labels_csv,
+                    format!("line {line}: label"),
+                    format!(
+                        "`{}` contradicts line {first_line}, which gives the same image `{}` for \
+                         probe `{probe_name}`",
+                        labels[label], labels[other]
+                    ),
+                ))
+            }
+        }
+    }
+}
+
 /// A labels file and the indices of its `image`, `probe` and `label` columns.
 fn read_labels(labels_csv: &Path) -> Result<(Table, [usize; 3])> {
     let table = Table::read(labels_csv)?;
@@ -183,10 +220,13 @@ pub fn check_labels(paths: &[std::path::PathBuf], suite: &Suite, labels_csv: &Pa
         .map(|p| (p.name.as_str(), p.labels.iter().map(|l| l.name()).collect()))
         .collect();
     let images = ImageMatcher::new(paths.iter().map(|p| p.as_path()), labels_csv);
+    let mut given = GivenLabels::default();
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
-        locate(&names, labels_csv, line, row[cp].trim(), row[cl].trim())?;
-        images.find(row[ci].trim(), line)?;
+        let (p, t) = locate(&names, labels_csv, line, row[cp].trim(), row[cl].trim())?;
+        if let Some(i) = images.find(row[ci].trim(), line)? {
+            given.first((i, p, t), line, labels_csv, &names)?;
+        }
     }
     Ok(())
 }
@@ -214,6 +254,7 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
         })
         .unwrap_or_default();
     let images = ImageMatcher::new(results.images.iter().map(|i| i.path.as_path()), labels_csv);
+    let mut given = GivenLabels::default();
     let mut scores: BTreeMap<String, Tally> = BTreeMap::new();
     let mut unmatched = 0;
     for (r, row) in table.rows.iter().enumerate() {
@@ -225,6 +266,9 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
             unmatched += 1;
             continue;
         };
+        if !given.first((i, p, t), line, labels_csv, &names)? {
+            continue;
+        }
         let ans = &results.images[i].probes[p];
         let mut order: Vec<usize> = (0..ans.probs.len()).collect();
         order.sort_by(|&a, &b| ans.probs[b].total_cmp(&ans.probs[a]));
@@ -388,10 +432,9 @@ mod tests {
             &[
                 // Full paths: every cell scores its own answer.
                 (CELLS[0], "Impressionism"),
-                (CELLS[1], "Cubism"),
                 (CELLS[2], "Baroque"),
                 (CELLS[3], "Cubism"),
-                // A unique ending and a unique file name.
+                // A unique ending (of CELLS[1]) and a unique file name.
                 ("c2/baseline.png", "Cubism"),
                 ("other.png", "Baroque"),
                 // Not whole components, or not probed: unmatched, not an error.
@@ -403,12 +446,12 @@ mod tests {
         let ev = evaluate(&r, &lab, 1).unwrap();
         assert_eq!(ev.unmatched_rows, 3);
         let s = &ev.probes[0];
-        assert_eq!(s.n, 6);
+        assert_eq!(s.n, 5);
         // Only c4 (answers Impressionism, labelled Cubism) is wrong.
-        assert!((s.accuracy - 5.0 / 6.0).abs() < 1e-12, "{s:?}");
+        assert!((s.accuracy - 4.0 / 5.0).abs() < 1e-12, "{s:?}");
         assert_eq!(
             s.confusion,
-            vec![vec![1, 0, 0], vec![1, 2, 0], vec![0, 0, 2]]
+            vec![vec![1, 0, 0], vec![1, 1, 0], vec![0, 0, 2]]
         );
     }
 
@@ -436,6 +479,38 @@ mod tests {
         let ev = evaluate(&r, &csv, 1).unwrap();
         assert_eq!(ev.unmatched_rows, 0, "{ev:?}");
         assert_eq!((ev.probes[0].n, ev.probes[0].accuracy), (2, 1.0));
+    }
+
+    /// Two rows for one image and probe count once when they agree and are an error naming
+    /// both lines when they do not, however the image is spelled.
+    #[test]
+    fn one_image_labelled_twice_counts_once_or_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = results(&CELLS, &[0, 1, 2, 0]);
+        let lab = labels_file(
+            tmp.path(),
+            &[
+                (CELLS[0], "Impressionism"),
+                ("./images/exp/c1/baseline.png", "Impressionism"),
+                (CELLS[1], "Cubism"),
+            ],
+        );
+        let ev = evaluate(&r, &lab, 1).unwrap();
+        assert_eq!((ev.probes[0].n, ev.unmatched_rows), (2, 0));
+        let lab = labels_file(
+            tmp.path(),
+            &[
+                (CELLS[0], "Impressionism"),
+                ("./images/exp/c1/baseline.png", "Cubism"),
+            ],
+        );
+        let err = evaluate(&r, &lab, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("line 3: label")
+                && err.contains("`Cubism` contradicts line 2")
+                && err.contains("`Impressionism`"),
+            "{err}"
+        );
     }
 
     /// The labels file is checked against the paths before any image is probed.
