@@ -61,6 +61,12 @@ pub struct Generated {
 
 /// Reads `--latents FILE.safetensors`: tensor `latents`, N x C x h x w.
 pub fn load_latents(path: &Path, expect: (usize, usize, usize)) -> Result<Tensor> {
+    if path.is_dir() {
+        return Err(Error::file(
+            path,
+            "is a folder; expected a safetensors file",
+        ));
+    }
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| Error::file(path, format!("not a readable safetensors file: {e}")))?;
     let t = tensors

@@ -315,6 +315,12 @@ fn bad_input_is_one_clear_line_and_writes_nothing() {
         &out,
         &["lat.safetensors"],
     );
+    // A folder given as the latents file is said to be one.
+    assert_user_error(
+        generate(&tiny(), &out, &["--latents", tmp.path().to_str().unwrap()]),
+        &out,
+        &["is a folder; expected a safetensors file"],
+    );
     // An empty latents file is named, not reported as a --num-images 0 nobody gave.
     let empty = candle_core::Tensor::zeros(
         (0, 4, 16, 16),
