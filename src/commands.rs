@@ -544,9 +544,17 @@ fn run_separate(args: &SeparateArgs, mode: ProgressMode) -> Result<()> {
     opts.logistic.c = args.c;
     // Two classes from one file separate nothing (a typo, not a null test: shuffle a file's
     // rows for that), and one name for both makes the scores file unreadable.
-    if output::file_identity(&args.class_a) == output::file_identity(&args.class_b) {
+    let same_bytes = || -> crate::Result<bool> {
+        let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+        Ok(len(&args.class_a).is_some()
+            && len(&args.class_a) == len(&args.class_b)
+            && output::sha256_file(&args.class_a)? == output::sha256_file(&args.class_b)?)
+    };
+    if output::file_identity(&args.class_a) == output::file_identity(&args.class_b) || same_bytes()?
+    {
         anyhow::bail!(
-            "--class-b {}: is the same file as --class-a; give the embeddings of the other class",
+            "--class-b {}: holds the same embeddings as --class-a (the same file, or a copy); give \
+             the embeddings of the other class",
             args.class_b.display()
         );
     }

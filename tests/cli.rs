@@ -842,7 +842,14 @@ fn separate_then_agree_pipeline() {
     assert_says(
         &separate(&twice, ["a", "b"]),
         false,
-        &["--class-b", "same file as --class-a"],
+        &["--class-b", "same embeddings as --class-a"],
+    );
+    let copy = tmp.path().join("a-copy.npy");
+    std::fs::copy(emb("a.npy"), &copy).unwrap();
+    assert_says(
+        &separate(&copy, ["a", "b"]),
+        false,
+        &["a-copy.npy", "same embeddings as --class-a"],
     );
     assert_says(
         &separate(&emb("b.npy"), ["x", "x"]),
