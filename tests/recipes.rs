@@ -657,6 +657,35 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     assert!(err.contains("swirls.png") && err.contains("100"), "{err}");
     assert!(!out.exists(), "late arm: the output folder was created");
 
+    // An eta that `auto` leaves unused (the model's scheduler is Euler) is said once the
+    // model is loaded (a named scheduler other than DDIM is a field error at load).
+    let euler = tmp.path().join("euler-model");
+    let fixture = repo().join("tests/fixtures/tiny-sd-a");
+    for e in walk(&fixture) {
+        let to = euler.join(e.strip_prefix(&fixture).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&e, &to).unwrap();
+    }
+    let sched = euler.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&sched)
+        .unwrap()
+        .replace("DDIMScheduler", "EulerDiscreteScheduler");
+    std::fs::write(&sched, text).unwrap();
+    let with_eta = good
+        .replace(
+            "model: ../../tests/fixtures/tiny-sd-a",
+            &format!("model: {}", euler.display()),
+        )
+        .replace("  steps: 4\n", "  steps: 4\n  eta: 0.5\n")
+        .replace("seeds: {start: 0, count: 3}", "seeds: [0]");
+    let o = run_text("eta-auto", &with_eta, &tmp.path().join("eta-auto"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("generation.eta 0.5 is ignored") && stderr(&o).contains("chose euler"),
+        "{}",
+        stderr(&o)
+    );
+
     // A prompt longer than the text encoder reads is said to be cut, once per prompt.
     let long = good
         .replace(
@@ -1439,4 +1468,18 @@ fn probeset_of_a_guided_recipe_hides_the_arms() {
         .map(|l| l.split(',').map(str::to_string).collect())
         .collect();
     assert_blind_sheet(&out, &labels, items);
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

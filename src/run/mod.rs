@@ -660,6 +660,18 @@ pub fn execute(
         // A resumed run must finish with the scheduler it started with: `auto` resolves from
         // the model folder, and a different artguide may resolve it differently.
         let kind = scheduler_kind(&r.generation, &m.sd)?;
+        // A named scheduler other than DDIM is refused with an eta at load; `auto` is known
+        // only now.
+        if r.generation.eta != 0.0 && kind != SchedulerKind::Ddim {
+            progress.warn(
+                &format!(
+                    "generation.eta {} is ignored: it applies to DDIM only, and `auto` chose {} for this model",
+                    r.generation.eta,
+                    kind.cli_name()
+                ),
+                serde_json::json!({"event": "ignored", "option": "eta", "scheduler": kind.cli_name()}),
+            );
+        }
         if !manifest.items.is_empty()
             && !manifest.scheduler.is_empty()
             && manifest.scheduler != kind.cli_name()
