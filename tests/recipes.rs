@@ -477,8 +477,23 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
         (
             "wrong type",
             good.replace("seeds: {start: 0, count: 3}", "seeds: lots"),
-            // No Rust type name (`expected struct SeedRange`) reaches the author.
-            vec!["seeds", ":", "string \"lots\", expected a map"],
+            vec![
+                "seeds",
+                ":",
+                "expected a list of seeds (non-negative integers) or {start, count}",
+            ],
+        ),
+        (
+            "a text where a target's map goes",
+            good.replace(
+                "      - text: an impressionist painting\n        labels: {style: Impressionism}\n",
+                "      - an impressionist painting\n",
+            ),
+            // No Rust type name (`expected struct TargetSpec`) reaches the author.
+            vec![
+                "targets[0]",
+                "string \"an impressionist painting\", expected a map",
+            ],
         ),
         (
             "negative steps",
@@ -553,7 +568,7 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
                 "          cutouts: 2\n          start: 0.8\n",
             ),
             vec![
-                "arms[1] (clip-text).guidance.start",
+                "arms[1] (clip-text).guidance.start/end`",
                 "[0.8, 1)",
                 "none of the 4 denoising steps",
             ],

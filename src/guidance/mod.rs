@@ -326,7 +326,7 @@ impl GuidanceConfig {
             return Err(Error::value(
                 "taesd",
                 format!(
-                    "`{}` is given, but the guidance decoder is {}: it applies to guidance-decoder taesd only",
+                    "`{}` is given, but the guidance decoder is {}: a TAESD source applies only to the taesd decoder",
                     self.taesd, self.decoder
                 ),
             ));
@@ -342,7 +342,7 @@ impl GuidanceConfig {
         }
         Some(format!(
             "the guided range [{}, {}) holds none of the {steps} denoising steps (step k sits at k/{steps}); \
-             widen guide-start/guide-end or run more steps",
+             widen the range or run more steps",
             self.start, self.end
         ))
     }

@@ -169,11 +169,19 @@ impl<'de> Deserialize<'de> for Seeds {
         if let Ok(list) = serde_yaml::from_value::<Vec<u64>>(v.clone()) {
             return Ok(Seeds::List(list));
         }
+        let mapping = v.is_mapping();
         serde_yaml::from_value::<SeedRange>(v)
             .map(Seeds::Range)
             .map_err(|e| {
+                // The range's own complaint only where a range was meant (a missing `count`);
+                // for a value of another type it would say "expected a map" alone.
+                let detail = if mapping {
+                    format!(": {e}")
+                } else {
+                    String::new()
+                };
                 serde::de::Error::custom(format!(
-                    "expected a list of seeds (non-negative integers) or {{start, count}}: {e}"
+                    "expected a list of seeds (non-negative integers) or {{start, count}}{detail}"
                 ))
             })
     }
@@ -660,14 +668,15 @@ impl LoadedRecipe {
                         if !gc.is_active() {
                             return Err(self.field_err(
                                 at_arm("guidance"),
-                                "guides toward nothing: give prompts, image, style, tv_weight \
-                                 or range_weight (an arm without guidance is the baseline)",
+                                "guides toward nothing: every term is missing or has scale or weight 0 \
+                                 (give prompts, image, style, tv_weight or range_weight a non-zero \
+                                 weight; an arm without guidance is the baseline)",
                             ));
                         }
                         // Only reached once the generation section has passed its checks.
                         if let Some(why) = g.denoising_steps().ok().and_then(|n| gc.empty_window(n))
                         {
-                            return Err(self.field_err(at_arm("guidance.start"), why));
+                            return Err(self.field_err(at_arm("guidance.start/end"), why));
                         }
                         if let Some(c) = &gc.clip {
                             self.resolve_model(&at_arm("guidance.clip"), c)?;
