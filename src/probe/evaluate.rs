@@ -213,22 +213,43 @@ fn locate(
 /// its columns, every row's probe and label, and that no row's image value fits several
 /// images (see [`evaluate`]).
 pub fn check_labels(paths: &[std::path::PathBuf], suite: &Suite, labels_csv: &Path) -> Result<()> {
-    let (table, [ci, cp, cl]) = read_labels(labels_csv)?;
     let names: ProbeNames = suite
         .probes
         .iter()
         .map(|p| (p.name.as_str(), p.labels.iter().map(|l| l.name()).collect()))
         .collect();
-    let images = ImageMatcher::new(paths.iter().map(|p| p.as_path()), labels_csv);
+    labelled(labels_csv, &names, paths.iter().map(|p| p.as_path()))?;
+    Ok(())
+}
+
+/// A labels file's rows as (probe index, label index, image index), each image and probe
+/// once; rows that name no probed image count in the second value.
+type Labelled = (Vec<(usize, usize, usize)>, usize);
+
+/// Reads a labels file against the probe `names` and the probed `images` (see [`evaluate`]).
+fn labelled<'p>(
+    labels_csv: &Path,
+    names: &ProbeNames,
+    images: impl Iterator<Item = &'p Path>,
+) -> Result<Labelled> {
+    let (table, [ci, cp, cl]) = read_labels(labels_csv)?;
+    let images = ImageMatcher::new(images, labels_csv);
     let mut given = GivenLabels::default();
+    let (mut rows, mut unmatched) = (Vec::new(), 0);
     for (r, row) in table.rows.iter().enumerate() {
         let line = table.lines.get(r).copied().unwrap_or(r + 2);
-        let (p, t) = locate(&names, labels_csv, line, row[cp].trim(), row[cl].trim())?;
-        if let Some(i) = images.find(row[ci].trim(), line)? {
-            given.first((i, p, t), line, labels_csv, &names)?;
+        // Cells are trimmed, as `agree` trims them: a space after a comma is not a label.
+        let (p, t) = locate(names, labels_csv, line, row[cp].trim(), row[cl].trim())?;
+        match images.find(row[ci].trim(), line)? {
+            None => unmatched += 1,
+            Some(i) => {
+                if given.first((i, p, t), line, labels_csv, names)? {
+                    rows.push((p, t, i));
+                }
+            }
         }
     }
-    Ok(())
+    Ok((rows, unmatched))
 }
 
 /// Reads `image,probe,label` rows and scores the answers. An image is matched by its path as
@@ -236,7 +257,6 @@ pub fn check_labels(paths: &[std::path::PathBuf], suite: &Suite, labels_csv: &Pa
 /// A label or probe the suite does not have, or an image value that fits several images, is
 /// an error naming the file and line.
 pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<Evaluation> {
-    let (table, [ci, cp, cl]) = read_labels(labels_csv)?;
     // Every image has the suite's probes in suite order.
     let names: ProbeNames = results
         .images
@@ -253,22 +273,14 @@ pub fn evaluate(results: &ProbeResults, labels_csv: &Path, k: usize) -> Result<E
                 .collect()
         })
         .unwrap_or_default();
-    let images = ImageMatcher::new(results.images.iter().map(|i| i.path.as_path()), labels_csv);
-    let mut given = GivenLabels::default();
+    let (rows, unmatched) = labelled(
+        labels_csv,
+        &names,
+        results.images.iter().map(|i| i.path.as_path()),
+    )?;
     let mut scores: BTreeMap<String, Tally> = BTreeMap::new();
-    let mut unmatched = 0;
-    for (r, row) in table.rows.iter().enumerate() {
-        let line = table.lines.get(r).copied().unwrap_or(r + 2);
-        // Cells are trimmed, as `agree` trims them: a space after a comma is not a label.
-        let (image, probe, label) = (row[ci].trim(), row[cp].trim(), row[cl].trim());
-        let (p, t) = locate(&names, labels_csv, line, probe, label)?;
-        let Some(i) = images.find(image, line)? else {
-            unmatched += 1;
-            continue;
-        };
-        if !given.first((i, p, t), line, labels_csv, &names)? {
-            continue;
-        }
+    for (p, t, i) in rows {
+        let probe = names[p].0;
         let ans = &results.images[i].probes[p];
         let mut order: Vec<usize> = (0..ans.probs.len()).collect();
         order.sort_by(|&a, &b| ans.probs[b].total_cmp(&ans.probs[a]));
