@@ -39,8 +39,8 @@ pub struct Usage {
 impl Usage {
     /// Refuses weights the model left unread, outside the `unused_parts` it never uses (a
     /// VAE's `encoder` when only its decoder is built): the model `config` describes has fewer
-    /// layers or blocks than the weights, or lacks a part they have (a UNet without its
-    /// `mid_block`), so it would run silently without them. transformers' `position_ids`
+    /// layers or blocks than the weights, or lacks a part they have (a VAE config with
+    /// `use_post_quant_conv: false`), so it would run silently without them. transformers' `position_ids`
     /// buffers are not weights.
     pub fn check_all_read(&self, config: &Path, unused_parts: &[&str]) -> Result<()> {
         let read = self.read.lock().unwrap_or_else(|e| e.into_inner());
