@@ -31,6 +31,28 @@ fn run(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `artguide --json run RECIPE --out OUT EXTRA...`: progress and events as JSON lines.
+fn run_json(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["--json", "run"])
+        .arg(recipe)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The `done` event of a successful `run_json`.
+fn done_event(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", stderr(o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "done")
+        .unwrap_or_else(|| panic!("no done event: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
 /// `artguide merge RECIPE --out OUT SHARDS...`.
 fn merge(recipe: &Path, out: &Path, shards: &[&Path]) -> Output {
     bin()
@@ -112,13 +134,7 @@ fn every_smoke_recipe_runs_and_records_each_image() {
     for name in ["compare", "style-transfer", "period-shift", "probeset"] {
         let out = tmp.path().join(name);
         let o = if name == "probeset" {
-            bin()
-                .args(["--json", "run"])
-                .arg(smoke(name))
-                .arg("--out")
-                .arg(&out)
-                .output()
-                .unwrap()
+            run_json(&smoke(name), &out, &[])
         } else {
             run(&smoke(name), &out, &[])
         };
@@ -376,20 +392,7 @@ fn shards_merge_into_the_unsharded_run() {
     assert!(!tmp.path().join("m5").exists());
     // The other shard run into a shard's folder: the folder's results hold both, and the
     // counts say which this run made and which another shard had.
-    let o = bin()
-        .args(["--json", "run"])
-        .arg(&recipe)
-        .arg("--out")
-        .arg(&a)
-        .args(["--shard", "1/2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let done = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|e| e["event"] == "done")
-        .unwrap();
+    let done = done_event(&run_json(&recipe, &a, &["--shard", "1/2"]));
     let count = |k: &str| done[k].as_u64().unwrap();
     assert_eq!(count("images"), 12, "{done}");
     assert_eq!(
@@ -727,20 +730,9 @@ fn bad_recipes_are_one_clear_line_and_write_nothing() {
     assert_ne!(commented, long);
     let path = smoke(".test-long-prompt-commented");
     std::fs::write(&path, &commented).unwrap();
-    let o = bin()
-        .args(["--json", "run"])
-        .arg(&path)
-        .arg("--out")
-        .arg(tmp.path().join("long"))
-        .output()
-        .unwrap();
+    let o = run_json(&path, &tmp.path().join("long"), &[]);
     let _ = std::fs::remove_file(&path);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let done = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|e| e["event"] == "done")
-        .unwrap();
+    let done = done_event(&o);
     assert_eq!(
         (done["made"].as_u64(), done["skipped"].as_u64()),
         (Some(0), Some(2))
