@@ -717,6 +717,8 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => {
+            // Checked first, so a typo is named whatever else is wrong.
+            crate::kernels::cuda_kernels_switch()?;
             if !candle_core::utils::cuda_is_available() {
                 anyhow::bail!(
                     "--device cuda: this binary was built without CUDA support (rebuild with `cargo build --release --features cuda`)"

@@ -1945,3 +1945,40 @@ fn an_unwritable_cache_is_said_once() {
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(r["images"].as_array().unwrap().len(), 5);
 }
+
+/// `--device cuda` reads `ARTGUIDE_CUDA_KERNELS` before anything else, so a typo is named
+/// instead of silently meaning "off"; in a CPU build, a valid value reaches the "built without
+/// CUDA support" error.
+#[test]
+fn cuda_switch_typo_is_named_and_cpu_builds_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = bin()
+        .env("ARTGUIDE_CUDA_KERNELS", "maybe")
+        .args([
+            "--quiet", "generate", "--device", "cuda", "--prompt", "x", "--model",
+        ])
+        .arg(tiny())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("ARTGUIDE_CUDA_KERNELS=\"maybe\": expected 1/on/true/yes or 0/off/false/no"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!out.exists());
+    if !cfg!(feature = "cuda") {
+        let o = generate(&tiny(), &out, &["--device", "cuda"]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("built without CUDA support"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!out.exists());
+    }
+}

@@ -266,3 +266,134 @@ fn cuda_same_seed_gives_the_same_bits() {
         assert_eq!(d, 0.0, "{label}: two runs with seed 11 differ");
     }
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs a build with --features cuda and a GPU (see README, CUDA)"
+)]
+fn cuda_kernels_match_candle() {
+    #[cfg(feature = "cuda")]
+    own_kernels::match_candle(&gpu());
+}
+
+/// artguide's own CUDA kernels (`kernels::cuda`, used with `ARTGUIDE_CUDA_KERNELS=1`) against
+/// candle's compositions on the same GPU, f32 and f16, on shapes that cover their edge cases:
+/// strides and paddings, 1x1 layers, batches, groups larger than one statistics chunk, an
+/// offset mean.
+#[cfg(feature = "cuda")]
+mod own_kernels {
+    use artguide::kernels::cuda;
+    use candle_core::{DType, Device, Tensor};
+
+    use super::max_abs_diff;
+
+    fn randn(shape: &[usize], seed: u64, dev: &Device, dtype: DType) -> Tensor {
+        artguide::noise::NoiseGen::new(seed, artguide::noise::Stream::InitialLatents)
+            .randn(shape)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(dev)
+            .unwrap()
+    }
+
+    /// Largest difference over the largest |value| of the reference.
+    fn rel(got: &Tensor, want: &Tensor) -> f32 {
+        let scale = want
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        max_abs_diff(got, want) / scale
+    }
+
+    pub fn match_candle(dev: &Device) {
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::F16, 5e-3)] {
+            // (batch, cin, h, w, cout, k, stride, padding)
+            for (i, &(n, cin, h, w, cout, k, stride, pad)) in [
+                (1, 8, 17, 13, 16, 3, 1, 1),
+                (2, 8, 16, 16, 4, 3, 2, 0),
+                (3, 4, 9, 11, 8, 3, 2, 1),
+                (2, 16, 8, 8, 8, 1, 1, 0),
+                (1, 4, 12, 12, 4, 1, 2, 0),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let x = randn(&[n, cin, h, w], 10 + i as u64, dev, dtype);
+                let wt = (randn(&[cout, cin, k, k], 20 + i as u64, dev, dtype) * 0.2).unwrap();
+                let b = randn(&[cout], 30 + i as u64, dev, dtype);
+                let want = x
+                    .conv2d(&wt, pad, stride, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap();
+                let got = cuda::conv2d(&x, &wt, Some(&b), stride, pad).unwrap();
+                assert_eq!(got.dims(), want.dims(), "conv case {i}");
+                let e = rel(&got, &want);
+                eprintln!("conv {dtype:?} case {i}: rel err {e:.2e}");
+                assert!(e < tol, "conv {dtype:?} case {i}: {e}");
+            }
+            // (batch, channels, groups, h, w, mean offset): the second group spans three
+            // statistics chunks of 16,384 values.
+            for (i, &(n, c, g, h, w, offset)) in [
+                (2, 8, 4, 9, 7, 0.0),
+                (1, 8, 2, 110, 100, 0.0),
+                (1, 4, 4, 16, 16, 30.0),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let x = (randn(&[n, c, h, w], 40 + i as u64, dev, dtype) + offset).unwrap();
+                let gamma = randn(&[c], 50 + i as u64, dev, dtype);
+                let beta = randn(&[c], 60 + i as u64, dev, dtype);
+                let reference =
+                    candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, g, 1e-5).unwrap();
+                for silu in [false, true] {
+                    let mut want = candle_core::Module::forward(&reference, &x).unwrap();
+                    if silu {
+                        want = candle_nn::ops::silu(&want).unwrap();
+                    }
+                    let got = cuda::group_norm(&x, &gamma, &beta, g, 1e-5, silu).unwrap();
+                    let e = rel(&got, &want);
+                    eprintln!("group norm {dtype:?} case {i} silu {silu}: rel err {e:.2e}");
+                    assert!(e < tol.max(2e-5), "group norm {dtype:?} case {i}: {e}");
+                }
+            }
+            let y = randn(&[2, 6, 5, 7], 70, dev, dtype);
+            let b = randn(&[6], 71, dev, dtype);
+            let want = y.broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap()).unwrap();
+            assert_eq!(
+                max_abs_diff(&cuda::bias_add(&y, &b, true).unwrap(), &want),
+                0.0
+            );
+            let rows = randn(&[10, 6], 72, dev, dtype);
+            let want = rows.broadcast_add(&b.reshape((1, 6)).unwrap()).unwrap();
+            assert_eq!(
+                max_abs_diff(&cuda::bias_add(&rows, &b, false).unwrap(), &want),
+                0.0
+            );
+            let x = randn(&[2, 3, 5, 4], 73, dev, dtype);
+            for s in [2, 3] {
+                let want = x
+                    .reshape((2, 3, 5, 1, 4, 1))
+                    .unwrap()
+                    .broadcast_as((2, 3, 5, s, 4, s))
+                    .unwrap()
+                    .reshape((2, 3, 5 * s, 4 * s))
+                    .unwrap();
+                let got = cuda::upsample_nearest(&x, s).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(max_abs_diff(&got, &want), 0.0, "upsample {dtype:?} x{s}");
+            }
+        }
+    }
+}

@@ -31,6 +31,10 @@ pub fn conv2d(
             bias,
         );
     }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && super::cuda_kernels() {
+        return Ok(super::cuda::conv2d(x, w, bias, stride, padding)?);
+    }
     composed(x, w, bias, stride, padding)
 }
 

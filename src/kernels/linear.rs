@@ -121,6 +121,10 @@ fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
 /// a contiguous tensor and added element-wise. `per_channel`: `y` is NCHW and `bias` has one
 /// value per channel; else `y` is `(rows, n)` and `bias` has `n` values.
 pub fn add_rows_cuda(y: &Tensor, bias: &Tensor, per_channel: bool) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda_kernels() {
+        return super::cuda::bias_add(y, bias, per_channel);
+    }
     let y = y.contiguous()?;
     let dtype = y.dtype();
     let bias = bias.to_dtype(dtype)?;

@@ -5,6 +5,8 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod frozen;
 pub mod linear;
 pub mod norm;
@@ -15,6 +17,40 @@ pub mod winograd;
 
 use candle_core::{CpuStorage, Layout};
 use rayon::prelude::*;
+
+/// The environment variable that turns artguide's own CUDA kernels on (`kernels::cuda`).
+pub const CUDA_KERNELS_VAR: &str = "ARTGUIDE_CUDA_KERNELS";
+
+/// Reads an on/off switch's value: 1/on/true/yes or 0/off/false/no (any case, spaces
+/// ignored); unset or empty means `default`. Anything else is an error naming the variable,
+/// so a typo does not silently mean the default.
+pub fn parse_switch(var: &str, value: Option<&str>, default: bool) -> crate::Result<bool> {
+    let Some(v) = value.map(|v| v.trim().to_ascii_lowercase()) else {
+        return Ok(default);
+    };
+    match v.as_str() {
+        "" => Ok(default),
+        "1" | "on" | "true" | "yes" => Ok(true),
+        "0" | "off" | "false" | "no" => Ok(false),
+        _ => Err(crate::Error::Msg(format!(
+            "{var}={v:?}: expected 1/on/true/yes or 0/off/false/no"
+        ))),
+    }
+}
+
+/// The `ARTGUIDE_CUDA_KERNELS` switch as set in the environment (default off: the kernels
+/// are checked on the CPU by emulation but not yet measured on a GPU).
+pub fn cuda_kernels_switch() -> crate::Result<bool> {
+    let value = std::env::var(CUDA_KERNELS_VAR).ok();
+    parse_switch(CUDA_KERNELS_VAR, value.as_deref(), false)
+}
+
+/// Whether CUDA tensors go through artguide's own kernels; read once per process (a bad value
+/// reads as off here: `--device cuda` refuses it first, in `commands::device`).
+pub fn cuda_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| cuda_kernels_switch().unwrap_or(false))
+}
 
 /// The f32 data of a contiguous CPU tensor; `op` names the kernel in the error.
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
@@ -101,5 +137,33 @@ pub(crate) mod testing {
     /// `t` in f64, for the reference computation.
     pub fn f64(t: &Tensor) -> Tensor {
         t.to_dtype(DType::F64).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_switch;
+
+    #[test]
+    fn switches_read_one_way_and_refuse_typos() {
+        for (value, want) in [
+            (None, false),
+            (Some(""), false),
+            (Some("  "), false),
+            (Some("1"), true),
+            (Some(" ON "), true),
+            (Some("True"), true),
+            (Some("yes"), true),
+            (Some("0"), false),
+            (Some("off"), false),
+            (Some("FALSE"), false),
+            (Some("no"), false),
+        ] {
+            assert_eq!(parse_switch("V", value, false).unwrap(), want, "{value:?}");
+        }
+        assert!(parse_switch("V", None, true).unwrap());
+        assert!(parse_switch("V", Some(""), true).unwrap());
+        let err = parse_switch("V", Some("2"), false).unwrap_err().to_string();
+        assert_eq!(err, "V=\"2\": expected 1/on/true/yes or 0/off/false/no");
     }
 }

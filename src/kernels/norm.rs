@@ -95,6 +95,17 @@ impl GroupNorm {
                 .contiguous()?
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)?);
         }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && super::cuda_kernels() {
+            return Ok(super::cuda::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            )?);
+        }
         self.composed(x, silu)
     }
 }

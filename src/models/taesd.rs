@@ -268,6 +268,21 @@ pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
         )
         .map_err(candle_core::Error::wrap);
     }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::kernels::cuda_kernels() {
+        // The kernel has no backward: in a graph, the patch sum (candle ops) is the gradient.
+        return crate::kernels::frozen::input_only(
+            x,
+            |x| Ok(crate::kernels::cuda::upsample_nearest(x, s)?),
+            || {
+                Ok(Box::new(move |_: &Tensor, g: &Tensor| {
+                    let (n, c, gh, gw) = g.dims4()?;
+                    g.reshape((n, c, gh / s, s, gw / s, s))?.sum(5)?.sum(3)
+                }))
+            },
+        )
+        .map_err(candle_core::Error::wrap);
+    }
     let (n, c, h, w) = x.dims4()?;
     x.reshape((n, c, h, 1, w, 1))?
         .broadcast_as((n, c, h, s, w, s))?

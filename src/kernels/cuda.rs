@@ -1,0 +1,531 @@
+//! artguide's own CUDA kernels (`cuda.cu`), for the compositions that profiles on an H100
+//! put first (BENCHMARKS.md, "Where the time goes"): candle's `im2col` (53% of a VAE decode:
+//! it reads its input H*W apart and is followed by a transpose of the GEMM's result), its
+//! GroupNorm (~35%: eight full passes and casts), and broadcast adds of biases.
+//!
+//! The source is compiled by NVRTC at the first use in a process and loaded into each device
+//! (no build step; the driver JITs the PTX for the GPU at hand). The kernels have no backward:
+//! callers use them on detached values only (inference, or a frozen layer's value whose
+//! backward is computed elsewhere, [`super::frozen`]). They are off unless
+//! `ARTGUIDE_CUDA_KERNELS=1` ([`super::cuda_kernels`]) until measured on a GPU; the CPU
+//! emulation test (tests/cuda_emulated.rs) checks their index math and reductions, and
+//! tests/cuda.rs compares them with candle's compositions on a GPU.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
+    Tensor,
+};
+
+/// The kernels' source; its launch shapes are described at its top.
+const SOURCE: &str = include_str!("cuda.cu");
+/// `AG_THREADS` in cuda.cu.
+const THREADS: u32 = 256;
+/// `GN_CHUNK` in cuda.cu.
+const GN_CHUNK: usize = 16384;
+/// Grid size cap of the grid-stride kernels (enough blocks to fill any current GPU).
+const MAX_BLOCKS: usize = 65535;
+/// Bytes of im2col unfolded at once: larger batches go by groups of images (candle unfolds
+/// the whole batch, 4.8 GB for four 512x512 images in a 256-channel layer).
+const COL_LIMIT_BYTES: usize = 1 << 30;
+
+/// The PTX of [`SOURCE`], compiled once per process.
+fn ptx() -> candle_core::Result<&'static str> {
+    static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        nvrtc::compile_ptx(SOURCE)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("{e:?}"))
+    })
+    .as_deref()
+    .map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "artguide CUDA kernels: NVRTC could not compile src/kernels/cuda.cu \
+             (is libnvrtc from the same CUDA version as the driver?): {e}"
+        ))
+    })
+}
+
+/// Kernel `name`, loaded into `dev` at its first use there.
+fn kernel(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, "artguide_kernels", ptx()?)?
+        .into_cuda_function())
+}
+
+/// One thread per element, grid-stride beyond [`MAX_BLOCKS`] blocks.
+fn elementwise(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn blocks(n: usize) -> candle_core::Result<LaunchConfig> {
+    let n = u32::try_from(n).map_err(|_| {
+        candle_core::Error::Msg(format!("CUDA kernel: {n} blocks do not fit a grid"))
+    })?;
+    Ok(LaunchConfig {
+        grid_dim: (n.max(1), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn int(v: usize, what: &str) -> candle_core::Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| candle_core::Error::Msg(format!("CUDA kernel: {what} {v} exceeds i32")))
+}
+
+/// The contiguous view of a storage slice, from its layout's offset.
+fn view<'a, T: DeviceRepr>(
+    s: &'a CudaSlice<T>,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.slice(start..end)),
+        None => candle_core::bail!("{op}: needs a contiguous input"),
+    }
+}
+
+/// Runs `$body` with `$x` bound to the slice of storage `$s` (and `$y` to that of `$t`, which
+/// must have the same dtype) and `$suf` to the kernels' suffix for the dtype (f32, f16, bf16),
+/// wrapping the `CudaSlice` it returns as the same dtype.
+macro_rules! by_dtype {
+    ($op:expr, $s:expr, |$x:ident, $suf:ident| $body:expr) => {
+        match &$s.slice {
+            CudaStorageSlice::F32($x) => {
+                let $suf = "f32";
+                CudaStorageSlice::F32($body)
+            }
+            CudaStorageSlice::F16($x) => {
+                let $suf = "f16";
+                CudaStorageSlice::F16($body)
+            }
+            CudaStorageSlice::BF16($x) => {
+                let $suf = "bf16";
+                CudaStorageSlice::BF16($body)
+            }
+            _ => candle_core::bail!("{}: dtype {:?} not supported", $op, $s.dtype()),
+        }
+    };
+    ($op:expr, $s:expr, $t:expr, |$x:ident, $y:ident, $suf:ident| $body:expr) => {
+        match (&$s.slice, &$t.slice) {
+            (CudaStorageSlice::F32($x), CudaStorageSlice::F32($y)) => {
+                let $suf = "f32";
+                CudaStorageSlice::F32($body)
+            }
+            (CudaStorageSlice::F16($x), CudaStorageSlice::F16($y)) => {
+                let $suf = "f16";
+                CudaStorageSlice::F16($body)
+            }
+            (CudaStorageSlice::BF16($x), CudaStorageSlice::BF16($y)) => {
+                let $suf = "bf16";
+                CudaStorageSlice::BF16($body)
+            }
+            _ => candle_core::bail!(
+                "{}: dtypes {:?} and {:?} not supported together",
+                $op,
+                $s.dtype(),
+                $t.dtype()
+            ),
+        }
+    };
+}
+
+fn cpu_refused(op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{op}: a CUDA kernel, called on the CPU")
+}
+
+/// The CUDA storage of a custom op's output.
+fn storage(slice: CudaStorageSlice, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage {
+        slice,
+        device: dev.clone(),
+    }
+}
+
+/// A new buffer of `n` elements of `x`'s type, for a kernel that writes every element.
+fn output<T: DeviceRepr>(
+    _x: &CudaView<T>,
+    dev: &CudaDevice,
+    n: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: each caller launches a kernel that writes all `n` elements before the buffer
+    // is read.
+    unsafe { dev.alloc::<T>(n) }
+}
+
+/// Unfolds `(n, cin, h, w)` into `(n, cin*kh*kw, ho*wo)`, rows `(ci, ky, kx)`.
+struct Im2col {
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Im2col {
+    fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
+        let out = |i: usize, k: usize| {
+            (i + 2 * self.pad)
+                .checked_sub(k)
+                .map(|d| d / self.stride + 1)
+        };
+        match (out(h, self.kh), out(w, self.kw)) {
+            (Some(ho), Some(wo)) if self.stride > 0 => Ok((ho, wo)),
+            _ => candle_core::bail!(
+                "im2col: kernel {}x{} (stride {}) does not fit the padded {h}x{w} input",
+                self.kh,
+                self.kw,
+                self.stride
+            ),
+        }
+    }
+}
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "artguide-im2col"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, cin, h, w) = l.shape().dims4()?;
+        let (ho, wo) = self.out_hw(h, w)?;
+        let rows = cin * self.kh * self.kw;
+        let total = n * rows * ho * wo;
+        let dev = s.device();
+        let stream = dev.cuda_stream();
+        let slice = by_dtype!(self.name(), s, |x, suf| {
+            let x = view(x, l, self.name())?;
+            let out = output(&x, dev, total)?;
+            let f = kernel(dev, &format!("im2col_{suf}"))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x);
+            b.arg(&out);
+            candle_core::builder_arg!(
+                b,
+                total as i64,
+                int(cin, "channels")?,
+                int(h, "height")?,
+                int(w, "width")?,
+                int(self.kh, "kernel height")?,
+                int(self.kw, "kernel width")?,
+                int(self.stride, "stride")?,
+                int(self.pad, "padding")?,
+                int(ho, "output height")?,
+                int(wo, "output width")?
+            );
+            // SAFETY: the arguments match im2col's signature in cuda.cu.
+            unsafe { b.launch(elementwise(total)) }.w()?;
+            out
+        });
+        Ok((storage(slice, dev), Shape::from((n, rows, ho * wo))))
+    }
+}
+
+/// `conv2d(x, w) + bias` (groups 1, dilation 1) for `x: (b, cin, h, w)`, `w: (cout, cin, kh,
+/// kw)`: im2col in channels-by-pixels order, then one batched GEMM with the weight matrix
+/// that writes NCHW directly (candle's GEMM writes pixels-by-channels and transposes after).
+/// 1x1 stride-1 layers without padding skip the unfold.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, cin, h, wd) = x.dims4()?;
+    let (cout, wcin, kh, kw) = w.dims4()?;
+    if wcin != cin {
+        candle_core::bail!("conv2d: input has {cin} channels, the weight {wcin}");
+    }
+    let x = x.contiguous()?;
+    let wm = w.to_dtype(x.dtype())?.reshape((cout, cin * kh * kw))?;
+    let op = Im2col {
+        kh,
+        kw,
+        stride,
+        pad: padding,
+    };
+    let (ho, wo) = op.out_hw(h, wd)?;
+    let col_bytes = cin * kh * kw * ho * wo * x.dtype().size_in_bytes();
+    let per_group = (COL_LIMIT_BYTES / col_bytes.max(1)).clamp(1, n.max(1));
+    let mut parts = Vec::with_capacity(n.div_ceil(per_group));
+    for start in (0..n).step_by(per_group) {
+        let g = per_group.min(n - start);
+        let xs = x.narrow(0, start, g)?;
+        let cols = if (kh, kw, stride, padding) == (1, 1, 1, 0) {
+            xs.reshape((g, cin, h * wd))?
+        } else {
+            xs.apply_op1_no_bwd(&op)?
+        };
+        parts.push(wm.broadcast_as((g, cout, cin * kh * kw))?.matmul(&cols)?);
+    }
+    let y = Tensor::cat(&parts, 0)?.reshape((n, cout, ho, wo))?;
+    match bias {
+        Some(b) => bias_add(&y, b, true),
+        None => Ok(y),
+    }
+}
+
+/// `y + bias` in one pass: `per_channel`, `y` is NCHW (or any `(n, c, ...)`) with one bias
+/// value per channel; else the bias runs along `y`'s last axis (a Linear layer's features).
+pub fn bias_add(y: &Tensor, bias: &Tensor, per_channel: bool) -> candle_core::Result<Tensor> {
+    let dims = y.dims();
+    let (channels, inner) = if per_channel {
+        if dims.len() < 2 {
+            candle_core::bail!("bias add: {:?} has no channel axis", y.shape());
+        }
+        (dims[1], dims[2..].iter().product())
+    } else {
+        (*dims.last().unwrap_or(&1), 1)
+    };
+    if bias.elem_count() != channels {
+        candle_core::bail!(
+            "bias add: {} bias values for {channels} channels of {:?}",
+            bias.elem_count(),
+            y.shape()
+        );
+    }
+    let bias = bias.to_dtype(y.dtype())?.contiguous()?;
+    y.contiguous()?
+        .apply_op2_no_bwd(&bias, &BiasAdd { channels, inner })
+}
+
+struct BiasAdd {
+    channels: usize,
+    inner: usize,
+}
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "artguide-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let total = l.shape().elem_count();
+        let dev = s.device();
+        let stream = dev.cuda_stream();
+        let slice = by_dtype!(self.name(), s, sb, |x, bias, suf| {
+            let (x, bias) = (view(x, l, self.name())?, view(bias, lb, self.name())?);
+            let out = output(&x, dev, total)?;
+            let f = kernel(dev, &format!("bias_add_{suf}"))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x);
+            b.arg(&bias);
+            b.arg(&out);
+            candle_core::builder_arg!(
+                b,
+                total as i64,
+                int(self.channels, "channels")?,
+                self.inner as i64
+            );
+            // SAFETY: the arguments match bias_add's signature in cuda.cu.
+            unsafe { b.launch(elementwise(total)) }.w()?;
+            out
+        });
+        Ok((storage(slice, dev), l.shape().clone()))
+    }
+}
+
+/// `silu?(GroupNorm(x))` for `x: (n, c, ...)` with f32 `weight` and `bias` of `c` values:
+/// statistics per chunk of a group, merged per group in f64 (mean, then the centred sum of
+/// squares: no E[x^2] - mean^2 cancellation), then one pass that normalises, scales and
+/// applies SiLU. Statistics are f32 in every dtype, as candle's composition upcasts.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> candle_core::Result<Tensor> {
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    x.contiguous()?.apply_op3_no_bwd(
+        &f32s(weight)?,
+        &f32s(bias)?,
+        &GroupNormOp { groups, eps, silu },
+    )
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "artguide-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = l.shape().dims();
+        let (n, c) = match dims {
+            [n, c, ..] => (*n, *c),
+            _ => candle_core::bail!("group norm: input {:?} has no channel axis", l.shape()),
+        };
+        let inner: usize = dims[2..].iter().product();
+        let g = self.groups;
+        if g == 0 || c % g != 0 || lw.shape().elem_count() != c || lb.shape().elem_count() != c {
+            candle_core::bail!(
+                "group norm: {c} channels, {g} groups, {} weights and {} biases do not fit",
+                lw.shape().elem_count(),
+                lb.shape().elem_count()
+            );
+        }
+        let (CudaStorageSlice::F32(w), CudaStorageSlice::F32(b)) = (&sw.slice, &sb.slice) else {
+            candle_core::bail!("group norm: weight and bias must be f32");
+        };
+        let (w, b) = (view(w, lw, self.name())?, view(b, lb, self.name())?);
+        let per_group = c / g * inner;
+        let total = n * c * inner;
+        let all_groups = n * g;
+        let chunks = per_group.div_ceil(GN_CHUNK).max(1);
+        let dev = s.device();
+        let stream = dev.cuda_stream();
+        let slice = by_dtype!(self.name(), s, |x, suf| {
+            let x = view(x, l, self.name())?;
+            let out = output(&x, dev, total)?;
+            if total > 0 {
+                let stats = dev.alloc_zeros::<f32>(3 * all_groups * chunks)?;
+                let mean_rstd = dev.alloc_zeros::<f32>(2 * all_groups)?;
+                let f = kernel(dev, &format!("gn_chunk_stats_{suf}"))?;
+                let mut k = stream.launch_builder(&f);
+                k.arg(&x);
+                k.arg(&stats);
+                candle_core::builder_arg!(k, per_group as i64, int(chunks, "chunks")?);
+                // SAFETY: the arguments match gn_chunk_stats's signature in cuda.cu.
+                unsafe { k.launch(blocks(all_groups * chunks)?) }.w()?;
+                let f = kernel(dev, "gn_finalize")?;
+                let mut k = stream.launch_builder(&f);
+                k.arg(&stats);
+                k.arg(&mean_rstd);
+                candle_core::builder_arg!(
+                    k,
+                    int(all_groups, "groups")?,
+                    int(chunks, "chunks")?,
+                    self.eps as f32
+                );
+                // SAFETY: the arguments match gn_finalize's signature in cuda.cu.
+                unsafe { k.launch(blocks(all_groups.div_ceil(THREADS as usize))?) }.w()?;
+                let f = kernel(dev, &format!("gn_apply_{suf}"))?;
+                let mut k = stream.launch_builder(&f);
+                k.arg(&x);
+                k.arg(&out);
+                k.arg(&mean_rstd);
+                k.arg(&w);
+                k.arg(&b);
+                candle_core::builder_arg!(
+                    k,
+                    total as i64,
+                    int(c, "channels")?,
+                    inner as i64,
+                    int(c / g, "channels per group")?,
+                    i32::from(self.silu)
+                );
+                // SAFETY: the arguments match gn_apply's signature in cuda.cu.
+                unsafe { k.launch(elementwise(total)) }.w()?;
+            }
+            out
+        });
+        Ok((storage(slice, dev), l.shape().clone()))
+    }
+}
+
+/// Nearest upsampling of `(n, c, h, w)` by `s` in both axes, as one copy (candle's
+/// broadcast-reshape copy indexes in six dimensions).
+pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Upsample { s })
+}
+
+struct Upsample {
+    s: usize,
+}
+
+impl CustomOp1 for Upsample {
+    fn name(&self) -> &'static str {
+        "artguide-upsample-nearest"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(&self, st: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let s = self.s;
+        let total = n * c * h * s * w * s;
+        let dev = st.device();
+        let stream = dev.cuda_stream();
+        let slice = by_dtype!(self.name(), st, |x, suf| {
+            let x = view(x, l, self.name())?;
+            let out = output(&x, dev, total)?;
+            let f = kernel(dev, &format!("upsample_nearest_{suf}"))?;
+            let mut k = stream.launch_builder(&f);
+            k.arg(&x);
+            k.arg(&out);
+            candle_core::builder_arg!(
+                k,
+                total as i64,
+                int(h, "height")?,
+                int(w, "width")?,
+                int(s, "scale")?
+            );
+            // SAFETY: the arguments match upsample_nearest's signature in cuda.cu.
+            unsafe { k.launch(elementwise(total)) }.w()?;
+            out
+        });
+        Ok((storage(slice, dev), Shape::from((n, c, h * s, w * s))))
+    }
+}
