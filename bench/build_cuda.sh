@@ -6,6 +6,7 @@
 #
 # Usage: bash bench/build_cuda.sh [VENV] [TARGET_DIR]
 #   defaults: VENV=/work/venv-cuda  TARGET_DIR=target-cuda; needs python3, gcc, cargo, xz.
+#   CUDNN=0 skips the cudnn build (half the build time; gpu.sh then skips its variants).
 # Leaves .gpu/ (git-ignored) ready to carry to the GPU machine, where bench/gpu.sh unpacks it:
 #   .gpu/artguide-cuda.tar.xz  the binary and tests/cuda.rs's test executable, stripped, each
 #                              built twice: `--features cuda` and `--features cudnn` (-cudnn);
@@ -61,12 +62,16 @@ for l in sys.stdin:
   strip -o "$STAGE/cuda-parity$2" "$exe"
 }
 build cuda ""
-build cudnn -cudnn
+STAGED=(artguide cuda-parity)
+if [ "${CUDNN:-1}" != 0 ]; then
+  build cudnn -cudnn
+  STAGED+=(artguide-cudnn cuda-parity-cudnn)
+fi
 # The device tool carries at most 64 MiB with the working tree (~42 MB of it tracked files):
 # each stripped executable is ~65 MB, mostly candle's PTX, which xz packs to ~9 MB; one
 # archive with a dictionary larger than all four shares what they have in common.
 mkdir -p .gpu/wheels
-tar -C "$STAGE" -cf - artguide cuda-parity artguide-cudnn cuda-parity-cudnn \
+tar -C "$STAGE" -cf - "${STAGED[@]}" \
   | xz -9e -T1 --lzma2=preset=9e,dict=384MiB >.gpu/artguide-cuda.tar.xz.tmp
 mv .gpu/artguide-cuda.tar.xz.tmp .gpu/artguide-cuda.tar.xz
 # The GPU image has torch, transformers and diffusers' other needs but neither diffusers nor

@@ -17,8 +17,10 @@
 # Workloads (issue 6): SD 1.5 at 512x512, f16: a CFG UNet step (batch 2) and a VAE decode;
 # the same step with CLIP guidance (random ViT-B/32 guide, 4 cutouts) through the full VAE,
 # TAESD and the linear decoder; CLIP ViT-B/32 and ViT-L/14 image embedding, batch 64, f16.
-# Variants for diagnosis: artguide in bf16, artguide built with cuDNN convolutions (BIN_CUDNN,
-# PARITY_CUDNN; unpacked from .gpu when there), diffusers with its classic (non-SDPA) attention.
+# Variants for diagnosis: artguide in bf16, artguide with its own CUDA kernels
+# (ARTGUIDE_CUDA_KERNELS=1: im2col convolution, GroupNorm, bias add, upsampling; parity and
+# repro run with them too), artguide built with cuDNN convolutions (BIN_CUDNN, PARITY_CUDNN;
+# unpacked from .gpu when there), diffusers with its classic (non-SDPA) attention.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GROUPS_=${1:-parity,unet,vae,guidance,clip,variants}
@@ -82,6 +84,9 @@ elif want parity; then
   say "parity: tests/cuda.rs (CPU f32 vs CUDA f16)"
   timeout 240 "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity.log"
   echo "parity rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+  say "parity, own CUDA kernels (ARTGUIDE_CUDA_KERNELS=1)"
+  ARTGUIDE_CUDA_KERNELS=1 timeout 240 "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-kernels.log"
+  echo "parity (own kernels) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
   if [ -n "${PARITY_CUDNN:-}" ]; then
     say "parity, cudnn build"
     timeout 240 "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-cudnn.log"
@@ -89,15 +94,16 @@ elif want parity; then
   fi
 fi
 
-# repro LABEL BIN (run after the timings): the same real-size generation twice (random
+# repro LABEL BIN [ENV=VALUE...] (run after the timings): the same real-size generation twice (random
 # SD 1.5 weights, euler-a's per-step noise, CLIP guidance through the VAE with the tiny
 # fixture CLIP) must give the same PNG bytes: the product's reproducibility promise, on
 # this device.
 repro() {
   local label=$1 bin=$2 sums=()
+  shift 2
   for i in 1 2; do
     rm -rf "/tmp/repro-$label-$i"
-    timeout 300 "$bin" --quiet generate --random-weights sd15 --device "$DEVICE" --dtype "$DTYPE" \
+    env "$@" timeout 300 "$bin" --quiet generate --random-weights sd15 --device "$DEVICE" --dtype "$DTYPE" \
       --prompt "a harbour at dusk" --steps 3 --scheduler euler-a --seed 1 --width "$SIZE" \
       --height "$SIZE" --clip tests/fixtures/clip/tiny-clip-a --clip-prompt "a storm at sea" \
       --guidance-decoder vae --skip-nonfinite-guidance --out "/tmp/repro-$label-$i" \
@@ -165,6 +171,9 @@ fi
 if want variants; then
   say "variants"
   run artguide-bf16 "${AG[@]}" --dtype bf16 --parts unet,vae
+  run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
+  run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders vae,taesd
+  run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "$BIN" bench --json --device "$DEVICE" --dtype "$DTYPE" --parts clip --clip-arch vit-l14 --clip-batch 64 --reps "$REPS"
   run diffusers-classic-attention "${PY[@]}" --dtype "$DTYPE" --parts unet --attention classic
   if [ -n "${BIN_CUDNN:-}" ]; then
     AGC=("$BIN_CUDNN" "${AG[@]:1}")
@@ -176,5 +185,6 @@ fi
 # Last, so a call that runs out of time has its timings already.
 if want parity; then
   repro cuda "$BIN"
+  repro cuda-kernels "$BIN" ARTGUIDE_CUDA_KERNELS=1
   [ -n "${BIN_CUDNN:-}" ] && repro cudnn "$BIN_CUDNN"
 fi
