@@ -19,7 +19,8 @@
 # TAESD and the linear decoder; CLIP ViT-B/32 and ViT-L/14 image embedding, batch 64, f16.
 # Variants for diagnosis: artguide in bf16, artguide with its own CUDA kernels
 # (ARTGUIDE_CUDA_KERNELS=1: im2col convolution, GroupNorm, bias add, upsampling; parity and
-# repro run with them too), artguide built with cuDNN convolutions (BIN_CUDNN, PARITY_CUDNN;
+# repro run with them too), artguide with the device's memory pool kept and no per-buffer
+# events (ARTGUIDE_CUDA_TUNING=1, alone and with the kernels), artguide built with cuDNN convolutions (BIN_CUDNN, PARITY_CUDNN;
 # unpacked from .gpu when there), diffusers with its classic (non-SDPA) attention.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -174,6 +175,8 @@ if want variants; then
   run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
   run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders vae,taesd
   run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "$BIN" bench --json --device "$DEVICE" --dtype "$DTYPE" --parts clip --clip-arch vit-l14 --clip-batch 64 --reps "$REPS"
+  run artguide-tuned env ARTGUIDE_CUDA_TUNING=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
+  run artguide-kernels-tuned env ARTGUIDE_CUDA_KERNELS=1 ARTGUIDE_CUDA_TUNING=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
   run diffusers-classic-attention "${PY[@]}" --dtype "$DTYPE" --parts unet --attention classic
   if [ -n "${BIN_CUDNN:-}" ]; then
     AGC=("$BIN_CUDNN" "${AG[@]:1}")

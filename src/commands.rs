@@ -719,12 +719,20 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
         DeviceArg::Cuda => {
             // Checked first, so a typo is named whatever else is wrong.
             crate::kernels::cuda_kernels_switch()?;
+            let tuned = crate::memory::cuda_tuning_switch()?;
             if !candle_core::utils::cuda_is_available() {
                 anyhow::bail!(
                     "--device cuda: this binary was built without CUDA support (rebuild with `cargo build --release --features cuda`)"
                 );
             }
-            Device::new_cuda(0).context("--device cuda: cannot open CUDA device 0")
+            let device = Device::new_cuda(0).context("--device cuda: cannot open CUDA device 0")?;
+            #[cfg(feature = "cuda")]
+            if tuned {
+                crate::memory::tune_cuda_device(&device)?;
+            }
+            #[cfg(not(feature = "cuda"))]
+            let _ = tuned;
+            Ok(device)
         }
     }
 }

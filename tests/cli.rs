@@ -1946,9 +1946,9 @@ fn an_unwritable_cache_is_said_once() {
     assert_eq!(r["images"].as_array().unwrap().len(), 5);
 }
 
-/// `--device cuda` reads `ARTGUIDE_CUDA_KERNELS` before anything else, so a typo is named
-/// instead of silently meaning "off"; in a CPU build, a valid value reaches the "built without
-/// CUDA support" error.
+/// `--device cuda` reads `ARTGUIDE_CUDA_KERNELS` and `ARTGUIDE_CUDA_TUNING` before anything
+/// else, so a typo is named instead of silently meaning "off"; in a CPU build, valid values
+/// reach the "built without CUDA support" error.
 #[test]
 fn cuda_switch_typo_is_named_and_cpu_builds_say_so() {
     let dir = tempfile::tempdir().unwrap();
@@ -1971,6 +1971,20 @@ fn cuda_switch_typo_is_named_and_cpu_builds_say_so() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!out.exists());
+    let o = bin()
+        .env("ARTGUIDE_CUDA_TUNING", "2")
+        .args([
+            "--quiet", "generate", "--device", "cuda", "--prompt", "x", "--model",
+        ])
+        .arg(tiny())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("ARTGUIDE_CUDA_TUNING=\"2\": expected 1/on/true/yes"),
+        "{}",
+        stderr(&o)
+    );
     if !cfg!(feature = "cuda") {
         let o = generate(&tiny(), &out, &["--device", "cuda"]);
         assert_eq!(o.status.code(), Some(1));

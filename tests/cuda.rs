@@ -397,3 +397,51 @@ mod own_kernels {
         }
     }
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs a build with --features cuda and a GPU (see README, CUDA)"
+)]
+fn cuda_device_tuning_takes_effect() {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let device = gpu();
+        artguide::memory::tune_cuda_device(&device).unwrap();
+        let Device::Cuda(dev) = &device else {
+            unreachable!()
+        };
+        assert!(!dev.is_event_tracking());
+        let stream = dev.cuda_stream();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold = 0u64;
+        // SAFETY: driver queries on the device just opened.
+        unsafe {
+            assert_eq!(
+                sys::cuDeviceGetDefaultMemPool(&mut pool, stream.context().cu_device()),
+                sys::CUresult::CUDA_SUCCESS
+            );
+            assert_eq!(
+                sys::cuMemPoolGetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                ),
+                sys::CUresult::CUDA_SUCCESS
+            );
+        }
+        assert_eq!(threshold, u64::MAX);
+        // The device still computes after the change.
+        let x = Tensor::arange(0f32, 6., &device).unwrap();
+        assert_eq!(
+            (&x + &x)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            30.0
+        );
+    }
+}
