@@ -7,8 +7,11 @@
 # Usage, on the GPU machine from the repository root, after `bash bench/build_cuda.sh` here
 # (device tool: carry [".gpu"]; the machine has no Rust toolchain and no network):
 #   bash bench/gpu.sh [GROUPS] [REPS]
-#   GROUPS: comma list of parity,unet,vae,guidance,clip,variants (default: all of them);
-#           parity runs tests/cuda.rs and a same-seed-same-bytes check at real size
+#   GROUPS: comma list of parity,unet,vae,guidance,clip,variants,profile (default: all but
+#           profile); parity runs tests/cuda.rs and a same-seed-same-bytes check at real size;
+#           profile runs Nsight Compute (NCU, default ncu) on a UNet step and a VAE decode at
+#           256 and a CLIP ViT-L/14 batch, without and with ARTGUIDE_CUDA_KERNELS=1, ranked
+#           per kernel by bench/ncu_top.py into profile.md and profile.json
 #   REPS:   timed repetitions per measurement after one warm-up, median reported (default 5)
 # Environment: OUT (where logs and gpu.jsonl go; the device tool sets it), BIN and PARITY (use
 # these executables instead of unpacking .gpu/artguide-cuda.tar.xz), PYTHON (default python3,
@@ -182,6 +185,28 @@ if want variants; then
     AGC=("$BIN_CUDNN" "${AG[@]:1}")
     run artguide-cudnn "${AGC[@]}" --dtype "$DTYPE" --parts unet,vae
     run artguide-cudnn "${AGC[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders vae
+  fi
+fi
+if want profile; then
+  NCU=${NCU:-ncu}
+  if ! command -v "$NCU" >/dev/null; then
+    say "profile: skipped, $NCU not found (set NCU)"
+  else
+    say "profile (Nsight Compute)"
+    specs=()
+    for k in 0 1; do
+      for w in "unet:--arch sd15 --sizes 256 --parts unet" "vae:--arch sd15 --sizes 256 --parts vae" \
+        "clip-l14:--parts clip --clip-arch vit-l14 --clip-batch 64"; do
+        name=${w%%:*}-kernels$k
+        # shellcheck disable=SC2086
+        ARTGUIDE_CUDA_KERNELS=$k timeout 400 "$NCU" --metrics gpu__time_duration.sum --csv \
+          --log-file "$OUTDIR/ncu-$name.csv" "$BIN" bench --device "$DEVICE" --dtype "$DTYPE" \
+          --reps 1 ${w#*:} >"$OUTDIR/ncu-$name.out" 2>&1 \
+          && specs+=("$name=$OUTDIR/ncu-$name.csv") || say "profile $name failed (ncu-$name.out)"
+      done
+    done
+    [ ${#specs[@]} -gt 0 ] && "$PYTHON" bench/ncu_top.py "${specs[@]}" --json "$OUTDIR/profile.json" \
+      | tee "$OUTDIR/profile.md"
   fi
 fi
 "$PYTHON" bench/gpu_table.py "$LOG" | tee "$OUTDIR/table.md"
