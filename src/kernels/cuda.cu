@@ -8,8 +8,11 @@
 // __syncthreads are used (no warp shuffles), which keeps the emulation exact.
 //
 // Launch shapes (cuda.rs and the emulation's driver use the same ones):
-// - elementwise kernels (im2col, gn_apply, bias_add, upsample_nearest): AG_THREADS threads per
-//   block, grid-stride loops over a 64-bit element count;
+// - row kernels (im2col, gn_apply, bias_add, upsample_nearest) see their data as `rows` rows
+//   of `inner` contiguous values (a channel plane, an im2col row, a Linear output row):
+//   AG_THREADS threads per block, `segs` blocks per row (grid = rows * segs), each block
+//   striding over its row, so the per-element work has no 64-bit division (the row's
+//   constants, such as a channel's scale, are computed once per block);
 // - gn_chunk_stats: AG_THREADS threads per block, one block per chunk of GN_CHUNK values of one
 //   group;
 // - gn_finalize: AG_THREADS threads per block, one thread per (image, group).
@@ -63,26 +66,25 @@ __device__ float block_sum(float v, float* buf) {
 }
 
 #define AG_KERNELS(SUF, T)                                                                      \
-  /* Unfolds images into cols of shape (n, cin*kh*kw, ho*wo): row r = (ci, ky, kx), pixels  \
-     last, so consecutive threads read and write consecutive addresses (stride 1). */         \
-  extern "C" __global__ void im2col_##SUF(const T* x, T* cols, i64 total, int cin, int h,     \
-                                          int w, int kh, int kw, int stride, int pad, int ho, \
+  /* Unfolds images into cols of shape (n, cin*kh*kw, ho*wo): row (n, ci, ky, kx) of ho*wo    \
+     pixels, so consecutive threads read and write consecutive addresses (stride 1).         \
+     rows = n*cin*kh*kw, inner = ho*wo. */                                                    \
+  extern "C" __global__ void im2col_##SUF(const T* x, T* cols, int segs, int inner, int cin,  \
+                                          int h, int w, int kh, int kw, int stride, int pad,  \
                                           int wo) {                                           \
-    i64 pixels = (i64)ho * wo;                                                                \
-    i64 rows = (i64)cin * kh * kw;                                                            \
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;                       \
-         i += (i64)gridDim.x * blockDim.x) {                                                  \
-      i64 p = i % pixels;                                                                     \
-      i64 r = (i / pixels) % rows;                                                            \
-      i64 n = i / (pixels * rows);                                                            \
-      int ci = (int)(r / (kh * kw));                                                          \
-      int k = (int)(r % (kh * kw));                                                           \
-      int iy = (int)(p / wo) * stride + k / kw - pad;                                         \
-      int ix = (int)(p % wo) * stride + k % kw - pad;                                         \
+    int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
+    int per_image = cin * kh * kw;                                                            \
+    int n = row / per_image, r = row % per_image;                                             \
+    int ci = r / (kh * kw), k = r % (kh * kw);                                                \
+    int ky = k / kw - pad, kx = k % kw - pad;                                                 \
+    const T* plane = x + ((i64)n * cin + ci) * h * w;                                         \
+    T* dst = cols + (i64)row * inner;                                                         \
+    for (int p = seg * AG_THREADS + threadIdx.x; p < inner; p += segs * AG_THREADS) {         \
+      int oy = p / wo;                                                                        \
+      int iy = oy * stride + ky, ix = (p - oy * wo) * stride + kx;                            \
       float v = 0.0f;                                                                         \
-      if (iy >= 0 && iy < h && ix >= 0 && ix < w)                                             \
-        v = ld_##SUF(x, ((n * cin + ci) * h + iy) * w + ix);                                  \
-      st_##SUF(cols, i, v);                                                                   \
+      if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = ld_##SUF(plane, (i64)iy * w + ix);      \
+      st_##SUF(dst, p, v);                                                                    \
     }                                                                                         \
   }                                                                                           \
                                                                                               \
@@ -94,63 +96,68 @@ __device__ float block_sum(float v, float* buf) {
     __shared__ float buf[AG_THREADS];                                                         \
     i64 group = blockIdx.x / chunks;                                                          \
     i64 start = (i64)(blockIdx.x % chunks) * GN_CHUNK;                                        \
-    i64 end = start + GN_CHUNK < per_group ? start + GN_CHUNK : per_group;                    \
-    const T* g = x + group * per_group;                                                       \
+    int len = (int)(per_group - start < GN_CHUNK ? per_group - start : GN_CHUNK);             \
+    const T* g = x + group * per_group + start;                                               \
     float s = 0.0f;                                                                           \
-    for (i64 i = start + threadIdx.x; i < end; i += AG_THREADS) s += ld_##SUF(g, i);          \
-    float count = (float)(end - start);                                                       \
-    float mean = block_sum(s, buf) / count;                                                   \
+    for (int i = threadIdx.x; i < len; i += AG_THREADS) s += ld_##SUF(g, i);                  \
+    float mean = block_sum(s, buf) / (float)len;                                              \
     float q = 0.0f;                                                                           \
-    for (i64 i = start + threadIdx.x; i < end; i += AG_THREADS) {                             \
+    for (int i = threadIdx.x; i < len; i += AG_THREADS) {                                     \
       float d = ld_##SUF(g, i) - mean;                                                        \
       q += d * d;                                                                             \
     }                                                                                         \
     float m2 = block_sum(q, buf);                                                             \
     if (threadIdx.x == 0) {                                                                   \
-      stats[3 * (i64)blockIdx.x] = count;                                                     \
+      stats[3 * (i64)blockIdx.x] = (float)len;                                                \
       stats[3 * (i64)blockIdx.x + 1] = mean;                                                  \
       stats[3 * (i64)blockIdx.x + 2] = m2;                                                    \
     }                                                                                         \
   }                                                                                           \
                                                                                               \
-  /* y = silu?((x - mean) * rstd * w[c] + b[c]) over (n, channels, inner) values, with      \
-     `cpg` channels per group and f32 weight and bias. */                                     \
+  /* y = silu?((x - mean) * rstd * w[c] + b[c]) with f32 weight and bias; rows are the       \
+     (image, channel) planes of `inner` values, `cpg` channels per group. */                  \
   extern "C" __global__ void gn_apply_##SUF(const T* x, T* y, const float* mean_rstd,         \
-                                            const float* w, const float* b, i64 total,        \
-                                            int channels, i64 inner, int cpg, int silu) {     \
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;                       \
-         i += (i64)gridDim.x * blockDim.x) {                                                  \
-      i64 nc = i / inner;                                                                     \
-      int c = (int)(nc % channels);                                                           \
-      i64 group = (nc / channels) * (channels / cpg) + c / cpg;                               \
-      float mean = mean_rstd[2 * group], rstd = mean_rstd[2 * group + 1];                     \
-      float scale = rstd * w[c];                                                              \
-      float v = ld_##SUF(x, i) * scale + (b[c] - mean * scale);                               \
+                                            const float* w, const float* b, int segs,         \
+                                            int inner, int channels, int cpg, int silu) {     \
+    int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
+    int c = row % channels;                                                                   \
+    int group = (row / channels) * (channels / cpg) + c / cpg;                                \
+    float scale = mean_rstd[2 * group + 1] * w[c];                                            \
+    float shift = b[c] - mean_rstd[2 * group] * scale;                                        \
+    const T* src = x + (i64)row * inner;                                                      \
+    T* dst = y + (i64)row * inner;                                                            \
+    for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
+      float v = ld_##SUF(src, i) * scale + shift;                                             \
       if (silu) v = v / (1.0f + expf(-v));                                                    \
-      st_##SUF(y, i, v);                                                                      \
+      st_##SUF(dst, i, v);                                                                    \
     }                                                                                         \
   }                                                                                           \
                                                                                               \
-  /* y = x + bias[(i / inner) % channels]: a per-channel bias over NCHW (inner = H*W) or a   \
-     per-feature bias over rows (inner = 1). */                                               \
-  extern "C" __global__ void bias_add_##SUF(const T* x, const T* bias, T* y, i64 total,       \
-                                            int channels, i64 inner) {                        \
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;                       \
-         i += (i64)gridDim.x * blockDim.x) {                                                  \
-      float v = ld_##SUF(x, i) + ld_##SUF(bias, (i / inner) % channels);                      \
-      st_##SUF(y, i, v);                                                                      \
+  /* y = x + bias over rows of `inner` values: per_row, bias[row % channels] (NCHW planes,   \
+     inner = H*W); else bias[i] along the row (a Linear's features, inner = features). */     \
+  extern "C" __global__ void bias_add_##SUF(const T* x, const T* bias, T* y, int segs,        \
+                                            int inner, int channels, int per_row) {           \
+    int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
+    const T* src = x + (i64)row * inner;                                                      \
+    T* dst = y + (i64)row * inner;                                                            \
+    float rb = per_row ? ld_##SUF(bias, row % channels) : 0.0f;                               \
+    for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
+      float v = ld_##SUF(src, i) + (per_row ? rb : ld_##SUF(bias, i));                        \
+      st_##SUF(dst, i, v);                                                                    \
     }                                                                                         \
   }                                                                                           \
                                                                                               \
-  /* Nearest upsampling by `s` of (n*c, h, w) planes into (n*c, h*s, w*s): a copy. */         \
-  extern "C" __global__ void upsample_nearest_##SUF(const T* x, T* y, i64 total, int h,       \
-                                                    int w, int s) {                           \
-    i64 ow = (i64)w * s, oplane = (i64)h * s * ow;                                            \
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;                       \
-         i += (i64)gridDim.x * blockDim.x) {                                                  \
-      i64 plane = i / oplane, r = i % oplane;                                                 \
-      i64 iy = (r / ow) / s, ix = (r % ow) / s;                                               \
-      y[i] = x[(plane * h + iy) * w + ix];                                                    \
+  /* Nearest upsampling by `s`: rows are the (n*c) planes, inner = (h*s) * (w*s) outputs of  \
+     an (h, w) input plane: a copy. */                                                        \
+  extern "C" __global__ void upsample_nearest_##SUF(const T* x, T* y, int segs, int inner,    \
+                                                    int h, int w, int s) {                    \
+    int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
+    const T* src = x + (i64)row * h * w;                                                      \
+    T* dst = y + (i64)row * inner;                                                            \
+    int ow = w * s;                                                                           \
+    for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
+      int oy = i / ow;                                                                        \
+      dst[i] = src[(oy / s) * w + (i - oy * ow) / s];                                         \
     }                                                                                         \
   }
 

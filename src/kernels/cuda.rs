@@ -30,8 +30,8 @@ const SOURCE: &str = include_str!("cuda.cu");
 const THREADS: u32 = 256;
 /// `GN_CHUNK` in cuda.cu.
 const GN_CHUNK: usize = 16384;
-/// Grid size cap of the grid-stride kernels (enough blocks to fill any current GPU).
-const MAX_BLOCKS: usize = 65535;
+/// Values each thread of a row kernel handles (at most: a row's blocks stride over it).
+const ITEMS: usize = 4;
 /// Bytes of im2col unfolded at once: larger batches go by groups of images (candle unfolds
 /// the whole batch, 4.8 GB for four 512x512 images in a 256-channel layer).
 const COL_LIMIT_BYTES: usize = 1 << 30;
@@ -60,14 +60,18 @@ fn kernel(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
         .into_cuda_function())
 }
 
-/// One thread per element, grid-stride beyond [`MAX_BLOCKS`] blocks.
-fn elementwise(total: usize) -> LaunchConfig {
-    let blocks = total.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+/// The launch of a row kernel over `rows` rows of `inner` values (cuda.cu's launch shapes):
+/// `segs` blocks per row, each thread handling about [`ITEMS`] values, and the config.
+fn rows_launch(rows: usize, inner: usize) -> candle_core::Result<(i32, LaunchConfig)> {
+    int(inner, "row length")?;
+    let max_grid = i32::MAX as usize;
+    if rows == 0 || rows > max_grid {
+        candle_core::bail!("CUDA kernel: {rows} rows do not fit a grid");
     }
+    let segs = inner
+        .div_ceil(THREADS as usize * ITEMS)
+        .clamp(1, max_grid / rows);
+    Ok((segs as i32, blocks(rows * segs)?))
 }
 
 fn blocks(n: usize) -> candle_core::Result<LaunchConfig> {
@@ -207,6 +211,7 @@ impl CustomOp1 for Im2col {
         let (ho, wo) = self.out_hw(h, w)?;
         let rows = cin * self.kh * self.kw;
         let total = n * rows * ho * wo;
+        let (segs, cfg) = rows_launch(n * rows, ho * wo)?;
         let dev = s.device();
         let stream = dev.cuda_stream();
         let slice = by_dtype!(self.name(), s, |x, suf| {
@@ -218,7 +223,8 @@ impl CustomOp1 for Im2col {
             b.arg(&out);
             candle_core::builder_arg!(
                 b,
-                total as i64,
+                segs,
+                int(ho * wo, "output pixels")?,
                 int(cin, "channels")?,
                 int(h, "height")?,
                 int(w, "width")?,
@@ -226,11 +232,10 @@ impl CustomOp1 for Im2col {
                 int(self.kw, "kernel width")?,
                 int(self.stride, "stride")?,
                 int(self.pad, "padding")?,
-                int(ho, "output height")?,
                 int(wo, "output width")?
             );
             // SAFETY: the arguments match im2col's signature in cuda.cu.
-            unsafe { b.launch(elementwise(total)) }.w()?;
+            unsafe { b.launch(cfg) }.w()?;
             out
         });
         Ok((storage(slice, dev), Shape::from((n, rows, ho * wo))))
@@ -252,6 +257,10 @@ pub fn conv2d(
     let (cout, wcin, kh, kw) = w.dims4()?;
     if wcin != cin {
         candle_core::bail!("conv2d: input has {cin} channels, the weight {wcin}");
+    }
+    if x.elem_count() == 0 || w.elem_count() == 0 {
+        return super::conv::composed(x, w, bias, stride, padding)
+            .map_err(candle_core::Error::wrap);
     }
     let x = x.contiguous()?;
     let wm = w.to_dtype(x.dtype())?.reshape((cout, cin * kh * kw))?;
@@ -286,13 +295,15 @@ pub fn conv2d(
 /// value per channel; else the bias runs along `y`'s last axis (a Linear layer's features).
 pub fn bias_add(y: &Tensor, bias: &Tensor, per_channel: bool) -> candle_core::Result<Tensor> {
     let dims = y.dims();
+    // Rows of `inner` values: the (image, channel) planes, or a Linear's output rows.
     let (channels, inner) = if per_channel {
         if dims.len() < 2 {
             candle_core::bail!("bias add: {:?} has no channel axis", y.shape());
         }
         (dims[1], dims[2..].iter().product())
     } else {
-        (*dims.last().unwrap_or(&1), 1)
+        let features = *dims.last().unwrap_or(&1);
+        (features, features)
     };
     if bias.elem_count() != channels {
         candle_core::bail!(
@@ -301,14 +312,24 @@ pub fn bias_add(y: &Tensor, bias: &Tensor, per_channel: bool) -> candle_core::Re
             y.shape()
         );
     }
+    if y.elem_count() == 0 {
+        return Ok(y.clone());
+    }
     let bias = bias.to_dtype(y.dtype())?.contiguous()?;
-    y.contiguous()?
-        .apply_op2_no_bwd(&bias, &BiasAdd { channels, inner })
+    let op = BiasAdd {
+        channels,
+        inner,
+        per_row: per_channel,
+    };
+    y.contiguous()?.apply_op2_no_bwd(&bias, &op)
 }
 
+/// `bias[row % channels]` added to each row of `inner` values (`per_row`), or `bias[i]` to
+/// the `i`-th value of every row.
 struct BiasAdd {
     channels: usize,
     inner: usize,
+    per_row: bool,
 }
 
 impl CustomOp2 for BiasAdd {
@@ -334,6 +355,7 @@ impl CustomOp2 for BiasAdd {
         lb: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let total = l.shape().elem_count();
+        let (segs, cfg) = rows_launch(total / self.inner, self.inner)?;
         let dev = s.device();
         let stream = dev.cuda_stream();
         let slice = by_dtype!(self.name(), s, sb, |x, bias, suf| {
@@ -346,12 +368,13 @@ impl CustomOp2 for BiasAdd {
             b.arg(&out);
             candle_core::builder_arg!(
                 b,
-                total as i64,
+                segs,
+                int(self.inner, "row length")?,
                 int(self.channels, "channels")?,
-                self.inner as i64
+                i32::from(self.per_row)
             );
             // SAFETY: the arguments match bias_add's signature in cuda.cu.
-            unsafe { b.launch(elementwise(total)) }.w()?;
+            unsafe { b.launch(cfg) }.w()?;
             out
         });
         Ok((storage(slice, dev), l.shape().clone()))
@@ -466,16 +489,17 @@ impl CustomOp3 for GroupNormOp {
                 k.arg(&mean_rstd);
                 k.arg(&w);
                 k.arg(&b);
+                let (segs, cfg) = rows_launch(n * c, inner)?;
                 candle_core::builder_arg!(
                     k,
-                    total as i64,
+                    segs,
+                    int(inner, "plane size")?,
                     int(c, "channels")?,
-                    inner as i64,
                     int(c / g, "channels per group")?,
                     i32::from(self.silu)
                 );
                 // SAFETY: the arguments match gn_apply's signature in cuda.cu.
-                unsafe { k.launch(elementwise(total)) }.w()?;
+                unsafe { k.launch(cfg) }.w()?;
             }
             out
         });
@@ -486,6 +510,10 @@ impl CustomOp3 for GroupNormOp {
 /// Nearest upsampling of `(n, c, h, w)` by `s` in both axes, as one copy (candle's
 /// broadcast-reshape copy indexes in six dimensions).
 pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if x.elem_count() == 0 || s == 0 {
+        return Tensor::zeros((n, c, h * s, w * s), x.dtype(), x.device());
+    }
     x.contiguous()?.apply_op1_no_bwd(&Upsample { s })
 }
 
@@ -506,6 +534,7 @@ impl CustomOp1 for Upsample {
         let (n, c, h, w) = l.shape().dims4()?;
         let s = self.s;
         let total = n * c * h * s * w * s;
+        let (segs, cfg) = rows_launch(n * c, h * s * w * s)?;
         let dev = st.device();
         let stream = dev.cuda_stream();
         let slice = by_dtype!(self.name(), st, |x, suf| {
@@ -517,13 +546,14 @@ impl CustomOp1 for Upsample {
             k.arg(&out);
             candle_core::builder_arg!(
                 k,
-                total as i64,
+                segs,
+                int(h * s * w * s, "output plane")?,
                 int(h, "height")?,
                 int(w, "width")?,
                 int(s, "scale")?
             );
             // SAFETY: the arguments match upsample_nearest's signature in cuda.cu.
-            unsafe { k.launch(elementwise(total)) }.w()?;
+            unsafe { k.launch(cfg) }.w()?;
             out
         });
         Ok((storage(slice, dev), Shape::from((n, c, h * s, w * s))))
