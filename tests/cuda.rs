@@ -278,9 +278,9 @@ fn cuda_kernels_match_candle() {
 }
 
 /// artguide's own CUDA kernels (`kernels::cuda`, used with `ARTGUIDE_CUDA_KERNELS=1`) against
-/// candle's compositions on the same GPU, f32 and f16, on shapes that cover their edge cases:
-/// strides and paddings, 1x1 layers, batches, groups larger than one statistics chunk, an
-/// offset mean.
+/// candle's compositions (and, for the group-norm backward, candle's autograd) on the same
+/// GPU, f32 and f16, on shapes that cover their edge cases: strides and paddings, 1x1 layers,
+/// batches, groups larger than one statistics chunk, an offset mean.
 #[cfg(feature = "cuda")]
 mod own_kernels {
     use artguide::kernels::cuda;
@@ -366,6 +366,44 @@ mod own_kernels {
                     let e = rel(&got, &want);
                     eprintln!("group norm {dtype:?} case {i} silu {silu}: rel err {e:.2e}");
                     assert!(e < tol.max(2e-5), "group norm {dtype:?} case {i}: {e}");
+                    // The backward against candle's autograd through its composition, in f32
+                    // (candle's f16 backward rounds every intermediate).
+                    let r = randn(&[n, c, h, w], 80 + i as u64, dev, DType::F32);
+                    let x32 =
+                        candle_core::Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
+                    let reference32 = candle_nn::GroupNorm::new(
+                        gamma.to_dtype(DType::F32).unwrap(),
+                        beta.to_dtype(DType::F32).unwrap(),
+                        c,
+                        g,
+                        1e-5,
+                    )
+                    .unwrap();
+                    let mut y =
+                        candle_core::Module::forward(&reference32, x32.as_tensor()).unwrap();
+                    if silu {
+                        y = candle_nn::ops::silu(&y).unwrap();
+                    }
+                    let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let want = grads.get(x32.as_tensor()).unwrap();
+                    let got = cuda::group_norm_backward(
+                        &x,
+                        &r.to_dtype(dtype).unwrap(),
+                        &gamma,
+                        &beta,
+                        g,
+                        1e-5,
+                        silu,
+                    )
+                    .unwrap();
+                    let e = rel(&got, want);
+                    eprintln!(
+                        "group norm backward {dtype:?} case {i} silu {silu}: rel err {e:.2e}"
+                    );
+                    assert!(
+                        e < tol.max(1e-4) * 2.0,
+                        "group norm backward {dtype:?} case {i}: {e}"
+                    );
                 }
             }
             let y = randn(&[2, 6, 5, 7], 70, dev, dtype);

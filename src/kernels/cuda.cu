@@ -8,14 +8,16 @@
 // __syncthreads are used (no warp shuffles), which keeps the emulation exact.
 //
 // Launch shapes (cuda.rs and the emulation's driver use the same ones):
-// - row kernels (im2col, gn_apply, bias_add, upsample_nearest) see their data as `rows` rows
-//   of `inner` contiguous values (a channel plane, an im2col row, a Linear output row):
-//   AG_THREADS threads per block, `segs` blocks per row (grid = rows * segs), each block
-//   striding over its row, so the per-element work has no 64-bit division (the row's
-//   constants, such as a channel's scale, are computed once per block);
+// - row kernels (im2col, gn_apply, gn_grad_apply, bias_add, upsample_nearest) see their data
+//   as `rows` rows of `inner` contiguous values (a channel plane, an im2col row, a Linear
+//   output row): AG_THREADS threads per block, `segs` blocks per row (grid = rows * segs),
+//   each block striding over its row, so the per-element work has no 64-bit division (the
+//   row's constants, such as a channel's scale, are computed once per block);
 // - gn_chunk_stats: AG_THREADS threads per block, one block per chunk of GN_CHUNK values of one
 //   group;
-// - gn_finalize: AG_THREADS threads per block, one thread per (image, group).
+// - gn_grad_chunk_sums: as gn_chunk_stats (same chunks); gn_grad_apply: a row kernel, as
+//   gn_apply;
+// - gn_finalize, gn_grad_finalize: AG_THREADS threads per block, one thread per (image, group).
 
 #define AG_THREADS 256
 #define GN_CHUNK 16384
@@ -65,9 +67,9 @@ __device__ float block_sum(float v, float* buf) {
   return total;
 }
 
-#define AG_KERNELS(SUF, T)                                                                      \
+#define AG_KERNELS(SUF, T)                                                                    \
   /* Unfolds images into cols of shape (n, cin*kh*kw, ho*wo): row (n, ci, ky, kx) of ho*wo    \
-     pixels, so consecutive threads read and write consecutive addresses (stride 1).         \
+     pixels, so consecutive threads read and write consecutive addresses (stride 1).          \
      rows = n*cin*kh*kw, inner = ho*wo. */                                                    \
   extern "C" __global__ void im2col_##SUF(const T* x, T* cols, int segs, int inner, int cin,  \
                                           int h, int w, int kh, int kw, int stride, int pad,  \
@@ -88,8 +90,8 @@ __device__ float block_sum(float v, float* buf) {
     }                                                                                         \
   }                                                                                           \
                                                                                               \
-  /* Count, mean and centred sum of squares (M2) of chunk blockIdx.x: groups of `per_group`  \
-     contiguous values, `chunks` chunks of GN_CHUNK values per group (the last one shorter). \
+  /* Count, mean and centred sum of squares (M2) of chunk blockIdx.x: groups of `per_group`   \
+     contiguous values, `chunks` chunks of GN_CHUNK values per group (the last one shorter).  \
      Written as stats[3 * chunk + {0, 1, 2}]. */                                              \
   extern "C" __global__ void gn_chunk_stats_##SUF(const T* x, float* stats, i64 per_group,    \
                                                   int chunks) {                               \
@@ -114,7 +116,7 @@ __device__ float block_sum(float v, float* buf) {
     }                                                                                         \
   }                                                                                           \
                                                                                               \
-  /* y = silu?((x - mean) * rstd * w[c] + b[c]) with f32 weight and bias; rows are the       \
+  /* y = silu?((x - mean) * rstd * w[c] + b[c]) with f32 weight and bias; rows are the        \
      (image, channel) planes of `inner` values, `cpg` channels per group. */                  \
   extern "C" __global__ void gn_apply_##SUF(const T* x, T* y, const float* mean_rstd,         \
                                             const float* w, const float* b, int segs,         \
@@ -133,7 +135,68 @@ __device__ float block_sum(float v, float* buf) {
     }                                                                                         \
   }                                                                                           \
                                                                                               \
-  /* y = x + bias over rows of `inner` values: per_row, bias[row % channels] (NCHW planes,   \
+  /* dL/dxhat of y = silu?(xhat * w[c] + b[c]) from dL/dy: the shared first step of the       \
+     group-norm backward kernels. */                                                          \
+  __device__ __forceinline__ float gn_dxhat_##SUF(float xhat, float dy, float wc, float bc,   \
+                                                  int silu) {                                 \
+    if (silu) {                                                                               \
+      float y = xhat * wc + bc;                                                               \
+      float sg = 1.0f / (1.0f + expf(-y));                                                    \
+      dy *= sg * (1.0f + y * (1.0f - sg));                                                    \
+    }                                                                                         \
+    return dy * wc;                                                                           \
+  }                                                                                           \
+                                                                                              \
+  /* Sums of dL/dxhat and dL/dxhat * xhat over chunk blockIdx.x (gn_chunk_stats's chunks),    \
+     written as sums[2 * chunk + {0, 1}]; `groups` groups per image of `cpg` channels of      \
+     `inner` values, per_group < 2^31 (cuda.rs checks). */                                    \
+  extern "C" __global__ void gn_grad_chunk_sums_##SUF(                                        \
+      const T* x, const T* dy, const float* mean_rstd, const float* w, const float* b,        \
+      float* sums, i64 per_group, int chunks, int inner, int groups, int cpg, int silu) {     \
+    __shared__ float buf[AG_THREADS];                                                         \
+    i64 group = blockIdx.x / chunks;                                                          \
+    i64 start = (i64)(blockIdx.x % chunks) * GN_CHUNK;                                        \
+    int len = (int)(per_group - start < GN_CHUNK ? per_group - start : GN_CHUNK);             \
+    int c0 = (int)(group % groups) * cpg;                                                     \
+    float mean = mean_rstd[2 * group], rstd = mean_rstd[2 * group + 1];                       \
+    const T* xg = x + group * per_group + start;                                              \
+    const T* dg = dy + group * per_group + start;                                             \
+    float a1 = 0.0f, a2 = 0.0f;                                                               \
+    for (int i = threadIdx.x; i < len; i += AG_THREADS) {                                     \
+      int c = c0 + ((int)start + i) / inner;                                                  \
+      float xhat = (ld_##SUF(xg, i) - mean) * rstd;                                           \
+      float d = gn_dxhat_##SUF(xhat, ld_##SUF(dg, i), w[c], b[c], silu);                      \
+      a1 += d;                                                                                \
+      a2 += d * xhat;                                                                         \
+    }                                                                                         \
+    a1 = block_sum(a1, buf);                                                                  \
+    a2 = block_sum(a2, buf);                                                                  \
+    if (threadIdx.x == 0) {                                                                   \
+      sums[2 * (i64)blockIdx.x] = a1;                                                         \
+      sums[2 * (i64)blockIdx.x + 1] = a2;                                                     \
+    }                                                                                         \
+  }                                                                                           \
+                                                                                              \
+  /* dL/dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), the group means in     \
+     grad_means[2 * group + {0, 1}]; rows are the (image, channel) planes, as gn_apply's. */  \
+  extern "C" __global__ void gn_grad_apply_##SUF(                                             \
+      const T* x, const T* dy, T* dx, const float* mean_rstd, const float* grad_means,        \
+      const float* w, const float* b, int segs, int inner, int channels, int cpg, int silu) { \
+    int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
+    int c = row % channels;                                                                   \
+    int group = (row / channels) * (channels / cpg) + c / cpg;                                \
+    float mean = mean_rstd[2 * group], rstd = mean_rstd[2 * group + 1];                       \
+    float m1 = grad_means[2 * group], m2 = grad_means[2 * group + 1];                         \
+    float wc = w[c], bc = b[c];                                                               \
+    i64 base = (i64)row * inner;                                                              \
+    for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
+      float xhat = (ld_##SUF(x, base + i) - mean) * rstd;                                     \
+      float d = gn_dxhat_##SUF(xhat, ld_##SUF(dy, base + i), wc, bc, silu);                   \
+      st_##SUF(dx, base + i, rstd * (d - m1 - xhat * m2));                                    \
+    }                                                                                         \
+  }                                                                                           \
+                                                                                              \
+  /* y = x + bias over rows of `inner` values: per_row, bias[row % channels] (NCHW planes,    \
      inner = H*W); else bias[i] along the row (a Linear's features, inner = features). */     \
   extern "C" __global__ void bias_add_##SUF(const T* x, const T* bias, T* y, int segs,        \
                                             int inner, int channels, int per_row) {           \
@@ -147,7 +210,7 @@ __device__ float block_sum(float v, float* buf) {
     }                                                                                         \
   }                                                                                           \
                                                                                               \
-  /* Nearest upsampling by `s`: rows are the (n*c) planes, inner = (h*s) * (w*s) outputs of  \
+  /* Nearest upsampling by `s`: rows are the (n*c) planes, inner = (h*s) * (w*s) outputs of   \
      an (h, w) input plane: a copy. */                                                        \
   extern "C" __global__ void upsample_nearest_##SUF(const T* x, T* y, int segs, int inner,    \
                                                     int h, int w, int s) {                    \
@@ -164,6 +227,21 @@ __device__ float block_sum(float v, float* buf) {
 AG_KERNELS(f32, float)
 AG_KERNELS(f16, u16)
 AG_KERNELS(bf16, u16)
+
+// The group means of gn_grad_chunk_sums's chunk sums, in double: grad_means[2 * group + k] =
+// sum over the group's chunks of sums[2 * chunk + k] / per_group.
+extern "C" __global__ void gn_grad_finalize(const float* sums, float* grad_means, int groups,
+                                            int chunks, i64 per_group) {
+  int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= groups) return;
+  double s1 = 0.0, s2 = 0.0;
+  for (int k = 0; k < chunks; k++) {
+    s1 += sums[2 * ((i64)g * chunks + k)];
+    s2 += sums[2 * ((i64)g * chunks + k) + 1];
+  }
+  grad_means[2 * g] = (float)(s1 / (double)per_group);
+  grad_means[2 * g + 1] = (float)(s2 / (double)per_group);
+}
 
 // Merges the chunk statistics of each (image, group) in double (Chan et al.'s pairwise
 // update) into mean_rstd[2 * group + {0, 1}] = {mean, 1 / sqrt(var + eps)}.

@@ -401,6 +401,127 @@ pub fn group_norm(
     )
 }
 
+/// `dL/dx` of [`group_norm`] (weight and bias constants) from `x` and `dL/dy`: the CPU
+/// kernel's formula, `rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))` per group.
+pub fn group_norm_backward(
+    x: &Tensor,
+    grad: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> candle_core::Result<Tensor> {
+    if grad.dims() != x.dims() {
+        candle_core::bail!(
+            "group norm backward: gradient {:?} for input {:?}",
+            grad.shape(),
+            x.shape()
+        );
+    }
+    let params = Tensor::stack(&[weight, bias], 0)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    x.contiguous()?.apply_op3_no_bwd(
+        &grad.to_dtype(x.dtype())?.contiguous()?,
+        &params,
+        &GroupNormGrad { groups, eps, silu },
+    )
+}
+
+/// Sizes of a group-norm input `(n, c, ...)` with `groups` groups per image.
+struct GnGeom {
+    n: usize,
+    c: usize,
+    /// Values per channel plane.
+    inner: usize,
+    groups: usize,
+    /// Values per (image, group).
+    per_group: usize,
+    /// Statistics chunks per group.
+    chunks: usize,
+}
+
+impl GnGeom {
+    /// Checked against the `params` per-channel values (weight, bias).
+    fn new(op: &str, l: &Layout, groups: usize, params: usize) -> candle_core::Result<Self> {
+        let dims = l.shape().dims();
+        let (n, c) = match dims {
+            [n, c, ..] => (*n, *c),
+            _ => candle_core::bail!("{op}: input {:?} has no channel axis", l.shape()),
+        };
+        if groups == 0 || c % groups != 0 || params != c {
+            candle_core::bail!(
+                "{op}: {c} channels, {groups} groups and {params} parameters do not fit"
+            );
+        }
+        let inner: usize = dims[2..].iter().product();
+        let per_group = c / groups * inner;
+        Ok(GnGeom {
+            n,
+            c,
+            inner,
+            groups,
+            per_group,
+            chunks: per_group.div_ceil(GN_CHUNK).max(1),
+        })
+    }
+
+    fn total(&self) -> usize {
+        self.n * self.c * self.inner
+    }
+
+    fn all_groups(&self) -> usize {
+        self.n * self.groups
+    }
+
+    /// `(mean, rstd)` of every (image, group) of `x`: gn_chunk_stats, then gn_finalize.
+    fn stats<T: DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        suf: &str,
+        x: &CudaView<T>,
+        eps: f64,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let stream = dev.cuda_stream();
+        let all = self.all_groups();
+        let stats = dev.alloc_zeros::<f32>(3 * all * self.chunks)?;
+        let mean_rstd = dev.alloc_zeros::<f32>(2 * all)?;
+        let f = kernel(dev, &format!("gn_chunk_stats_{suf}"))?;
+        let mut k = stream.launch_builder(&f);
+        k.arg(x);
+        k.arg(&stats);
+        candle_core::builder_arg!(k, self.per_group as i64, int(self.chunks, "chunks")?);
+        // SAFETY: the arguments match gn_chunk_stats's signature in cuda.cu.
+        unsafe { k.launch(blocks(all * self.chunks)?) }.w()?;
+        let f = kernel(dev, "gn_finalize")?;
+        let mut k = stream.launch_builder(&f);
+        k.arg(&stats);
+        k.arg(&mean_rstd);
+        candle_core::builder_arg!(
+            k,
+            int(all, "groups")?,
+            int(self.chunks, "chunks")?,
+            eps as f32
+        );
+        // SAFETY: the arguments match gn_finalize's signature in cuda.cu.
+        unsafe { k.launch(blocks(all.div_ceil(THREADS as usize))?) }.w()?;
+        Ok(mean_rstd)
+    }
+}
+
+/// The f32 view of a parameter storage, or an error naming the op.
+fn f32_view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<CudaView<'a, f32>> {
+    match &s.slice {
+        CudaStorageSlice::F32(p) => view(p, l, op),
+        _ => candle_core::bail!("{op}: weight and bias must be f32"),
+    }
+}
+
 struct GroupNormOp {
     groups: usize,
     eps: f64,
@@ -433,55 +554,26 @@ impl CustomOp3 for GroupNormOp {
         sb: &CudaStorage,
         lb: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dims = l.shape().dims();
-        let (n, c) = match dims {
-            [n, c, ..] => (*n, *c),
-            _ => candle_core::bail!("group norm: input {:?} has no channel axis", l.shape()),
-        };
-        let inner: usize = dims[2..].iter().product();
-        let g = self.groups;
-        if g == 0 || c % g != 0 || lw.shape().elem_count() != c || lb.shape().elem_count() != c {
+        if lw.shape().elem_count() != lb.shape().elem_count() {
             candle_core::bail!(
-                "group norm: {c} channels, {g} groups, {} weights and {} biases do not fit",
-                lw.shape().elem_count(),
-                lb.shape().elem_count()
+                "group norm: weight {:?} and bias {:?} differ",
+                lw.shape(),
+                lb.shape()
             );
         }
-        let (CudaStorageSlice::F32(w), CudaStorageSlice::F32(b)) = (&sw.slice, &sb.slice) else {
-            candle_core::bail!("group norm: weight and bias must be f32");
-        };
-        let (w, b) = (view(w, lw, self.name())?, view(b, lb, self.name())?);
-        let per_group = c / g * inner;
-        let total = n * c * inner;
-        let all_groups = n * g;
-        let chunks = per_group.div_ceil(GN_CHUNK).max(1);
+        let geo = GnGeom::new(self.name(), l, self.groups, lw.shape().elem_count())?;
+        let (w, b) = (
+            f32_view(sw, lw, self.name())?,
+            f32_view(sb, lb, self.name())?,
+        );
+        let total = geo.total();
         let dev = s.device();
         let stream = dev.cuda_stream();
         let slice = by_dtype!(self.name(), s, |x, suf| {
             let x = view(x, l, self.name())?;
             let out = output(&x, dev, total)?;
             if total > 0 {
-                let stats = dev.alloc_zeros::<f32>(3 * all_groups * chunks)?;
-                let mean_rstd = dev.alloc_zeros::<f32>(2 * all_groups)?;
-                let f = kernel(dev, &format!("gn_chunk_stats_{suf}"))?;
-                let mut k = stream.launch_builder(&f);
-                k.arg(&x);
-                k.arg(&stats);
-                candle_core::builder_arg!(k, per_group as i64, int(chunks, "chunks")?);
-                // SAFETY: the arguments match gn_chunk_stats's signature in cuda.cu.
-                unsafe { k.launch(blocks(all_groups * chunks)?) }.w()?;
-                let f = kernel(dev, "gn_finalize")?;
-                let mut k = stream.launch_builder(&f);
-                k.arg(&stats);
-                k.arg(&mean_rstd);
-                candle_core::builder_arg!(
-                    k,
-                    int(all_groups, "groups")?,
-                    int(chunks, "chunks")?,
-                    self.eps as f32
-                );
-                // SAFETY: the arguments match gn_finalize's signature in cuda.cu.
-                unsafe { k.launch(blocks(all_groups.div_ceil(THREADS as usize))?) }.w()?;
+                let mean_rstd = geo.stats(dev, suf, &x, self.eps)?;
                 let f = kernel(dev, &format!("gn_apply_{suf}"))?;
                 let mut k = stream.launch_builder(&f);
                 k.arg(&x);
@@ -489,19 +581,127 @@ impl CustomOp3 for GroupNormOp {
                 k.arg(&mean_rstd);
                 k.arg(&w);
                 k.arg(&b);
-                let (segs, cfg) = rows_launch(n * c, inner)?;
+                let (segs, cfg) = rows_launch(geo.n * geo.c, geo.inner)?;
                 candle_core::builder_arg!(
                     k,
                     segs,
-                    int(inner, "plane size")?,
-                    int(c, "channels")?,
-                    int(c / g, "channels per group")?,
+                    int(geo.inner, "plane size")?,
+                    int(geo.c, "channels")?,
+                    int(geo.c / geo.groups, "channels per group")?,
                     i32::from(self.silu)
                 );
                 // SAFETY: the arguments match gn_apply's signature in cuda.cu.
                 unsafe { k.launch(cfg) }.w()?;
             }
             out
+        });
+        Ok((storage(slice, dev), l.shape().clone()))
+    }
+}
+
+/// `dL/dx` of `silu?(GroupNorm(x))` from `x`, `dL/dy` and the (2, C) f32 weight-and-bias rows.
+struct GroupNormGrad {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNormGrad {
+    fn name(&self) -> &'static str {
+        "artguide-group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+        sg: &CudaStorage,
+        lg: &Layout,
+        sp: &CudaStorage,
+        lp: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let geo = GnGeom::new(self.name(), l, self.groups, lp.shape().elem_count() / 2)?;
+        int(geo.per_group, "group size")?;
+        let params = f32_view(sp, lp, self.name())?;
+        let (w, b) = (params.slice(0..geo.c), params.slice(geo.c..2 * geo.c));
+        let total = geo.total();
+        let all = geo.all_groups();
+        let dev = s.device();
+        let stream = dev.cuda_stream();
+        let slice = by_dtype!(self.name(), s, sg, |x, dy, suf| {
+            let (x, dy) = (view(x, l, self.name())?, view(dy, lg, self.name())?);
+            let dx = output(&x, dev, total)?;
+            if total > 0 {
+                let mean_rstd = geo.stats(dev, suf, &x, self.eps)?;
+                let sums = dev.alloc_zeros::<f32>(2 * all * geo.chunks)?;
+                let grad_means = dev.alloc_zeros::<f32>(2 * all)?;
+                let silu = i32::from(self.silu);
+                let cpg = int(geo.c / geo.groups, "channels per group")?;
+                let f = kernel(dev, &format!("gn_grad_chunk_sums_{suf}"))?;
+                let mut k = stream.launch_builder(&f);
+                k.arg(&x);
+                k.arg(&dy);
+                k.arg(&mean_rstd);
+                k.arg(&w);
+                k.arg(&b);
+                k.arg(&sums);
+                candle_core::builder_arg!(
+                    k,
+                    geo.per_group as i64,
+                    int(geo.chunks, "chunks")?,
+                    int(geo.inner, "plane size")?,
+                    int(geo.groups, "groups")?,
+                    cpg,
+                    silu
+                );
+                // SAFETY: the arguments match gn_grad_chunk_sums's signature in cuda.cu.
+                unsafe { k.launch(blocks(all * geo.chunks)?) }.w()?;
+                let f = kernel(dev, "gn_grad_finalize")?;
+                let mut k = stream.launch_builder(&f);
+                k.arg(&sums);
+                k.arg(&grad_means);
+                candle_core::builder_arg!(
+                    k,
+                    int(all, "groups")?,
+                    int(geo.chunks, "chunks")?,
+                    geo.per_group as i64
+                );
+                // SAFETY: the arguments match gn_grad_finalize's signature in cuda.cu.
+                unsafe { k.launch(blocks(all.div_ceil(THREADS as usize))?) }.w()?;
+                let f = kernel(dev, &format!("gn_grad_apply_{suf}"))?;
+                let mut k = stream.launch_builder(&f);
+                k.arg(&x);
+                k.arg(&dy);
+                k.arg(&dx);
+                k.arg(&mean_rstd);
+                k.arg(&grad_means);
+                k.arg(&w);
+                k.arg(&b);
+                let (segs, cfg) = rows_launch(geo.n * geo.c, geo.inner)?;
+                candle_core::builder_arg!(
+                    k,
+                    segs,
+                    int(geo.inner, "plane size")?,
+                    int(geo.c, "channels")?,
+                    cpg,
+                    silu
+                );
+                // SAFETY: the arguments match gn_grad_apply's signature in cuda.cu.
+                unsafe { k.launch(cfg) }.w()?;
+            }
+            dx
         });
         Ok((storage(slice, dev), l.shape().clone()))
     }

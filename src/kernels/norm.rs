@@ -51,10 +51,25 @@ impl GroupNorm {
         self.run(x, true)
     }
 
-    /// For paths that need gradients: on the CPU in f32 the fused value with its own
-    /// backward (one op, instead of candle's composition keeping a dozen full-size
-    /// intermediates for its backward); elsewhere candle's composition.
+    /// For paths that need gradients: on the CPU in f32 (and on CUDA with
+    /// `ARTGUIDE_CUDA_KERNELS=1`) the fused value with its own backward (one op, instead of
+    /// candle's composition keeping a dozen full-size intermediates for its backward);
+    /// elsewhere candle's composition.
     pub fn forward_differentiable(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && super::cuda_kernels() {
+            let (w, b) = (self.weight.clone(), self.bias.clone());
+            let (groups, eps) = (self.groups, self.eps);
+            return super::frozen::input_only(
+                x,
+                |x| self.run(x, silu),
+                || {
+                    Ok(Box::new(move |x: &Tensor, g: &Tensor| {
+                        super::cuda::group_norm_backward(x, g, &w, &b, groups, eps, silu)
+                    }))
+                },
+            );
+        }
         if !self.fused_applies(x) {
             return self.composed(x, silu);
         }

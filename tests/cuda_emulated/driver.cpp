@@ -25,6 +25,8 @@
     static constexpr auto im2col = im2col_##SUF;                     \
     static constexpr auto gn_chunk_stats = gn_chunk_stats_##SUF;     \
     static constexpr auto gn_apply = gn_apply_##SUF;                 \
+    static constexpr auto gn_grad_chunk_sums = gn_grad_chunk_sums_##SUF; \
+    static constexpr auto gn_grad_apply = gn_grad_apply_##SUF;       \
     static constexpr auto bias_add = bias_add_##SUF;                 \
     static constexpr auto upsample_nearest = upsample_nearest_##SUF; \
   };
@@ -197,6 +199,80 @@ void group_norm_case(int n, int c, int groups, int h, int w, float eps, double o
   }
 }
 
+// The backward kernels (statistics, gn_grad_chunk_sums, gn_grad_finalize, gn_grad_apply)
+// without and with SiLU against dL/dx in double: rstd * (dxhat - mean(dxhat) - xhat *
+// mean(dxhat * xhat)) per group, dxhat = dL/dy * silu'(y) * w[c]. The bound is relative to
+// the largest |dL/dx| of the case (the formula subtracts group means of similar size).
+template <class D>
+void group_norm_grad_case(int n, int c, int groups, int h, int w, float eps, double tol) {
+  int cpg = c / groups, groups_total = n * groups;
+  i64 inner = (i64)h * w, per_group = cpg * inner, total = (i64)n * c * inner;
+  int chunks = (int)((per_group + GN_CHUNK - 1) / GN_CHUNK);
+  auto x = normal<D>(total, 0.5), dy = normal<D>(total);
+  std::vector<float> weight(c), bias(c);
+  std::normal_distribution<float> dist(0.0f, 0.5f);
+  for (int ch = 0; ch < c; ch++) {
+    weight[ch] = 1.0f + dist(rng);
+    bias[ch] = dist(rng);
+  }
+  std::string shape = describe("%s group norm backward n=%d c=%d groups=%d %dx%d", D::name, n,
+                               c, groups, h, w);
+  std::vector<float> stats(3 * (size_t)groups_total * chunks, NAN);
+  std::vector<float> mean_rstd(2 * groups_total, NAN);
+  launch(D::gn_chunk_stats, groups_total * chunks, AG_THREADS, x.data(), stats.data(), per_group,
+         chunks);
+  launch(gn_finalize, (groups_total + AG_THREADS - 1) / AG_THREADS, AG_THREADS, stats.data(),
+         mean_rstd.data(), groups_total, chunks, eps);
+  for (int silu = 0; silu <= 1; silu++) {
+    std::vector<double> want(total), dxhat(total), xhat(total);
+    double largest = 0.0;
+    for (int g = 0; g < groups_total; g++) {
+      double sum = 0.0, m2 = 0.0;
+      for (i64 i = 0; i < per_group; i++) sum += D::to(x[g * per_group + i]);
+      double mean = sum / per_group;
+      for (i64 i = 0; i < per_group; i++) {
+        double d = D::to(x[g * per_group + i]) - mean;
+        m2 += d * d;
+      }
+      double rstd = 1.0 / std::sqrt(m2 / per_group + (double)eps), s1 = 0.0, s2 = 0.0;
+      for (i64 i = 0; i < per_group; i++) {
+        i64 at = g * per_group + i;
+        int ch = (g % groups) * cpg + (int)(i / inner);
+        xhat[at] = (D::to(x[at]) - mean) * rstd;
+        double y = xhat[at] * weight[ch] + bias[ch], d = D::to(dy[at]);
+        if (silu) {
+          double sg = 1.0 / (1.0 + std::exp(-y));
+          d *= sg * (1.0 + y * (1.0 - sg));
+        }
+        dxhat[at] = d * weight[ch];
+        s1 += dxhat[at];
+        s2 += dxhat[at] * xhat[at];
+      }
+      for (i64 i = 0; i < per_group; i++) {
+        i64 at = g * per_group + i;
+        want[at] = rstd * (dxhat[at] - s1 / per_group - xhat[at] * s2 / per_group);
+        largest = std::max(largest, std::fabs(want[at]));
+      }
+    }
+    std::vector<float> sums(2 * (size_t)groups_total * chunks, NAN);
+    std::vector<float> grad_means(2 * groups_total, NAN);
+    launch(D::gn_grad_chunk_sums, groups_total * chunks, AG_THREADS, x.data(), dy.data(),
+           mean_rstd.data(), weight.data(), bias.data(), sums.data(), per_group, chunks,
+           (int)inner, groups, cpg, silu);
+    launch(gn_grad_finalize, (groups_total + AG_THREADS - 1) / AG_THREADS, AG_THREADS,
+           sums.data(), grad_means.data(), groups_total, chunks, per_group);
+    for (int segs : row_segs((i64)n * c, inner)) {
+      auto dx = unwritten<D>(total);
+      launch(D::gn_grad_apply, (unsigned)(n * c * segs), AG_THREADS, x.data(), dy.data(),
+             dx.data(), mean_rstd.data(), grad_means.data(), weight.data(), bias.data(), segs,
+             (int)inner, c, cpg, silu);
+      check(shape + describe(", silu=%d, %d chunks, %d blocks per row", silu, chunks, segs),
+            widen<D>(dx), want,
+            [tol, largest](size_t, double) { return tol * std::max(1.0, largest); });
+    }
+  }
+}
+
 // `outer` blocks of `channels` x `inner` values, the bias indexed by channel: NCHW with
 // inner = H*W (the kernel's rows are the planes, per_row), or rows of features with
 // inner = 1 (the kernel's rows are the `outer` rows of `channels` features).
@@ -264,6 +340,8 @@ void all_kernels() {
   group_norm_case<D>(2, 6, 2, 90, 91, 1e-6f, 0.0, D::gn_tol);
   group_norm_case<D>(2, 8, 4, 90, 91, 1e-5f, 0.0, D::gn_tol);
   group_norm_case<D>(3, 4, 4, 3, 3, 1e-6f, 0.0, D::gn_tol);
+  group_norm_grad_case<D>(2, 8, 4, 9, 7, 1e-5f, D::gn_tol);
+  group_norm_grad_case<D>(1, 6, 2, 90, 91, 1e-6f, D::gn_tol);  // 24,570 per group: two chunks
 
   bias_add_case<D>("NCHW", 2, 5, 9 * 7);
   bias_add_case<D>("NCHW", 1, 320, 8 * 8);
