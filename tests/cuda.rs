@@ -419,6 +419,17 @@ mod own_kernels {
                 max_abs_diff(&cuda::bias_add(&rows, &b, false).unwrap(), &want),
                 0.0
             );
+            let p = randn(&[2, 7, 2 * 640], 74, dev, dtype);
+            let want = artguide::kernels::activation::composed(&p, 640).unwrap();
+            let e = rel(&cuda::geglu(&p, 640).unwrap(), &want);
+            assert!(e < tol, "geglu {dtype:?}: {e}");
+            let want = p
+                .mul(&candle_nn::ops::sigmoid(&(&p * 1.702).unwrap()).unwrap())
+                .unwrap();
+            let e = rel(&cuda::quick_gelu(&p).unwrap(), &want);
+            assert!(e < tol, "quick_gelu {dtype:?}: {e}");
+            let e = rel(&cuda::gelu_erf(&p).unwrap(), &p.gelu_erf().unwrap());
+            assert!(e < tol, "gelu_erf {dtype:?}: {e}");
             let x = randn(&[2, 3, 5, 4], 73, dev, dtype);
             for s in [2, 3] {
                 let want = x

@@ -17,6 +17,10 @@ pub fn geglu(p: &Tensor, inner: usize) -> Result<Tensor> {
     if p.device().is_cpu() && p.dtype() == DType::F32 {
         return Ok(p.contiguous()?.apply_op1_no_bwd(&Geglu { inner })?);
     }
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() && super::cuda_kernels() {
+        return Ok(super::cuda::geglu(p, inner)?);
+    }
     composed(p, inner)
 }
 
@@ -33,6 +37,10 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return Ok(x.contiguous()?.apply_op1_no_bwd(&Elementwise::QuickGelu)?);
     }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && super::cuda_kernels() {
+        return Ok(super::cuda::quick_gelu(x)?);
+    }
     Ok(x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
@@ -40,6 +48,10 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return Ok(x.contiguous()?.apply_op1_no_bwd(&Elementwise::GeluErf)?);
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && super::cuda_kernels() {
+        return Ok(super::cuda::gelu_erf(x)?);
     }
     Ok(x.gelu_erf()?)
 }

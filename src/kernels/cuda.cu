@@ -8,11 +8,12 @@
 // __syncthreads are used (no warp shuffles), which keeps the emulation exact.
 //
 // Launch shapes (cuda.rs and the emulation's driver use the same ones):
-// - row kernels (im2col, gn_apply, gn_grad_apply, bias_add, upsample_nearest) see their data
-//   as `rows` rows of `inner` contiguous values (a channel plane, an im2col row, a Linear
-//   output row): AG_THREADS threads per block, `segs` blocks per row (grid = rows * segs),
-//   each block striding over its row, so the per-element work has no 64-bit division (the
-//   row's constants, such as a channel's scale, are computed once per block);
+// - row kernels (im2col, gn_apply, gn_grad_apply, bias_add, geglu, activation,
+//   upsample_nearest) see their data as `rows` rows of `inner` contiguous values (a channel
+//   plane, an im2col row, a Linear output row): AG_THREADS threads per block, `segs` blocks
+//   per row (grid = rows * segs), each block striding over its row, so the per-element work
+//   has no 64-bit division (the row's constants, such as a channel's scale, are computed once
+//   per block);
 // - gn_chunk_stats: AG_THREADS threads per block, one block per chunk of GN_CHUNK values of one
 //   group;
 // - gn_grad_chunk_sums: as gn_chunk_stats (same chunks); gn_grad_apply: a row kernel, as
@@ -65,6 +66,11 @@ __device__ float block_sum(float v, float* buf) {
   float total = buf[0];
   __syncthreads();
   return total;
+}
+
+// Exact GELU, 0.5 x (1 + erf(x / sqrt(2))), as PyTorch's default and candle's gelu_erf.
+__device__ __forceinline__ float gelu_erf(float x) {
+  return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
 }
 
 #define AG_KERNELS(SUF, T)                                                                    \
@@ -207,6 +213,29 @@ __device__ float block_sum(float v, float* buf) {
     for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
       float v = ld_##SUF(src, i) + (per_row ? rb : ld_##SUF(bias, i));                        \
       st_##SUF(dst, i, v);                                                                    \
+    }                                                                                         \
+  }                                                                                           \
+                                                                                              \
+  /* GEGLU, value * gelu_erf(gate), for rows of [value | gate] (2 * inner values) into rows   \
+     of `inner` values (Stable Diffusion's transformer feed-forward). */                      \
+  extern "C" __global__ void geglu_##SUF(const T* p, T* y, int segs, int inner) {             \
+    int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
+    const T* value = p + (i64)row * 2 * inner;                                                \
+    T* dst = y + (i64)row * inner;                                                            \
+    for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
+      float g = ld_##SUF(value, inner + i);                                                   \
+      st_##SUF(dst, i, ld_##SUF(value, i) * gelu_erf(g));                                     \
+    }                                                                                         \
+  }                                                                                           \
+                                                                                              \
+  /* An activation over rows of `inner` values: op 0 quick_gelu, x * sigmoid(1.702 x)         \
+     (OpenAI CLIP), op 1 exact GELU. */                                                       \
+  extern "C" __global__ void activation_##SUF(const T* x, T* y, int segs, int inner, int op) { \
+    int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
+    i64 base = (i64)row * inner;                                                              \
+    for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
+      float v = ld_##SUF(x, base + i);                                                        \
+      st_##SUF(y, base + i, op == 0 ? v / (1.0f + expf(-1.702f * v)) : gelu_erf(v));          \
     }                                                                                         \
   }                                                                                           \
                                                                                               \

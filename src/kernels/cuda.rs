@@ -707,6 +707,93 @@ impl CustomOp3 for GroupNormGrad {
     }
 }
 
+/// `value * gelu_erf(gate)` for `p = [value | gate]` on the last axis (each `inner` wide), in
+/// one pass (candle: two strided narrows, a GELU and a multiply).
+pub fn geglu(p: &Tensor, inner: usize) -> candle_core::Result<Tensor> {
+    let last = *p.dims().last().unwrap_or(&0);
+    if last != 2 * inner {
+        candle_core::bail!("geglu: last axis {last}, expected 2 x {inner}");
+    }
+    if p.elem_count() == 0 {
+        return Tensor::zeros(super::linear::with_last(p.dims(), inner), p.dtype(), p.device());
+    }
+    p.contiguous()?.apply_op1_no_bwd(&RowOp::Geglu { inner })
+}
+
+/// OpenAI CLIP's `quick_gelu`, `x * sigmoid(1.702 x)`, in one pass.
+pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    activation(x, RowOp::QuickGelu)
+}
+
+/// Exact (erf) GELU in one pass.
+pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+    activation(x, RowOp::GeluErf)
+}
+
+fn activation(x: &Tensor, op: RowOp) -> candle_core::Result<Tensor> {
+    if x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// The one-input row kernels over the last axis.
+enum RowOp {
+    Geglu { inner: usize },
+    QuickGelu,
+    GeluErf,
+}
+
+impl CustomOp1 for RowOp {
+    fn name(&self) -> &'static str {
+        match self {
+            RowOp::Geglu { .. } => "artguide-geglu",
+            RowOp::QuickGelu => "artguide-quick-gelu",
+            RowOp::GeluErf => "artguide-gelu-erf",
+        }
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = l.shape().dims();
+        let last = *dims.last().unwrap_or(&1);
+        // Output rows of `inner` values: half the input row for GEGLU.
+        let (inner, shape) = match self {
+            RowOp::Geglu { inner } => (*inner, Shape::from(super::linear::with_last(dims, *inner))),
+            _ => (last, l.shape().clone()),
+        };
+        let total = shape.elem_count();
+        let (segs, cfg) = rows_launch(total / inner.max(1), inner)?;
+        let dev = s.device();
+        let stream = dev.cuda_stream();
+        let slice = by_dtype!(self.name(), s, |x, suf| {
+            let x = view(x, l, self.name())?;
+            let out = output(&x, dev, total)?;
+            let f = match self {
+                RowOp::Geglu { .. } => kernel(dev, &format!("geglu_{suf}"))?,
+                _ => kernel(dev, &format!("activation_{suf}"))?,
+            };
+            let mut k = stream.launch_builder(&f);
+            k.arg(&x);
+            k.arg(&out);
+            let row = int(inner, "row length")?;
+            candle_core::builder_arg!(k, segs, row);
+            // activation's `op`: 0 quick_gelu, 1 exact GELU (geglu has no such argument).
+            let op = i32::from(matches!(self, RowOp::GeluErf));
+            if !matches!(self, RowOp::Geglu { .. }) {
+                k.arg(&op);
+            }
+            // SAFETY: the arguments match geglu's / activation's signature in cuda.cu.
+            unsafe { k.launch(cfg) }.w()?;
+            out
+        });
+        Ok((storage(slice, dev), shape))
+    }
+}
+
 /// Nearest upsampling of `(n, c, h, w)` by `s` in both axes, as one copy (candle's
 /// broadcast-reshape copy indexes in six dimensions).
 pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {

@@ -107,7 +107,7 @@ impl Linear {
 }
 
 /// `dims` with its last axis (a layer's features) set to `last`.
-fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
+pub(super) fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
     let mut out = dims.to_vec();
     if let Some(l) = out.last_mut() {
         *l = last;

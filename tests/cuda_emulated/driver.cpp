@@ -29,6 +29,8 @@
     static constexpr auto gn_grad_apply = gn_grad_apply_##SUF;       \
     static constexpr auto bias_add = bias_add_##SUF;                 \
     static constexpr auto upsample_nearest = upsample_nearest_##SUF; \
+    static constexpr auto geglu = geglu_##SUF;                       \
+    static constexpr auto activation = activation_##SUF;             \
   };
 
 DTYPE(f32, float, , , 2e-5)
@@ -301,6 +303,45 @@ void bias_add_case(const char* layout, int outer, int channels, i64 inner) {
   }
 }
 
+// GEGLU (rows of [value | gate] into rows of value * gelu(gate)) and the activations
+// (quick_gelu, exact GELU) against double: one float evaluation, then the output rounding.
+template <class D>
+void activation_cases(int rows, int inner) {
+  auto gelu = [](double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); };
+  auto p = normal<D>((size_t)rows * 2 * inner);
+  std::vector<double> want((size_t)rows * inner);
+  for (int r = 0; r < rows; r++)
+    for (int i = 0; i < inner; i++) {
+      i64 at = (i64)r * 2 * inner + i;
+      want[(i64)r * inner + i] = D::to(p[at]) * gelu(D::to(p[at + inner]));
+    }
+  // A float evaluation's error (a few ulp of exp/erf), then the output type's rounding.
+  auto tol = [](size_t, double want) {
+    return (D::gn_tol / 2 + 1e-6) * std::max(1e-2, std::fabs(want));
+  };
+  for (int segs : row_segs(rows, inner)) {
+    auto y = unwritten<D>((size_t)rows * inner);
+    launch(D::geglu, (unsigned)(rows * segs), AG_THREADS, p.data(), y.data(), segs, inner);
+    check(describe("%s geglu %dx(2x%d), %d blocks per row", D::name, rows, inner, segs),
+          widen<D>(y), want, tol);
+  }
+  for (int op = 0; op <= 1; op++) {
+    std::vector<double> want(p.size());
+    for (size_t i = 0; i < p.size(); i++) {
+      double v = D::to(p[i]);
+      want[i] = op == 0 ? v / (1.0 + std::exp(-1.702 * v)) : gelu(v);
+    }
+    for (int segs : row_segs(rows, 2 * inner)) {
+      auto y = unwritten<D>(p.size());
+      launch(D::activation, (unsigned)(rows * segs), AG_THREADS, p.data(), y.data(), segs,
+             2 * inner, op);
+      check(describe("%s %s %dx%d, %d blocks per row", D::name, op == 0 ? "quick_gelu" : "gelu",
+                     rows, 2 * inner, segs),
+            widen<D>(y), want, tol);
+    }
+  }
+}
+
 template <class D>
 void upsample_case(int planes, int h, int w, int s) {
   i64 total = (i64)planes * h * s * w * s;
@@ -352,6 +393,8 @@ void all_kernels() {
   upsample_case<D>(6, 5, 7, 2);
   upsample_case<D>(4, 3, 4, 3);
   upsample_case<D>(2, 20, 20, 3);  // output planes of 3,600 values: four blocks per row
+  activation_cases<D>(5, 37);
+  activation_cases<D>(3, 1280);  // SD's GEGLU is 4 x 320 wide at its first level
 }
 
 // The conversions the f16 and bf16 kernels load and store through: round to nearest even,
