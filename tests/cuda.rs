@@ -278,9 +278,10 @@ fn cuda_kernels_match_candle() {
 }
 
 /// artguide's own CUDA kernels (`kernels::cuda`, used with `ARTGUIDE_CUDA_KERNELS=1`) against
-/// candle's compositions (and, for the group-norm backward, candle's autograd) on the same
-/// GPU, f32 and f16, on shapes that cover their edge cases: strides and paddings, 1x1 layers,
-/// batches, groups larger than one statistics chunk, an offset mean.
+/// candle's compositions (the convolution's on the CPU; for the group-norm backward, candle's
+/// autograd) in f32, f16 and bf16, on shapes that cover their edge cases: strides and
+/// paddings, 1x1 layers, batches split into groups, offset views, rows of several blocks,
+/// groups larger than one statistics chunk, an offset mean.
 #[cfg(feature = "cuda")]
 mod own_kernels {
     use artguide::kernels::cuda;
@@ -316,29 +317,47 @@ mod own_kernels {
     }
 
     pub fn match_candle(dev: &Device) {
-        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::F16, 5e-3)] {
-            // (batch, cin, h, w, cout, k, stride, padding)
-            for (i, &(n, cin, h, w, cout, k, stride, pad)) in [
-                (1, 8, 17, 13, 16, 3, 1, 1),
-                (2, 8, 16, 16, 4, 3, 2, 0),
-                (3, 4, 9, 11, 8, 3, 2, 1),
-                (2, 16, 8, 8, 8, 1, 1, 0),
-                (1, 4, 12, 12, 4, 1, 2, 0),
+        for (dtype, tol) in [
+            (DType::F32, 1e-5f32),
+            (DType::F16, 5e-3),
+            (DType::BF16, 4e-2),
+        ] {
+            // (batch, cin, h, w, cout, k, stride, padding, im2col bytes at once): the
+            // reference is candle's convolution on the CPU in f32 (a cuDNN build's GPU
+            // convolution may use TF32); the input is a narrow of a larger tensor (an offset
+            // view), and the last cases split their batch into groups of images.
+            for (i, &(n, cin, h, w, cout, k, stride, pad, limit)) in [
+                (1, 8, 17, 13, 16, 3, 1, 1, usize::MAX),
+                (2, 8, 16, 16, 4, 3, 2, 0, usize::MAX),
+                (3, 4, 9, 11, 8, 3, 2, 1, usize::MAX),
+                (2, 16, 8, 8, 8, 1, 1, 0, usize::MAX),
+                (1, 4, 12, 12, 4, 1, 2, 0, usize::MAX),
+                (1, 4, 40, 41, 8, 3, 1, 1, usize::MAX),
+                (5, 4, 10, 10, 8, 3, 1, 1, 2 * 36 * 100 * 4),
+                (3, 4, 10, 10, 8, 1, 1, 0, 1),
             ]
             .iter()
             .enumerate()
             {
-                let x = randn(&[n, cin, h, w], 10 + i as u64, dev, dtype);
+                let whole = randn(&[n + 1, cin, h, w], 10 + i as u64, dev, dtype);
+                let x = whole.narrow(0, 1, n).unwrap();
                 let wt = (randn(&[cout, cin, k, k], 20 + i as u64, dev, dtype) * 0.2).unwrap();
                 let b = randn(&[cout], 30 + i as u64, dev, dtype);
-                let want = x
-                    .conv2d(&wt, pad, stride, 1, 1)
+                let cpu = |t: &Tensor| {
+                    t.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                };
+                let want = cpu(&x)
+                    .conv2d(&cpu(&wt), pad, stride, 1, 1)
                     .unwrap()
-                    .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+                    .broadcast_add(&cpu(&b).reshape((1, cout, 1, 1)).unwrap())
                     .unwrap();
-                let got = cuda::conv2d(&x, &wt, Some(&b), stride, pad).unwrap();
+                let got =
+                    cuda::conv2d_unfolding_at_most(&x, &wt, Some(&b), stride, pad, limit).unwrap();
                 assert_eq!(got.dims(), want.dims(), "conv case {i}");
-                let e = rel(&got, &want);
+                let e = rel(&got.to_device(&Device::Cpu).unwrap(), &want);
                 eprintln!("conv {dtype:?} case {i}: rel err {e:.2e}");
                 assert!(e < tol, "conv {dtype:?} case {i}: {e}");
             }

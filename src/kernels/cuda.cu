@@ -130,12 +130,12 @@ __device__ __forceinline__ float gelu_erf(float x) {
     int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
     int c = row % channels;                                                                   \
     int group = (row / channels) * (channels / cpg) + c / cpg;                                \
-    float scale = mean_rstd[2 * group + 1] * w[c];                                            \
-    float shift = b[c] - mean_rstd[2 * group] * scale;                                        \
+    /* Centred first: x * scale + (b - mean * scale) loses digits when |mean| >> std. */      \
+    float mean = mean_rstd[2 * group], scale = mean_rstd[2 * group + 1] * w[c], bc = b[c];    \
     const T* src = x + (i64)row * inner;                                                      \
     T* dst = y + (i64)row * inner;                                                            \
     for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
-      float v = ld_##SUF(src, i) * scale + shift;                                             \
+      float v = (ld_##SUF(src, i) - mean) * scale + bc;                                       \
       if (silu) v = v / (1.0f + expf(-v));                                                    \
       st_##SUF(dst, i, v);                                                                    \
     }                                                                                         \

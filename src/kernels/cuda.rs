@@ -55,15 +55,25 @@ fn ptx() -> candle_core::Result<&'static str> {
 
 /// Kernel `name`, loaded into `dev` at its first use there.
 fn kernel(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
-    Ok(dev
-        .get_or_load_custom_func(name, "artguide_kernels", ptx()?)?
-        .into_cuda_function())
+    let func = dev
+        .get_or_load_custom_func(name, "artguide_kernels", ptx()?)
+        .map_err(|e| {
+            // A libnvrtc newer than the driver compiles, but its PTX does not load.
+            candle_core::Error::Msg(format!(
+                "artguide CUDA kernels: cannot load {name} (is libnvrtc from a CUDA version \
+                 newer than the driver's?): {e}"
+            ))
+        })?;
+    Ok(func.into_cuda_function())
 }
 
 /// The launch of a row kernel over `rows` rows of `inner` values (cuda.cu's launch shapes):
 /// `segs` blocks per row, each thread handling about [`ITEMS`] values, and the config.
 fn rows_launch(rows: usize, inner: usize) -> candle_core::Result<(i32, LaunchConfig)> {
-    int(inner, "row length")?;
+    // The kernels step an `int` index by up to a quarter of the row past its end.
+    if inner > i32::MAX as usize / 2 {
+        candle_core::bail!("CUDA kernel: a row of {inner} values is too long");
+    }
     let max_grid = i32::MAX as usize;
     if rows == 0 || rows > max_grid {
         candle_core::bail!("CUDA kernel: {rows} rows do not fit a grid");
@@ -75,9 +85,10 @@ fn rows_launch(rows: usize, inner: usize) -> candle_core::Result<(i32, LaunchCon
 }
 
 fn blocks(n: usize) -> candle_core::Result<LaunchConfig> {
-    let n = u32::try_from(n).map_err(|_| {
+    // grid.x is at most 2^31 - 1.
+    let n = i32::try_from(n).map_err(|_| {
         candle_core::Error::Msg(format!("CUDA kernel: {n} blocks do not fit a grid"))
-    })?;
+    })? as u32;
     Ok(LaunchConfig {
         grid_dim: (n.max(1), 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -183,10 +194,11 @@ impl Im2col {
         let out = |i: usize, k: usize| {
             (i + 2 * self.pad)
                 .checked_sub(k)
+                .filter(|_| self.stride > 0)
                 .map(|d| d / self.stride + 1)
         };
         match (out(h, self.kh), out(w, self.kw)) {
-            (Some(ho), Some(wo)) if self.stride > 0 => Ok((ho, wo)),
+            (Some(ho), Some(wo)) => Ok((ho, wo)),
             _ => candle_core::bail!(
                 "im2col: kernel {}x{} (stride {}) does not fit the padded {h}x{w} input",
                 self.kh,
@@ -253,6 +265,19 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
+    conv2d_unfolding_at_most(x, w, bias, stride, padding, COL_LIMIT_BYTES)
+}
+
+/// [`conv2d`] unfolding at most `col_limit` bytes of im2col at once (whole images; at least
+/// one), so the tests can make it split a batch.
+pub fn conv2d_unfolding_at_most(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    col_limit: usize,
+) -> candle_core::Result<Tensor> {
     let (n, cin, h, wd) = x.dims4()?;
     let (cout, wcin, kh, kw) = w.dims4()?;
     if wcin != cin {
@@ -272,7 +297,7 @@ pub fn conv2d(
     };
     let (ho, wo) = op.out_hw(h, wd)?;
     let col_bytes = cin * kh * kw * ho * wo * x.dtype().size_in_bytes();
-    let per_group = (COL_LIMIT_BYTES / col_bytes.max(1)).clamp(1, n.max(1));
+    let per_group = (col_limit / col_bytes.max(1)).clamp(1, n.max(1));
     let mut parts = Vec::with_capacity(n.div_ceil(per_group));
     for start in (0..n).step_by(per_group) {
         let g = per_group.min(n - start);
@@ -393,6 +418,9 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> candle_core::Result<Tensor> {
+    if x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
     let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     x.contiguous()?.apply_op3_no_bwd(
         &f32s(weight)?,
@@ -418,6 +446,9 @@ pub fn group_norm_backward(
             grad.shape(),
             x.shape()
         );
+    }
+    if x.elem_count() == 0 {
+        return x.zeros_like();
     }
     let params = Tensor::stack(&[weight, bias], 0)?
         .to_dtype(DType::F32)?
@@ -715,7 +746,11 @@ pub fn geglu(p: &Tensor, inner: usize) -> candle_core::Result<Tensor> {
         candle_core::bail!("geglu: last axis {last}, expected 2 x {inner}");
     }
     if p.elem_count() == 0 {
-        return Tensor::zeros(super::linear::with_last(p.dims(), inner), p.dtype(), p.device());
+        return Tensor::zeros(
+            super::linear::with_last(p.dims(), inner),
+            p.dtype(),
+            p.device(),
+        );
     }
     p.contiguous()?.apply_op1_no_bwd(&RowOp::Geglu { inner })
 }
