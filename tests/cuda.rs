@@ -80,8 +80,9 @@ fn image(model: &SdModel, opts: &GenerateOptions) -> Tensor {
     out.unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+/// The largest |value| of `t`, as f32.
+fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
         .unwrap()
         .abs()
         .unwrap()
@@ -91,6 +92,10 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
 }
 
 fn latents() -> Tensor {
@@ -287,7 +292,7 @@ mod own_kernels {
     use artguide::kernels::cuda;
     use candle_core::{DType, Device, Tensor};
 
-    use super::max_abs_diff;
+    use super::{max_abs, max_abs_diff};
 
     fn randn(shape: &[usize], seed: u64, dev: &Device, dtype: DType) -> Tensor {
         artguide::noise::NoiseGen::new(seed, artguide::noise::Stream::InitialLatents)
@@ -301,19 +306,7 @@ mod own_kernels {
 
     /// Largest difference over the largest |value| of the reference.
     fn rel(got: &Tensor, want: &Tensor) -> f32 {
-        let scale = want
-            .to_dtype(DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        max_abs_diff(got, want) / scale
+        max_abs_diff(got, want) / max_abs(want).max(1e-6)
     }
 
     pub fn match_candle(dev: &Device) {

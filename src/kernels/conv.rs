@@ -32,7 +32,7 @@ pub fn conv2d(
         );
     }
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && super::cuda_kernels() {
+    if super::on_cuda_kernels(x) {
         return Ok(super::cuda::conv2d(x, w, bias, stride, padding)?);
     }
     composed(x, w, bias, stride, padding)

@@ -45,6 +45,12 @@ pub fn cuda_kernels_switch() -> crate::Result<bool> {
     parse_switch(CUDA_KERNELS_VAR, value.as_deref(), false)
 }
 
+/// Whether `t` goes through artguide's own CUDA kernels: it is on CUDA and the switch is on.
+#[cfg(feature = "cuda")]
+pub(crate) fn on_cuda_kernels(t: &candle_core::Tensor) -> bool {
+    t.device().is_cuda() && cuda_kernels()
+}
+
 /// Whether CUDA tensors go through artguide's own kernels; read once per process (a bad value
 /// reads as off here: `--device cuda` refuses it first, in `commands::device`).
 pub fn cuda_kernels() -> bool {

@@ -57,7 +57,7 @@ impl GroupNorm {
     /// elsewhere candle's composition.
     pub fn forward_differentiable(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && super::cuda_kernels() {
+        if super::on_cuda_kernels(x) {
             let (w, b) = (self.weight.clone(), self.bias.clone());
             let (groups, eps) = (self.groups, self.eps);
             return super::frozen::input_only(
@@ -111,7 +111,7 @@ impl GroupNorm {
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)?);
         }
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && super::cuda_kernels() {
+        if super::on_cuda_kernels(x) {
             return Ok(super::cuda::group_norm(
                 x,
                 &self.weight,

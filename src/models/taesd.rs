@@ -269,7 +269,7 @@ pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
         .map_err(candle_core::Error::wrap);
     }
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && crate::kernels::cuda_kernels() {
+    if crate::kernels::on_cuda_kernels(x) {
         // The kernel has no backward: in a graph, the patch sum (candle ops) is the gradient.
         return crate::kernels::frozen::input_only(
             x,

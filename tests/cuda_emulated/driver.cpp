@@ -136,27 +136,24 @@ void im2col_case(int n, int cin, int h, int w, int kh, int kw, int stride, int p
   }
 }
 
-// Statistics (gn_chunk_stats, gn_finalize), then gn_apply without and with SiLU, on inputs
-// offset + N(0, 1).
-template <class D>
-void group_norm_case(int n, int c, int groups, int h, int w, float eps, double offset,
-                     double tol) {
-  int cpg = c / groups, groups_total = n * groups;
-  i64 inner = (i64)h * w, per_group = cpg * inner, total = (i64)n * c * inner;
-  int chunks = (int)((per_group + GN_CHUNK - 1) / GN_CHUNK);
-  auto x = normal<D>(total, offset);
-  std::vector<float> weight(c), bias(c);
+// A group norm's f32 weight (around 1) and bias (around 0) for `c` channels.
+void random_affine(int c, std::vector<float>& weight, std::vector<float>& bias) {
+  weight.resize(c);
+  bias.resize(c);
   std::normal_distribution<float> dist(0.0f, 0.5f);
   for (int ch = 0; ch < c; ch++) {
     weight[ch] = 1.0f + dist(rng);
     bias[ch] = dist(rng);
   }
-  std::string shape =
-      describe("%s group norm n=%d c=%d groups=%d %dx%d eps %g%s", D::name, n, c, groups, h, w,
-               eps, offset != 0.0 ? describe(" offset %g", offset).c_str() : "");
+}
 
-  // Group g's values are the per_group contiguous ones from g * per_group on.
-  std::vector<double> mean(groups_total), var(groups_total), want_stats(2 * groups_total);
+// Mean and population variance, in double, of each (image, group): the per_group contiguous
+// values from g * per_group on.
+template <class D>
+void reference_stats(const std::vector<typename D::T>& x, int groups_total, i64 per_group,
+                     std::vector<double>& mean, std::vector<double>& var) {
+  mean.assign(groups_total, 0.0);
+  var.assign(groups_total, 0.0);
   for (int g = 0; g < groups_total; g++) {
     double sum = 0.0, m2 = 0.0;
     for (i64 i = 0; i < per_group; i++) sum += D::to(x[g * per_group + i]);
@@ -166,6 +163,27 @@ void group_norm_case(int n, int c, int groups, int h, int w, float eps, double o
       m2 += d * d;
     }
     var[g] = m2 / per_group;
+  }
+}
+
+// Statistics (gn_chunk_stats, gn_finalize), then gn_apply without and with SiLU, on inputs
+// offset + N(0, 1).
+template <class D>
+void group_norm_case(int n, int c, int groups, int h, int w, float eps, double offset,
+                     double tol) {
+  int cpg = c / groups, groups_total = n * groups;
+  i64 inner = (i64)h * w, per_group = cpg * inner, total = (i64)n * c * inner;
+  int chunks = (int)((per_group + GN_CHUNK - 1) / GN_CHUNK);
+  auto x = normal<D>(total, offset);
+  std::vector<float> weight, bias;
+  random_affine(c, weight, bias);
+  std::string shape =
+      describe("%s group norm n=%d c=%d groups=%d %dx%d eps %g%s", D::name, n, c, groups, h, w,
+               eps, offset != 0.0 ? describe(" offset %g", offset).c_str() : "");
+
+  std::vector<double> mean, var, want_stats(2 * groups_total);
+  reference_stats<D>(x, groups_total, per_group, mean, var);
+  for (int g = 0; g < groups_total; g++) {
     want_stats[2 * g] = mean[g];
     want_stats[2 * g + 1] = 1.0 / std::sqrt(var[g] + (double)eps);
   }
@@ -211,12 +229,8 @@ void group_norm_grad_case(int n, int c, int groups, int h, int w, float eps, dou
   i64 inner = (i64)h * w, per_group = cpg * inner, total = (i64)n * c * inner;
   int chunks = (int)((per_group + GN_CHUNK - 1) / GN_CHUNK);
   auto x = normal<D>(total, 0.5), dy = normal<D>(total);
-  std::vector<float> weight(c), bias(c);
-  std::normal_distribution<float> dist(0.0f, 0.5f);
-  for (int ch = 0; ch < c; ch++) {
-    weight[ch] = 1.0f + dist(rng);
-    bias[ch] = dist(rng);
-  }
+  std::vector<float> weight, bias;
+  random_affine(c, weight, bias);
   std::string shape = describe("%s group norm backward n=%d c=%d groups=%d %dx%d", D::name, n,
                                c, groups, h, w);
   std::vector<float> stats(3 * (size_t)groups_total * chunks, NAN);
@@ -225,22 +239,17 @@ void group_norm_grad_case(int n, int c, int groups, int h, int w, float eps, dou
          chunks);
   launch(gn_finalize, (groups_total + AG_THREADS - 1) / AG_THREADS, AG_THREADS, stats.data(),
          mean_rstd.data(), groups_total, chunks, eps);
+  std::vector<double> mean, var;
+  reference_stats<D>(x, groups_total, per_group, mean, var);
   for (int silu = 0; silu <= 1; silu++) {
     std::vector<double> want(total), dxhat(total), xhat(total);
     double largest = 0.0;
     for (int g = 0; g < groups_total; g++) {
-      double sum = 0.0, m2 = 0.0;
-      for (i64 i = 0; i < per_group; i++) sum += D::to(x[g * per_group + i]);
-      double mean = sum / per_group;
-      for (i64 i = 0; i < per_group; i++) {
-        double d = D::to(x[g * per_group + i]) - mean;
-        m2 += d * d;
-      }
-      double rstd = 1.0 / std::sqrt(m2 / per_group + (double)eps), s1 = 0.0, s2 = 0.0;
+      double rstd = 1.0 / std::sqrt(var[g] + (double)eps), s1 = 0.0, s2 = 0.0;
       for (i64 i = 0; i < per_group; i++) {
         i64 at = g * per_group + i;
         int ch = (g % groups) * cpg + (int)(i / inner);
-        xhat[at] = (D::to(x[at]) - mean) * rstd;
+        xhat[at] = (D::to(x[at]) - mean[g]) * rstd;
         double y = xhat[at] * weight[ch] + bias[ch], d = D::to(dy[at]);
         if (silu) {
           double sg = 1.0 / (1.0 + std::exp(-y));
