@@ -166,6 +166,20 @@ void reference_stats(const std::vector<typename D::T>& x, int groups_total, i64 
   }
 }
 
+// (mean, rstd) of each (image, group) by the kernels, as cuda.rs's GnGeom::stats launches
+// them: gn_chunk_stats, then gn_finalize.
+template <class D>
+std::vector<float> kernel_stats(const std::vector<typename D::T>& x, int groups_total,
+                                i64 per_group, int chunks, float eps) {
+  std::vector<float> stats(3 * (size_t)groups_total * chunks, NAN);
+  std::vector<float> mean_rstd(2 * groups_total, NAN);
+  launch(D::gn_chunk_stats, groups_total * chunks, AG_THREADS, x.data(), stats.data(), per_group,
+         chunks);
+  launch(gn_finalize, (groups_total + AG_THREADS - 1) / AG_THREADS, AG_THREADS, stats.data(),
+         mean_rstd.data(), groups_total, chunks, eps);
+  return mean_rstd;
+}
+
 // Statistics (gn_chunk_stats, gn_finalize), then gn_apply without and with SiLU, on inputs
 // offset + N(0, 1).
 template <class D>
@@ -188,12 +202,7 @@ void group_norm_case(int n, int c, int groups, int h, int w, float eps, double o
     want_stats[2 * g + 1] = 1.0 / std::sqrt(var[g] + (double)eps);
   }
 
-  std::vector<float> stats(3 * (size_t)groups_total * chunks, NAN);
-  std::vector<float> mean_rstd(2 * groups_total, NAN);
-  launch(D::gn_chunk_stats, groups_total * chunks, AG_THREADS, x.data(), stats.data(), per_group,
-         chunks);
-  launch(gn_finalize, (groups_total + AG_THREADS - 1) / AG_THREADS, AG_THREADS, stats.data(),
-         mean_rstd.data(), groups_total, chunks, eps);
+  auto mean_rstd = kernel_stats<D>(x, groups_total, per_group, chunks, eps);
   check(shape + describe(", mean and rstd (%d chunks)", chunks), widen<f32>(mean_rstd),
         want_stats, [](size_t, double want) { return 1e-5 * std::max(1.0, std::fabs(want)); });
 
@@ -233,12 +242,7 @@ void group_norm_grad_case(int n, int c, int groups, int h, int w, float eps, dou
   random_affine(c, weight, bias);
   std::string shape = describe("%s group norm backward n=%d c=%d groups=%d %dx%d", D::name, n,
                                c, groups, h, w);
-  std::vector<float> stats(3 * (size_t)groups_total * chunks, NAN);
-  std::vector<float> mean_rstd(2 * groups_total, NAN);
-  launch(D::gn_chunk_stats, groups_total * chunks, AG_THREADS, x.data(), stats.data(), per_group,
-         chunks);
-  launch(gn_finalize, (groups_total + AG_THREADS - 1) / AG_THREADS, AG_THREADS, stats.data(),
-         mean_rstd.data(), groups_total, chunks, eps);
+  auto mean_rstd = kernel_stats<D>(x, groups_total, per_group, chunks, eps);
   std::vector<double> mean, var;
   reference_stats<D>(x, groups_total, per_group, mean, var);
   for (int silu = 0; silu <= 1; silu++) {
