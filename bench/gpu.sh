@@ -23,7 +23,9 @@
 # Variants for diagnosis: artguide in bf16, artguide with its own CUDA kernels
 # (ARTGUIDE_CUDA_KERNELS=1: im2col convolution, GroupNorm, bias add, upsampling; parity and
 # repro run with them too), artguide with the device's memory pool kept and no per-buffer
-# events (ARTGUIDE_CUDA_TUNING=1, alone and with the kernels), artguide built with cuDNN convolutions (BIN_CUDNN, PARITY_CUDNN;
+# events (ARTGUIDE_CUDA_TUNING=1, alone and with the kernels), the UNet call as a CUDA graph
+# (ARTGUIDE_CUDA_GRAPHS=1; repro too: a hash equal to `repro cuda`'s means the graph gives the
+# eager bytes), all three together, artguide built with cuDNN convolutions (BIN_CUDNN, PARITY_CUDNN;
 # unpacked from .gpu when there), diffusers with its classic (non-SDPA) attention.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -180,6 +182,8 @@ if want variants; then
   run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "$BIN" bench --json --device "$DEVICE" --dtype "$DTYPE" --parts clip --clip-arch vit-l14 --clip-batch 64 --reps "$REPS"
   run artguide-tuned env ARTGUIDE_CUDA_TUNING=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
   run artguide-kernels-tuned env ARTGUIDE_CUDA_KERNELS=1 ARTGUIDE_CUDA_TUNING=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
+  run artguide-graphs env ARTGUIDE_CUDA_GRAPHS=1 "${AG[@]}" --dtype "$DTYPE" --parts unet
+  run artguide-all env ARTGUIDE_CUDA_KERNELS=1 ARTGUIDE_CUDA_TUNING=1 ARTGUIDE_CUDA_GRAPHS=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
   run diffusers-classic-attention "${PY[@]}" --dtype "$DTYPE" --parts unet --attention classic
   if [ -n "${BIN_CUDNN:-}" ]; then
     AGC=("$BIN_CUDNN" "${AG[@]:1}")
@@ -214,5 +218,6 @@ fi
 if want parity; then
   repro cuda "$BIN"
   repro cuda-kernels "$BIN" ARTGUIDE_CUDA_KERNELS=1
+  repro cuda-graphs "$BIN" ARTGUIDE_CUDA_GRAPHS=1
   [ -n "${BIN_CUDNN:-}" ] && repro cudnn "$BIN_CUDNN"
 fi

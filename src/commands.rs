@@ -720,6 +720,7 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
             // Checked first, so a typo is named whatever else is wrong.
             crate::kernels::cuda_kernels_switch()?;
             let tuned = crate::memory::cuda_tuning_switch()?;
+            crate::models::unet_graph::cuda_graphs_switch()?;
             if !candle_core::utils::cuda_is_available() {
                 anyhow::bail!(
                     "--device cuda: this binary was built without CUDA support (rebuild with `cargo build --release --features cuda`)"

@@ -1946,45 +1946,35 @@ fn an_unwritable_cache_is_said_once() {
     assert_eq!(r["images"].as_array().unwrap().len(), 5);
 }
 
-/// `--device cuda` reads `ARTGUIDE_CUDA_KERNELS` and `ARTGUIDE_CUDA_TUNING` before anything
+/// `--device cuda` reads `ARTGUIDE_CUDA_KERNELS`, `_TUNING` and `_GRAPHS` before anything
 /// else, so a typo is named instead of silently meaning "off"; in a CPU build, valid values
 /// reach the "built without CUDA support" error.
 #[test]
 fn cuda_switch_typo_is_named_and_cpu_builds_say_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = bin()
-        .env("ARTGUIDE_CUDA_KERNELS", "maybe")
-        .args([
-            "--quiet", "generate", "--device", "cuda", "--prompt", "x", "--model",
-        ])
-        .arg(tiny())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let err = stderr(&o);
-    assert!(
-        err.contains("ARTGUIDE_CUDA_KERNELS=\"maybe\": expected 1/on/true/yes or 0/off/false/no"),
-        "{err}"
-    );
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(!out.exists());
-    let o = bin()
-        .env("ARTGUIDE_CUDA_TUNING", "2")
-        .args([
-            "--quiet", "generate", "--device", "cuda", "--prompt", "x", "--model",
-        ])
-        .arg(tiny())
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("ARTGUIDE_CUDA_TUNING=\"2\": expected 1/on/true/yes"),
-        "{}",
-        stderr(&o)
-    );
+    for (var, value) in [
+        ("ARTGUIDE_CUDA_KERNELS", "maybe"),
+        ("ARTGUIDE_CUDA_TUNING", "2"),
+        ("ARTGUIDE_CUDA_GRAPHS", "graphs"),
+    ] {
+        let o = bin()
+            .env(var, value)
+            .args([
+                "--quiet", "generate", "--device", "cuda", "--prompt", "x", "--model",
+            ])
+            .arg(tiny())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let err = stderr(&o);
+        let want = format!("{var}={value:?}: expected 1/on/true/yes or 0/off/false/no");
+        assert!(err.contains(&want), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!out.exists());
+    }
     if !cfg!(feature = "cuda") {
         let o = generate(&tiny(), &out, &["--device", "cuda"]);
         assert_eq!(o.status.code(), Some(1));

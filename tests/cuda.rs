@@ -506,3 +506,45 @@ fn cuda_device_tuning_takes_effect() {
         );
     }
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "needs a build with --features cuda and a GPU (see README, CUDA)"
+)]
+fn cuda_graph_unet_matches_eager() {
+    #[cfg(feature = "cuda")]
+    {
+        let m = model(gpu(), DType::F16);
+        let graphs = artguide::models::unet_graph::UnetGraphs::new();
+        let one = m.encode_prompt("a lighthouse at dusk").unwrap().context;
+        // Captures at the first call of each shape (batch 2, then 1, then 2 again) and
+        // replays at the others, each with its own latents and timestep.
+        for (i, (batch, t)) in [
+            (2, 999.0),
+            (2, 500.0),
+            (2, 20.0),
+            (1, 300.0),
+            (1, 299.0),
+            (2, 10.0),
+            (2, 1.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let x = NoiseGen::new(40 + i as u64, Stream::InitialLatents)
+                .randn(&[batch, 4, 16, 16])
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap()
+                .to_device(&m.device)
+                .unwrap();
+            let context = Tensor::cat(&vec![&one; batch], 0).unwrap();
+            let want = m.unet.forward(&x, t, &context).unwrap();
+            let got = graphs.forward(&m.unet, &x, t, &context).unwrap();
+            let d = max_abs_diff(&got, &want);
+            eprintln!("call {i} (batch {batch}, t {t}): max |graph - eager| = {d:.2e}");
+            assert!(d < 1e-3, "call {i}: {d}");
+        }
+    }
+}

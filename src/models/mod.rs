@@ -10,6 +10,7 @@ pub mod stable_diffusion;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
+pub mod unet_graph;
 pub mod vae;
 pub mod weights;
 

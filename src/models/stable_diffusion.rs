@@ -195,6 +195,9 @@ pub struct SdModel {
     tokenizer_2: Option<PromptTokenizer>,
     origin: WeightOrigin,
     mean_encoder: std::sync::OnceLock<AutoEncoderKL>,
+    /// The UNet call as a CUDA graph (`ARTGUIDE_CUDA_GRAPHS=1`).
+    #[cfg(feature = "cuda")]
+    graphs: Option<super::unet_graph::UnetGraphs>,
 }
 
 /// Weight files of a component: safetensors first, then the fp16 variant, then a pickle.
@@ -337,6 +340,8 @@ impl SdModel {
             tokenizer_2: tokenizer_2.map(|t| PromptTokenizer::Clip(Box::new(t))),
             origin: WeightOrigin::Files { vae: vec![vae_w] },
             mean_encoder: std::sync::OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            graphs: super::unet_graph::UnetGraphs::for_device(device),
         })
     }
 
@@ -389,6 +394,8 @@ impl SdModel {
             tokenizer_2: text_cfg_2.as_ref().map(bytes),
             origin: WeightOrigin::Random,
             mean_encoder: std::sync::OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            graphs: super::unet_graph::UnetGraphs::for_device(device),
         })
     }
 
@@ -487,6 +494,10 @@ impl SdModel {
                 })
             }
         };
+        #[cfg(feature = "cuda")]
+        if let (Some(graphs), None) = (&self.graphs, &added) {
+            return graphs.forward(&self.unet, x, timestep, &cond.context);
+        }
         self.unet
             .forward_with(x, timestep, &cond.context, added.as_ref())
     }

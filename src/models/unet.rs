@@ -635,8 +635,9 @@ impl UNet {
         })
     }
 
-    /// Diffusers' `get_timestep_embedding` for one timestep, in f32: a (1, channels) tensor.
-    fn timestep_embedding(&self, timestep: f64, device: &Device) -> Result<Tensor> {
+    /// Diffusers' `get_timestep_embedding` for one timestep, in f32: a (1, channels) tensor,
+    /// the input of [`UNet::forward_embedded`].
+    pub fn timestep_embedding(&self, timestep: f64, device: &Device) -> Result<Tensor> {
         let dim = self.time_channels;
         let emb = sinusoidal(
             &[timestep as f32],
@@ -705,6 +706,20 @@ impl UNet {
         encoder_hidden_states: &Tensor,
         added: Option<&AddedCond>,
     ) -> Result<Tensor> {
+        let t_emb = self.timestep_embedding(timestep, sample.device())?;
+        self.forward_embedded(sample, &t_emb, encoder_hidden_states, added)
+    }
+
+    /// [`UNet::forward_with`] from the timestep's sinusoidal embedding
+    /// ([`UNet::timestep_embedding`]), which is made on the host: a CUDA graph of this call
+    /// (`unet_graph`) takes it as a device input instead of replaying its first upload.
+    pub fn forward_embedded(
+        &self,
+        sample: &Tensor,
+        t_emb: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Result<Tensor> {
         let (_, _, height, width) = sample.dims4()?;
         let dtype = sample.dtype();
         let n_up = self.up_blocks.len() - 1;
@@ -718,9 +733,7 @@ impl UNet {
         };
 
         // 1. time: one row, broadcast over the batch where it is added.
-        let t_emb = self
-            .timestep_embedding(timestep, sample.device())?
-            .to_dtype(dtype)?;
+        let t_emb = t_emb.to_dtype(dtype)?;
         let emb = self.time_linear_1.forward(&t_emb)?.silu()?;
         let emb = self.time_linear_2.forward(&emb)?;
         let emb = match (&self.add_embedding, added) {
