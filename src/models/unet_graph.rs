@@ -12,9 +12,14 @@
 //! would replay the first step's timestep. SDXL's added conditioning (also made on the host)
 //! is not graphed, nor is a call inside a differentiated graph.
 //!
-//! Graph memory: everything the call allocates and frees is a node of the graph; the output
-//! stays allocated between launches (graph allocations keep their addresses) and is freed by
-//! candle when the capture is dropped, after the graph's first launch made it.
+//! Graph memory: everything the call allocates is freed inside it (the result is copied into
+//! a fixed output tensor made before the capture), so a failed capture leaves nothing behind
+//! and graph memory is trimmed when a new shape replaces a graph.
+//!
+//! Threads: cudarc's `CudaGraph` is neither `Send` nor `Sync`, so neither are these graphs nor
+//! (with `--features cuda`) `SdModel`; that keeps a graph launched on the thread that captured
+//! it, whose per-thread stream orders it after the input copies. Do not add `unsafe impl
+//! Send`: the mutex only gives the interior mutability.
 
 use candle_core::Device;
 #[cfg(feature = "cuda")]
@@ -124,8 +129,8 @@ mod imp {
         }
     }
 
-    /// A captured call. Fields drop in order: the inputs, then the output (a graph
-    /// allocation, freed outside the graph after its first launch made it), then the graph.
+    /// A captured call: fixed input and output tensors (allocated outside the graph, which
+    /// reads and writes them) and the graph.
     pub(super) struct Captured {
         key: Key,
         x: Tensor,
@@ -159,16 +164,18 @@ mod imp {
             State::Ready(c) if c.key == key => return c.replay(x, temb, context),
             _ => {}
         }
-        // A new shape: the old graph goes first (its memory with it).
-        *state = State::Empty;
         let Device::Cuda(dev) = x.device() else {
             return unet.forward_embedded(x, temb, context, None);
         };
+        // A new shape: the old graph goes first, its memory with it.
+        if matches!(std::mem::replace(state, State::Empty), State::Ready(_)) {
+            trim_graph_memory(dev);
+        }
         // Small host uploads (candle's layouts for strided kernels) are cached from here on,
         // so the capture finds them on the device instead of copying from the host.
         let _cache = dev.enable_cuda_graph_htod_cache();
         let y = unet.forward_embedded(x, temb, context, None)?;
-        match capture(dev, unet, key, x, temb, context) {
+        match capture(dev, unet, key, x, temb, context, &y) {
             Ok(c) => *state = State::Ready(Box::new(c)),
             Err(e) => {
                 eprintln!(
@@ -188,18 +195,31 @@ mod imp {
         x: &Tensor,
         temb: &Tensor,
         context: &Tensor,
+        like: &Tensor,
     ) -> Result<Captured> {
-        // Fixed inputs, allocated before the capture (so not graph memory).
-        let (xi, ti, ci) = (x.copy()?, temb.copy()?, context.copy()?);
+        // Fixed, contiguous inputs and output, allocated before the capture: the graph then
+        // frees everything it allocates, so a failure anywhere leaves no graph memory behind.
+        let fixed = |t: &Tensor| -> Result<Tensor> {
+            let f = Tensor::zeros(t.shape(), t.dtype(), t.device())?;
+            f.slice_set(&t.contiguous()?, 0, 0)?;
+            Ok(f)
+        };
+        let (xi, ti, ci, out) = (fixed(x)?, fixed(temb)?, fixed(context)?, fixed(like)?);
         dev.synchronize()?;
         let stream = dev.cuda_stream();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
-        let out = unet.forward_embedded(&xi, &ti, &ci, None);
-        let graph = end_capture(&stream);
-        let (out, graph) = (out?, graph?);
-        graph.launch().w()?;
+        let capturing = Capturing(stream.clone());
+        let recorded = unet
+            .forward_embedded(&xi, &ti, &ci, None)
+            .and_then(|y| Ok(out.slice_set(&y, 0, 0)?));
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        drop(capturing);
+        recorded?;
+        let graph = graph
+            .w()?
+            .ok_or_else(|| crate::Error::Msg("the capture recorded no work".into()))?;
         Ok(Captured {
             key,
             x: xi,
@@ -210,31 +230,38 @@ mod imp {
         })
     }
 
-    /// Ends the capture, whatever happened during it, so the stream runs eagerly again.
-    /// cudarc's `end_capture` first returns any error it stored earlier (a failed free
-    /// inside the capture, say) and leaves the stream capturing; then the capture is ended
-    /// here by hand and its partial graph destroyed.
-    fn end_capture(stream: &Arc<CudaStream>) -> Result<CudaGraph> {
-        let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
-        let ended = stream.end_capture(flags);
-        if matches!(
-            stream.capture_status(),
-            Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
-                | Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_INVALIDATED)
-        ) {
-            let mut graph: sys::CUgraph = std::ptr::null_mut();
-            // SAFETY: ends the capture this function's caller began on this stream; the
-            // partial graph is destroyed at once and never launched.
-            unsafe {
-                sys::cuStreamEndCapture(stream.cu_stream(), &mut graph);
-                if !graph.is_null() {
-                    sys::cuGraphDestroy(graph);
+    /// Ends a capture still open when dropped (an error or a panic inside it, or cudarc's
+    /// `end_capture` returning an error it had stored before ending the capture), so the
+    /// stream runs eagerly again; the partial graph is destroyed unlaunched.
+    struct Capturing(Arc<CudaStream>);
+
+    impl Drop for Capturing {
+        fn drop(&mut self) {
+            if matches!(
+                self.0.capture_status(),
+                Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+                    | Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_INVALIDATED)
+            ) {
+                let mut graph: sys::CUgraph = std::ptr::null_mut();
+                // SAFETY: ends the capture begun on this stream by `capture`; the partial
+                // graph is destroyed at once and never launched.
+                unsafe {
+                    sys::cuStreamEndCapture(self.0.cu_stream(), &mut graph);
+                    if !graph.is_null() {
+                        sys::cuGraphDestroy(graph);
+                    }
                 }
             }
         }
-        match ended.w()? {
-            Some(graph) => Ok(graph),
-            None => Err(crate::Error::Msg("the capture recorded no work".into())),
+    }
+
+    /// Gives the memory of dropped graphs back to the device.
+    fn trim_graph_memory(dev: &candle_core::CudaDevice) {
+        let stream = dev.cuda_stream();
+        // SAFETY: a plain driver call on the device of this context; a failure only keeps
+        // the memory cached.
+        unsafe {
+            sys::cuDeviceGraphMemTrim(stream.context().cu_device());
         }
     }
 }
