@@ -1,12 +1,14 @@
 //! artguide's own CUDA kernels (`cuda.cu`), for the compositions that profiles on an H100
 //! put first (BENCHMARKS.md, "Where the time goes"): candle's `im2col` (53% of a VAE decode:
 //! it reads its input H*W apart and is followed by a transpose of the GEMM's result), its
-//! GroupNorm (~35%: eight full passes and casts), and broadcast adds of biases.
+//! GroupNorm (~35%: eight full passes and casts), broadcast adds of biases, and activations
+//! that candle composes from several passes.
 //!
 //! The source is compiled by NVRTC at the first use in a process and loaded into each device
-//! (no build step; the driver JITs the PTX for the GPU at hand). The kernels have no backward:
-//! callers use them on detached values only (inference, or a frozen layer's value whose
-//! backward is computed elsewhere, [`super::frozen`]). They are off unless
+//! (no build step; the driver JITs the PTX for the GPU at hand). The ops take part in no
+//! autograd graph: callers use them on detached values only (inference, or a frozen layer's
+//! value whose backward is computed separately, [`super::frozen`]; [`group_norm_backward`] is
+//! such a backward). They are off unless
 //! `ARTGUIDE_CUDA_KERNELS=1` ([`super::cuda_kernels`]) until measured on a GPU; the CPU
 //! emulation test (tests/cuda_emulated.rs) checks their index math and reductions, and
 //! tests/cuda.rs compares them with candle's compositions on a GPU.
