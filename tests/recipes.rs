@@ -20,9 +20,10 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
-fn run(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
+/// `artguide MODE run RECIPE --out OUT EXTRA...` with MODE `--quiet` or `--json`.
+fn run_in(mode: &str, recipe: &Path, out: &Path, extra: &[&str]) -> Output {
     bin()
-        .args(["--quiet", "run"])
+        .args([mode, "run"])
         .arg(recipe)
         .arg("--out")
         .arg(out)
@@ -31,16 +32,13 @@ fn run(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+fn run(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
+    run_in("--quiet", recipe, out, extra)
+}
+
 /// `artguide --json run RECIPE --out OUT EXTRA...`: progress and events as JSON lines.
 fn run_json(recipe: &Path, out: &Path, extra: &[&str]) -> Output {
-    bin()
-        .args(["--json", "run"])
-        .arg(recipe)
-        .arg("--out")
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
+    run_in("--json", recipe, out, extra)
 }
 
 /// The `done` event of a successful `run_json`.
