@@ -21,7 +21,8 @@
 # the same step with CLIP guidance (random ViT-B/32 guide, 4 cutouts) through the full VAE,
 # TAESD and the linear decoder; CLIP ViT-B/32 and ViT-L/14 image embedding, batch 64, f16.
 # Variants for diagnosis: artguide in bf16, artguide with its own CUDA kernels
-# (ARTGUIDE_CUDA_KERNELS=1: im2col convolution, GroupNorm, bias add, upsampling; parity and
+# (ARTGUIDE_CUDA_KERNELS=1: im2col convolution, GroupNorm, bias add, activations, upsampling,
+# attention without head copies; parity and
 # repro run with them too), artguide with the device's memory pool kept and no per-buffer
 # events (ARTGUIDE_CUDA_TUNING=1, alone and with the kernels), the UNet call as a CUDA graph
 # (ARTGUIDE_CUDA_GRAPHS=1; repro too: a hash equal to `repro cuda`'s means the graph gives the

@@ -304,6 +304,14 @@ mod own_kernels {
             .unwrap()
     }
 
+    /// `t` on the CPU in f32, for the references.
+    fn cpu(t: &Tensor) -> Tensor {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
     /// Largest difference over the largest |value| of the reference.
     fn rel(got: &Tensor, want: &Tensor) -> f32 {
         max_abs_diff(got, want) / max_abs(want).max(1e-6)
@@ -336,12 +344,6 @@ mod own_kernels {
                 let x = whole.narrow(0, 1, n).unwrap();
                 let wt = (randn(&[cout, cin, k, k], 20 + i as u64, dev, dtype) * 0.2).unwrap();
                 let b = randn(&[cout], 30 + i as u64, dev, dtype);
-                let cpu = |t: &Tensor| {
-                    t.to_device(&Device::Cpu)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                };
                 let want = cpu(&x)
                     .conv2d(&cpu(&wt), pad, stride, 1, 1)
                     .unwrap()
@@ -442,6 +444,39 @@ mod own_kernels {
             assert!(e < tol, "quick_gelu {dtype:?}: {e}");
             let e = rel(&cuda::gelu_erf(&p).unwrap(), &p.gelu_erf().unwrap());
             assert!(e < tol, "gelu_erf {dtype:?}: {e}");
+            // Attention through the head-strided GEMMs against the composition on the CPU in
+            // f32: (b, n, m, heads, d) batched over heads (UNet self- and cross-attention),
+            // over images (a CLIP batch), and one wide head (the VAE); q is an offset view.
+            for (i, &(b, n, m, heads, d)) in [
+                (2, 64, 64, 8, 40),
+                (2, 64, 77, 8, 40),
+                (6, 50, 50, 4, 64),
+                (1, 256, 256, 1, 512),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let seed = 90 + 3 * i as u64;
+                let q = randn(&[b + 1, n, heads * d], seed, dev, dtype)
+                    .narrow(0, 1, b)
+                    .unwrap();
+                let k = randn(&[b, m, heads * d], seed + 1, dev, dtype);
+                let v = randn(&[b, m, heads * d], seed + 2, dev, dtype);
+                let scale = (d as f64).powf(-0.5);
+                let want = artguide::kernels::attention::composed(
+                    &cpu(&q),
+                    &cpu(&k),
+                    &cpu(&v),
+                    heads,
+                    scale,
+                )
+                .unwrap();
+                let got = cuda::attention(&q, &k, &v, heads, scale).unwrap();
+                assert_eq!(got.dims(), want.dims(), "attention case {i}");
+                let e = rel(&cpu(&got), &want);
+                eprintln!("attention {dtype:?} case {i}: rel err {e:.2e}");
+                assert!(e < tol.max(1e-4), "attention {dtype:?} case {i}: {e}");
+            }
             let x = randn(&[2, 3, 5, 4], 73, dev, dtype);
             for s in [2, 3] {
                 let want = x

@@ -4,9 +4,10 @@
 //! computes the score block with one GEMM, takes the softmax in place, and multiplies by V
 //! with a second GEMM, so the `(heads, n, m)` score tensor (1 GiB in f32 for SD 1.5 at
 //! 512x512, batch 2) is never materialised and each block's scores stay in cache. Heads are
-//! read and written at their column offset, so no head-major copies are made either. Other
-//! devices and dtypes take the composed candle path, which is the reference the kernel is
-//! tested against.
+//! read and written at their column offset, so no head-major copies are made either. On CUDA
+//! with `ARTGUIDE_CUDA_KERNELS=1` the same layout goes through cuBLAS strided batched GEMMs
+//! ([`super::head_gemm`]). Other devices and dtypes take the composed candle path, which is
+//! the reference the kernels are tested against.
 
 use std::cell::RefCell;
 
@@ -29,6 +30,10 @@ const MAX_ROWS: usize = 256;
 /// No mask. `scale` multiplies the logits (usually `1/sqrt(d)`). In f16/bf16 the softmax
 /// accumulates in f32, as diffusers' `upcast_softmax` does.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::on_cuda_kernels(q) {
+        return Ok(super::cuda::attention(q, k, v, heads, scale)?);
+    }
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let op = BlockedAttention {
             heads,

@@ -1,8 +1,9 @@
 //! artguide's own CUDA kernels (`cuda.cu`), for the compositions that profiles on an H100
 //! put first (BENCHMARKS.md, "Where the time goes"): candle's `im2col` (53% of a VAE decode:
 //! it reads its input H*W apart and is followed by a transpose of the GEMM's result), its
-//! GroupNorm (~35%: eight full passes and casts), broadcast adds of biases, and activations
-//! that candle composes from several passes.
+//! GroupNorm (~35%: eight full passes and casts), broadcast adds of biases, activations
+//! that candle composes from several passes, and attention's head-major copies (12% of a CLIP
+//! ViT-L/14 batch; here cuBLAS reads and writes the heads in place, [`super::head_gemm`]).
 //!
 //! The source is compiled by NVRTC at the first use in a process and loaded into each device
 //! (no build step; the driver JITs the PTX for the GPU at hand). The ops take part in no
@@ -16,8 +17,11 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::cudarc::cublas::sys as cublas_sys;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
@@ -25,6 +29,8 @@ use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
     Tensor,
 };
+
+use super::head_gemm;
 
 /// The kernels' source; its launch shapes are described at its top.
 const SOURCE: &str = include_str!("cuda.cu");
@@ -881,5 +887,242 @@ impl CustomOp1 for Upsample {
             out
         });
         Ok((storage(slice, dev), Shape::from((n, c, h * s, w * s))))
+    }
+}
+
+/// Unmasked attention on `q: (b, n, heads*d)`, `k, v: (b, m, heads*d)` without head-major
+/// copies: the scores `(b*heads, n, m)` by strided batched GEMMs with the scale in `alpha`
+/// ([`super::head_gemm`]), candle's row softmax (it sums f16/bf16 rows in f32), and the
+/// context GEMMs writing each head at its column offset of `(b, n, heads*d)`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let scores = q.contiguous()?.apply_op2_no_bwd(
+        &k.contiguous()?,
+        &HeadScores {
+            heads,
+            scale: scale as f32,
+        },
+    )?;
+    candle_nn::ops::softmax_last_dim(&scores)?
+        .apply_op2_no_bwd(&v.contiguous()?, &HeadContext { heads })
+}
+
+/// The attention sizes of `(b, n, heads*d)` queries and `(b, m, heads*d)` keys or values.
+fn attention_shape(
+    op: &str,
+    q: (usize, usize, usize),
+    kv: (usize, usize, usize),
+    heads: usize,
+) -> candle_core::Result<head_gemm::AttentionShape> {
+    let ((b, n, hd), (kb, m, khd)) = (q, kv);
+    if heads == 0 || hd % heads != 0 || (kb, khd) != (b, hd) || b * n * m * hd == 0 {
+        candle_core::bail!(
+            "{op}: queries ({b}, {n}, {hd}) and keys/values ({kb}, {m}, {khd}) with {heads} heads do not fit"
+        );
+    }
+    Ok(head_gemm::AttentionShape {
+        b,
+        n,
+        m,
+        heads,
+        d: hd / heads,
+    })
+}
+
+/// The cuBLAS data type of a kernel suffix from `by_dtype!`.
+fn blas_type(suffix: &str) -> cublas_sys::cudaDataType_t {
+    match suffix {
+        "f16" => cublas_sys::cudaDataType_t::CUDA_R_16F,
+        "bf16" => cublas_sys::cudaDataType_t::CUDA_R_16BF,
+        _ => cublas_sys::cudaDataType_t::CUDA_R_32F,
+    }
+}
+
+/// Issues the plan `g` on `dev`'s cuBLAS handle (which runs on the device's stream), reading
+/// `a` and `b` and writing `c`; the sums accumulate in f32, as candle's matmul does by default.
+fn strided_gemm<T: DeviceRepr>(
+    dev: &CudaDevice,
+    g: &head_gemm::StridedGemm,
+    data: cublas_sys::cudaDataType_t,
+    a: &CudaView<T>,
+    b: &CudaView<T>,
+    c: &mut CudaSlice<T>,
+) -> candle_core::Result<()> {
+    let [ea, eb, ec] = g.extents();
+    if a.len() < ea || b.len() < eb || c.len() < ec {
+        candle_core::bail!(
+            "strided GEMM: operands of {}, {} and {} elements, the plan reaches {ea}, {eb} and {ec}",
+            a.len(),
+            b.len(),
+            c.len()
+        );
+    }
+    let op = |t: bool| {
+        if t {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let stride = |s: usize| {
+        i64::try_from(s).map_err(|_| candle_core::Error::Msg(format!("GEMM stride {s}")))
+    };
+    let (m, n, k) = (
+        int(g.m, "GEMM m")?,
+        int(g.n, "GEMM n")?,
+        int(g.k, "GEMM k")?,
+    );
+    let ld = [
+        int(g.ld[0], "GEMM lda")?,
+        int(g.ld[1], "GEMM ldb")?,
+        int(g.ld[2], "GEMM ldc")?,
+    ];
+    let strides = [
+        stride(g.stride[0])?,
+        stride(g.stride[1])?,
+        stride(g.stride[2])?,
+    ];
+    let batch = int(g.batch, "GEMM batch")?;
+    let (alpha, beta) = (g.alpha, 0f32);
+    let blas = dev.cublas_handle();
+    let stream = dev.cuda_stream();
+    let size = std::mem::size_of::<T>() as u64;
+    let (pa, _ga) = a.device_ptr(&stream);
+    let (pb, _gb) = b.device_ptr(&stream);
+    let (pc, _gc) = c.device_ptr_mut(&stream);
+    for call in 0..g.calls {
+        let at = |p: u64, o: usize| p + (call * g.call_stride[o]) as u64 * size;
+        // SAFETY: `extents` bounds every element the calls touch within the three buffers
+        // (checked above), the pointers stay valid while the guards live, and alpha/beta are
+        // f32 as CUBLAS_COMPUTE_32F requires.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *blas.handle(),
+                op(g.trans_a),
+                op(g.trans_b),
+                m,
+                n,
+                k,
+                &alpha as *const f32 as *const _,
+                at(pa, 0) as *const _,
+                data,
+                ld[0],
+                strides[0],
+                at(pb, 1) as *const _,
+                data,
+                ld[1],
+                strides[1],
+                &beta as *const f32 as *const _,
+                at(pc, 2) as *mut _,
+                data,
+                ld[2],
+                strides[2],
+                batch,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .w()?;
+    }
+    Ok(())
+}
+
+/// `scale Q K^T` per image and head: `(b, n, heads*d) x (b, m, heads*d) -> (b*heads, n, m)`.
+struct HeadScores {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp2 for HeadScores {
+    fn name(&self) -> &'static str {
+        "artguide-head-scores"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let s = attention_shape(
+            self.name(),
+            ql.shape().dims3()?,
+            kl.shape().dims3()?,
+            self.heads,
+        )?;
+        let plan = head_gemm::scores_plan(&s, self.scale);
+        let dev = qs.device();
+        let slice = by_dtype!(self.name(), qs, ks, |q, k, suf| {
+            let (q, k) = (view(q, ql, self.name())?, view(k, kl, self.name())?);
+            let mut out = output(&q, dev, s.b * s.heads * s.n * s.m)?;
+            strided_gemm(dev, &plan, blas_type(suf), &k, &q, &mut out)?;
+            out
+        });
+        Ok((storage(slice, dev), Shape::from((s.b * s.heads, s.n, s.m))))
+    }
+}
+
+/// `P V` per image and head: `(b*heads, n, m) x (b, m, heads*d) -> (b, n, heads*d)`.
+struct HeadContext {
+    heads: usize,
+}
+
+impl CustomOp2 for HeadContext {
+    fn name(&self) -> &'static str {
+        "artguide-head-context"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        ps: &CudaStorage,
+        pl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (bh, n, m) = pl.shape().dims3()?;
+        let (b, vm, hd) = vl.shape().dims3()?;
+        if self.heads == 0 || bh != b * self.heads || vm != m {
+            candle_core::bail!(
+                "{}: probabilities ({bh}, {n}, {m}) and values ({b}, {vm}, {hd}) with {} heads do not fit",
+                self.name(),
+                self.heads
+            );
+        }
+        let s = attention_shape(self.name(), (b, n, hd), (b, m, hd), self.heads)?;
+        let plan = head_gemm::context_plan(&s);
+        let dev = ps.device();
+        let slice = by_dtype!(self.name(), ps, vs, |p, v, suf| {
+            let (p, v) = (view(p, pl, self.name())?, view(v, vl, self.name())?);
+            let mut out = output(&p, dev, b * n * hd)?;
+            strided_gemm(dev, &plan, blas_type(suf), &v, &p, &mut out)?;
+            out
+        });
+        Ok((storage(slice, dev), Shape::from((b, n, hd))))
     }
 }

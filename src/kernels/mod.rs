@@ -8,6 +8,7 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod frozen;
+pub mod head_gemm;
 pub mod linear;
 pub mod norm;
 pub mod sgemm;
