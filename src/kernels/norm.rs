@@ -22,6 +22,10 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    /// `weight` and `bias` in f32 for the CUDA kernel, made at its first use (two casts per
+    /// layer per call otherwise, also inside a CUDA graph).
+    #[cfg(feature = "cuda")]
+    f32_params: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl GroupNorm {
@@ -38,6 +42,8 @@ impl GroupNorm {
             bias,
             groups,
             eps,
+            #[cfg(feature = "cuda")]
+            f32_params: Default::default(),
         })
     }
 
@@ -112,10 +118,18 @@ impl GroupNorm {
         }
         #[cfg(feature = "cuda")]
         if super::on_cuda_kernels(x) {
+            let (w, b) = match self.f32_params.get() {
+                Some(p) => p,
+                None => {
+                    let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+                    let p = (f32s(&self.weight)?, f32s(&self.bias)?);
+                    self.f32_params.get_or_init(|| p)
+                }
+            };
             return Ok(super::cuda::group_norm(
                 x,
-                &self.weight,
-                &self.bias,
+                w,
+                b,
                 self.groups,
                 self.eps,
                 silu,
