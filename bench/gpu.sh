@@ -13,10 +13,12 @@
 #           256 and a CLIP ViT-L/14 batch, without and with ARTGUIDE_CUDA_KERNELS=1, ranked
 #           per kernel by bench/ncu_top.py into profile.md and profile.json
 #   REPS:   timed repetitions per measurement after one warm-up, median reported (default 5)
-# Environment: OUT (where logs and gpu.jsonl go; the device tool sets it), BIN and PARITY (use
-# these executables instead of unpacking .gpu/artguide-cuda.tar.xz), PYTHON (default python3,
-# which needs torch with CUDA and transformers; diffusers comes from .gpu/wheels); DEVICE,
-# DTYPE, SIZE (default cuda, f16, 512: a CPU smoke test of this script sets them smaller).
+# Environment: OUT (where gpu.jsonl, gpu.log, table.md, the parity logs, profile.md/json and
+# logs.tgz, every other log packed, go: at most 8 files; the device tool sets it), BIN and
+# PARITY (use these executables instead of unpacking .gpu/artguide-cuda.tar.xz), PYTHON
+# (default python3, which needs torch with CUDA and transformers; diffusers comes from
+# .gpu/wheels); DEVICE, DTYPE, SIZE (default cuda, f16, 512: a CPU smoke test of this
+# script sets them smaller).
 # Workloads (issue 6): SD 1.5 at 512x512, f16: a CFG UNet step (batch 2) and a VAE decode;
 # the same step with CLIP guidance (random ViT-B/32 guide, 4 cutouts) through the full VAE,
 # TAESD and the linear decoder; CLIP ViT-B/32 and ViT-L/14 image embedding, batch 64, f16.
@@ -39,6 +41,11 @@ DTYPE=${DTYPE:-f16}
 SIZE=${SIZE:-512}
 LOG=$OUTDIR/gpu.jsonl
 : >"$LOG"
+# The device tool returns at most 8 files from $OUT: the records, logs and tables go there,
+# every other file to WORK, packed into $OUT/logs.tgz after each step (so a call cut short
+# still returns what it had).
+WORK=$(mktemp -d)
+pack() { tar -czf "$OUTDIR/logs.tgz.tmp" -C "$WORK" . && mv "$OUTDIR/logs.tgz.tmp" "$OUTDIR/logs.tgz"; }
 want() { [[ ",$GROUPS_," == *",$1,"* ]]; }
 say() { echo "== $*" | tee -a "$OUTDIR/gpu.log"; }
 
@@ -96,7 +103,7 @@ elif want parity; then
   echo "parity (own kernels) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
   if [ -n "${PARITY_CUDNN:-}" ]; then
     say "parity, cudnn build"
-    timeout 240 "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-cudnn.log"
+    timeout 240 "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$WORK/parity-cudnn.log"
     echo "parity (cudnn) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
   fi
 fi
@@ -114,7 +121,7 @@ repro() {
       --prompt "a harbour at dusk" --steps 3 --scheduler euler-a --seed 1 --width "$SIZE" \
       --height "$SIZE" --clip tests/fixtures/clip/tiny-clip-a --clip-prompt "a storm at sea" \
       --guidance-decoder vae --skip-nonfinite-guidance --out "/tmp/repro-$label-$i" \
-      2>>"$OUTDIR/repro.err" || { say "repro $label: run $i failed (repro.err)"; return; }
+      2>>"$WORK/repro.err" || { say "repro $label: run $i failed (logs.tgz: repro.err)"; pack; return; }
     sums+=("$(cat /tmp/repro-$label-$i/*.png | sha256sum | cut -c1-16)")
   done
   if [ "${sums[0]}" = "${sums[1]}" ]; then
@@ -122,6 +129,7 @@ repro() {
   else
     say "repro $label: DIFFERENT PNG bytes in two runs (${sums[0]} vs ${sums[1]})"
   fi
+  pack
 }
 
 N=0
@@ -131,18 +139,18 @@ N=0
 run() {
   local label=$1; shift
   N=$((N + 1))
-  local smi=$OUTDIR/smi.$N.txt raw=$OUTDIR/run.$N.out
+  local smi=$WORK/smi.$N.txt raw=$WORK/run.$N.out
   local base
   base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >"$smi" 2>/dev/null &
   local spid=$! t0=$SECONDS
-  timeout 400 "$@" >"$raw" 2>"$OUTDIR/run.$N.err"
+  timeout 400 "$@" >"$raw" 2>"$WORK/run.$N.err"
   local rc=$?
   kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
   local peak
   peak=$(sort -n "$smi" | tail -1)
   echo "[$N] $label rc=$rc $((SECONDS - t0)) s, GPU peak $((${peak:-0} - base)) MiB: $*" | tee -a "$OUTDIR/gpu.log"
-  [ "$rc" = 0 ] || tail -5 "$OUTDIR/run.$N.err"
+  [ "$rc" = 0 ] || tail -5 "$WORK/run.$N.err"
   "$PYTHON" -c '
 import json, sys
 label, peak = sys.argv[1], int(sys.argv[2])
@@ -151,6 +159,7 @@ for line in open(sys.argv[3]):
         r = json.loads(line)
         r["variant"], r["peak_gpu_smi_mib"] = label, peak
         print(json.dumps(r))' "$label" "$((${peak:-0} - base))" "$raw" >>"$LOG"
+  pack
 }
 AG=("$BIN" bench --json --device "$DEVICE" --arch sd15 --sizes "$SIZE" --reps "$REPS")
 PY=("$PYTHON" bench/diffusers_bench.py --device "$DEVICE" --arch sd15 --sizes "$SIZE" --reps "$REPS")
@@ -205,9 +214,10 @@ if want profile; then
         name=${w%%:*}-kernels$k
         # shellcheck disable=SC2086
         ARTGUIDE_CUDA_KERNELS=$k timeout 400 "$NCU" --metrics gpu__time_duration.sum --csv \
-          --log-file "$OUTDIR/ncu-$name.csv" "$BIN" bench --device "$DEVICE" --dtype "$DTYPE" \
-          --reps 1 ${w#*:} >"$OUTDIR/ncu-$name.out" 2>&1 \
-          && specs+=("$name=$OUTDIR/ncu-$name.csv") || say "profile $name failed (ncu-$name.out)"
+          --log-file "$WORK/ncu-$name.csv" "$BIN" bench --device "$DEVICE" --dtype "$DTYPE" \
+          --reps 1 ${w#*:} >"$WORK/ncu-$name.out" 2>&1 \
+          && specs+=("$name=$WORK/ncu-$name.csv") || say "profile $name failed (logs.tgz: ncu-$name.out)"
+        pack
       done
     done
     [ ${#specs[@]} -gt 0 ] && "$PYTHON" bench/ncu_top.py "${specs[@]}" --json "$OUTDIR/profile.json" \
