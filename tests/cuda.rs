@@ -489,6 +489,17 @@ mod own_kernels {
                 let got = cuda::upsample_nearest(&x, s).unwrap();
                 assert_eq!(got.dims(), want.dims());
                 assert_eq!(max_abs_diff(&got, &want), 0.0, "upsample {dtype:?} x{s}");
+                // Its backward: each value the sum of its s x s patch of the gradient.
+                let g = randn(&[2, 3, 5 * s, 4 * s], 75, dev, dtype);
+                let want = cpu(&g)
+                    .reshape((2, 3, 5, s, 4, s))
+                    .unwrap()
+                    .sum(5)
+                    .unwrap()
+                    .sum(3)
+                    .unwrap();
+                let e = rel(&cpu(&cuda::patch_sum(&g, s).unwrap()), &want);
+                assert!(e < tol, "patch sum {dtype:?} x{s}: {e}");
             }
         }
     }

@@ -9,7 +9,7 @@
 //
 // Launch shapes (cuda.rs and the emulation's driver use the same ones):
 // - row kernels (im2col, gn_apply, gn_grad_apply, bias_add, geglu, activation,
-//   upsample_nearest) see their data as `rows` rows of `inner` contiguous values (a channel
+//   upsample_nearest, patch_sum) see their data as `rows` rows of `inner` contiguous values (a channel
 //   plane, an im2col row, a Linear output row): AG_THREADS threads per block, `segs` blocks
 //   per row (grid = rows * segs), each block striding over its row, so the per-element work
 //   has no 64-bit division (the row's constants, such as a channel's scale, are computed once
@@ -250,6 +250,23 @@ __device__ __forceinline__ float gelu_erf(float x) {
     for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
       int oy = i / ow;                                                                        \
       dst[i] = src[(oy / s) * w + (i - oy * ow) / s];                                         \
+    }                                                                                         \
+  }                                                                                           \
+                                                                                              \
+  /* upsample_nearest's backward: rows are the (n*c) planes, inner = h * w outputs, each the  \
+     float sum of its s x s patch of the (h*s, w*s) gradient plane, row by row. */            \
+  extern "C" __global__ void patch_sum_##SUF(const T* g, T* y, int segs, int inner, int w,   \
+                                             int s) {                                         \
+    int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
+    const T* src = g + (i64)row * inner * s * s;                                              \
+    i64 gw = (i64)w * s;                                                                      \
+    for (int i = seg * AG_THREADS + threadIdx.x; i < inner; i += segs * AG_THREADS) {         \
+      int oy = i / w;                                                                         \
+      const T* patch = src + oy * s * gw + (i64)(i - oy * w) * s;                             \
+      float acc = 0.0f;                                                                       \
+      for (int dy = 0; dy < s; dy++)                                                          \
+        for (int dx = 0; dx < s; dx++) acc += ld_##SUF(patch, dy * gw + dx);                  \
+      st_##SUF(y, (i64)row * inner + i, acc);                                                 \
     }                                                                                         \
   }
 

@@ -890,6 +890,62 @@ impl CustomOp1 for Upsample {
     }
 }
 
+/// The backward of [`upsample_nearest`] by `s`: each value of `(n, c, h, w)` the sum of its
+/// `s x s` patch of the gradient `(n, c, h*s, w*s)`, in one pass (candle's composition, a
+/// six-dimensional view summed over two axes, reduces pairs of values one block each).
+pub fn patch_sum(g: &Tensor, s: usize) -> candle_core::Result<Tensor> {
+    let (n, c, gh, gw) = g.dims4()?;
+    if s == 0 || gh % s != 0 || gw % s != 0 {
+        candle_core::bail!("patch sum: a {gh}x{gw} gradient is not whole {s}x{s} patches");
+    }
+    if g.elem_count() == 0 {
+        return Tensor::zeros((n, c, gh / s, gw / s), g.dtype(), g.device());
+    }
+    g.contiguous()?.apply_op1_no_bwd(&PatchSum { s })
+}
+
+struct PatchSum {
+    s: usize,
+}
+
+impl CustomOp1 for PatchSum {
+    fn name(&self) -> &'static str {
+        "artguide-patch-sum"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(&self, st: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, c, gh, gw) = l.shape().dims4()?;
+        let s = self.s;
+        let (h, w) = (gh / s, gw / s);
+        let (segs, cfg) = rows_launch(n * c, h * w)?;
+        let dev = st.device();
+        let stream = dev.cuda_stream();
+        let slice = by_dtype!(self.name(), st, |g, suf| {
+            let g = view(g, l, self.name())?;
+            let out = output(&g, dev, n * c * h * w)?;
+            let f = kernel(dev, &format!("patch_sum_{suf}"))?;
+            let mut k = stream.launch_builder(&f);
+            k.arg(&g);
+            k.arg(&out);
+            candle_core::builder_arg!(
+                k,
+                segs,
+                int(h * w, "output plane")?,
+                int(w, "width")?,
+                int(s, "scale")?
+            );
+            // SAFETY: the arguments match patch_sum's signature in cuda.cu.
+            unsafe { k.launch(cfg) }.w()?;
+            out
+        });
+        Ok((storage(slice, dev), Shape::from((n, c, h, w))))
+    }
+}
+
 /// Unmasked attention on `q: (b, n, heads*d)`, `k, v: (b, m, heads*d)` without head-major
 /// copies: the scores `(b*heads, n, m)` by strided batched GEMMs with the scale in `alpha`
 /// ([`super::head_gemm`]), candle's row softmax (it sums f16/bf16 rows in f32), and the

@@ -29,6 +29,7 @@
     static constexpr auto gn_grad_apply = gn_grad_apply_##SUF;       \
     static constexpr auto bias_add = bias_add_##SUF;                 \
     static constexpr auto upsample_nearest = upsample_nearest_##SUF; \
+    static constexpr auto patch_sum = patch_sum_##SUF;               \
     static constexpr auto geglu = geglu_##SUF;                       \
     static constexpr auto activation = activation_##SUF;             \
   };
@@ -374,6 +375,32 @@ void upsample_case(int planes, int h, int w, int s) {
   }
 }
 
+// upsample_nearest's backward: the reference sums each patch in float in the kernel's order
+// (rows of the patch, then columns), then rounds to the output type, so it must match exactly.
+template <class D>
+void patch_sum_case(int planes, int h, int w, int s) {
+  i64 inner = (i64)h * w;
+  auto g = normal<D>((size_t)(planes * inner * s * s));
+  std::vector<double> want(planes * inner);
+  for (int p = 0; p < planes; p++)
+    for (int oy = 0; oy < h; oy++)
+      for (int ox = 0; ox < w; ox++) {
+        float acc = 0.0f;
+        for (int dy = 0; dy < s; dy++)
+          for (int dx = 0; dx < s; dx++)
+            acc += D::to(g[((i64)p * h * s + oy * s + dy) * w * s + ox * s + dx]);
+        want[(p * h + oy) * w + ox] = D::to(D::from(acc));
+      }
+  for (int segs : row_segs(planes, inner)) {
+    auto y = unwritten<D>(planes * inner);
+    launch(D::patch_sum, (unsigned)(planes * segs), AG_THREADS, g.data(), y.data(), segs,
+           (int)inner, w, s);
+    check(describe("%s patch sum %d planes %dx%d by %d, %d blocks per row", D::name, planes, h,
+                   w, s, segs),
+          widen<D>(y), want, exact);
+  }
+}
+
 template <class D>
 void all_kernels() {
   im2col_case<D>(1, 4, 16, 16, 3, 3, 1, 1);
@@ -406,6 +433,9 @@ void all_kernels() {
   upsample_case<D>(6, 5, 7, 2);
   upsample_case<D>(4, 3, 4, 3);
   upsample_case<D>(2, 20, 20, 3);  // output planes of 3,600 values: four blocks per row
+  patch_sum_case<D>(6, 5, 7, 2);
+  patch_sum_case<D>(4, 3, 4, 3);
+  patch_sum_case<D>(2, 40, 41, 2);  // planes of 1,640 outputs: two blocks per row
   activation_cases<D>(5, 37);
   activation_cases<D>(3, 1280);  // SD's GEGLU is 4 x 320 wide at its first level
 }
