@@ -891,8 +891,8 @@ impl CustomOp1 for Upsample {
 }
 
 /// The backward of [`upsample_nearest`] by `s`: each value of `(n, c, h, w)` the sum of its
-/// `s x s` patch of the gradient `(n, c, h*s, w*s)`, in one pass (candle's composition, a
-/// six-dimensional view summed over two axes, reduces pairs of values one block each).
+/// `s x s` patch of the gradient `(n, c, h*s, w*s)`, in one pass summing in f32 (candle's
+/// composition: two strided reductions of a six-dimensional view, with an intermediate).
 pub fn patch_sum(g: &Tensor, s: usize) -> candle_core::Result<Tensor> {
     let (n, c, gh, gw) = g.dims4()?;
     if s == 0 || gh % s != 0 || gw % s != 0 {
