@@ -74,6 +74,8 @@ mkdir -p .gpu/wheels
 tar -C "$STAGE" -cf - "${STAGED[@]}" \
   | xz -9e -T1 --lzma2=preset=9e,dict=384MiB >.gpu/artguide-cuda.tar.xz.tmp
 mv .gpu/artguide-cuda.tar.xz.tmp .gpu/artguide-cuda.tar.xz
+# What was built, for gpu.sh's log (a later commit may leave .gpu/ behind the code).
+echo "$(git describe --always --dirty) $(date -u +%FT%TZ)" >.gpu/BUILD
 # The GPU image has torch, transformers and diffusers' other needs but neither diffusers nor
 # importlib_metadata; pure-Python wheels, pinned as in tests/reference/requirements.txt.
 python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels \

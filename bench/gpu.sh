@@ -18,7 +18,8 @@
 # PARITY (use these executables instead of unpacking .gpu/artguide-cuda.tar.xz), PYTHON
 # (default python3, which needs torch with CUDA and transformers; diffusers comes from
 # .gpu/wheels); DEVICE, DTYPE, SIZE (default cuda, f16, 512: a CPU smoke test of this
-# script sets them smaller).
+# script sets them smaller); DEADLINE (seconds for the whole call, default 570: later steps
+# are skipped); PROFILE_KERNELS (default "0 1": profile without and with the own kernels).
 # Workloads (issue 6): SD 1.5 at 512x512, f16: a CFG UNet step (batch 2) and a VAE decode;
 # the same step with CLIP guidance (random ViT-B/32 guide, 4 cutouts) through the full VAE,
 # TAESD and the linear decoder; CLIP ViT-B/32 and ViT-L/14 image embedding, batch 64, f16.
@@ -47,6 +48,17 @@ LOG=$OUTDIR/gpu.jsonl
 WORK=$(mktemp -d)
 pack() { tar -czf "$OUTDIR/logs.tgz.tmp" -C "$WORK" . && mv "$OUTDIR/logs.tgz.tmp" "$OUTDIR/logs.tgz"; }
 want() { [[ ",$GROUPS_," == *",$1,"* ]]; }
+# One deadline for the whole call (the device tool stops a command at 600 s): each step's
+# timeout is cut to what is left, and a step that would get less than 30 s is skipped.
+DEADLINE=${DEADLINE:-570}
+# limit CAP: prints min(CAP, seconds left - 10), or fails when under 30 s are left.
+limit() {
+  local left=$((DEADLINE - SECONDS - 10))
+  [ "$left" -ge 30 ] || { say "deadline: a step skipped (${DEADLINE} s for the call)" >&2; return 1; }
+  echo $((left < $1 ? left : $1))
+}
+# Every process loads candle's PTX; the driver's cache of what it compiled keeps it.
+export CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-4294967296}
 say() { echo "== $*" | tee -a "$OUTDIR/gpu.log"; }
 
 if [ -z "${BIN:-}" ]; then
@@ -84,6 +96,7 @@ if ldd "$BIN" | grep "not found"; then
   exit 3
 fi
 "$BIN" --version | tee -a "$OUTDIR/gpu.log"
+[ -f .gpu/BUILD ] && say "built from $(cat .gpu/BUILD)"
 # The cuDNN build is a variant: without a loadable libcudnn 9 the rest still runs.
 if [ -n "${BIN_CUDNN:-}" ] && ! "$BIN_CUDNN" --version | tee -a "$OUTDIR/gpu.log"; then
   ldd "$BIN_CUDNN" | grep -i "cudnn\|not found" | tee -a "$OUTDIR/gpu.log"
@@ -96,19 +109,25 @@ if want parity && [ -z "${PARITY:-}" ]; then
   say "parity: skipped, no PARITY executable given"
 elif want parity; then
   say "parity: tests/cuda.rs (CPU f32 vs CUDA f16)"
-  timeout 240 "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity.log"
-  echo "parity rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+  if t=$(limit 240); then
+    timeout "$t" "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity.log"
+    echo "parity rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+  fi
   say "parity, own CUDA kernels (ARTGUIDE_CUDA_KERNELS=1)"
-  ARTGUIDE_CUDA_KERNELS=1 timeout 240 "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-kernels.log"
-  echo "parity (own kernels) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+  if t=$(limit 240); then
+    ARTGUIDE_CUDA_KERNELS=1 timeout "$t" "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-kernels.log"
+    echo "parity (own kernels) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+  fi
   if [ -n "${PARITY_CUDNN:-}" ]; then
     say "parity, cudnn build"
-    timeout 240 "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$WORK/parity-cudnn.log"
-    echo "parity (cudnn) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+    if t=$(limit 240); then
+      timeout "$t" "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$WORK/parity-cudnn.log"
+      echo "parity (cudnn) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+    fi
   fi
 fi
 
-# repro LABEL BIN [ENV=VALUE...] (run after the timings): the same real-size generation twice (random
+# repro LABEL BIN [ENV=VALUE...] (right after the parity tests): the same real-size generation twice (random
 # SD 1.5 weights, euler-a's per-step noise, CLIP guidance through the VAE with the tiny
 # fixture CLIP) must give the same PNG bytes: the product's reproducibility promise, on
 # this device.
@@ -117,7 +136,9 @@ repro() {
   shift 2
   for i in 1 2; do
     rm -rf "/tmp/repro-$label-$i"
-    env "$@" timeout 300 "$bin" --quiet generate --random-weights sd15 --device "$DEVICE" --dtype "$DTYPE" \
+    local t
+    t=$(limit 300) || return
+    env "$@" timeout "$t" "$bin" --quiet generate --random-weights sd15 --device "$DEVICE" --dtype "$DTYPE" \
       --prompt "a harbour at dusk" --steps 3 --scheduler euler-a --seed 1 --width "$SIZE" \
       --height "$SIZE" --clip tests/fixtures/clip/tiny-clip-a --clip-prompt "a storm at sea" \
       --guidance-decoder vae --skip-nonfinite-guidance --out "/tmp/repro-$label-$i" \
@@ -131,6 +152,13 @@ repro() {
   fi
   pack
 }
+# Right after the parity tests: the switches are turned on by default only if these hold.
+if want parity; then
+  repro cuda "$BIN"
+  repro cuda-kernels "$BIN" ARTGUIDE_CUDA_KERNELS=1
+  repro cuda-graphs "$BIN" ARTGUIDE_CUDA_GRAPHS=1
+  [ -n "${BIN_CUDNN:-}" ] && repro cudnn "$BIN_CUDNN"
+fi
 
 N=0
 # run LABEL COMMAND...: runs one workload process, samples the GPU's used memory meanwhile, and
@@ -143,8 +171,9 @@ run() {
   local base
   base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >"$smi" 2>/dev/null &
-  local spid=$! t0=$SECONDS
-  timeout 400 "$@" >"$raw" 2>"$WORK/run.$N.err"
+  local spid=$! t0=$SECONDS t
+  t=$(limit 400) || { kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null; return; }
+  timeout "$t" "$@" >"$raw" 2>"$WORK/run.$N.err"
   local rc=$?
   kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
   local peak
@@ -186,6 +215,8 @@ if want clip; then
 fi
 if want variants; then
   say "variants"
+  # The baseline in the same call (the machine of another call may differ).
+  want unet || run artguide "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
   run artguide-bf16 "${AG[@]}" --dtype bf16 --parts unet,vae
   run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
   run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders vae,taesd
@@ -208,12 +239,14 @@ if want profile; then
   else
     say "profile (Nsight Compute)"
     specs=()
-    for k in 0 1; do
+    for k in ${PROFILE_KERNELS:-0 1}; do
       for w in "unet:--arch sd15 --sizes 256 --parts unet" "vae:--arch sd15 --sizes 256 --parts vae" \
         "clip-l14:--parts clip --clip-arch vit-l14 --clip-batch 64"; do
         name=${w%%:*}-kernels$k
         # shellcheck disable=SC2086
-        ARTGUIDE_CUDA_KERNELS=$k timeout 400 "$NCU" --metrics gpu__time_duration.sum --csv \
+        t=$(limit 400) || break 2
+        ARTGUIDE_CUDA_KERNELS=$k timeout "$t" "$NCU" --metrics gpu__time_duration.sum --csv \
+          --cache-control none --clock-control none \
           --log-file "$WORK/ncu-$name.csv" "$BIN" bench --device "$DEVICE" --dtype "$DTYPE" \
           --reps 1 ${w#*:} >"$WORK/ncu-$name.out" 2>&1 \
           && specs+=("$name=$WORK/ncu-$name.csv") || say "profile $name failed (logs.tgz: ncu-$name.out)"
@@ -225,10 +258,3 @@ if want profile; then
   fi
 fi
 "$PYTHON" bench/gpu_table.py "$LOG" | tee "$OUTDIR/table.md"
-# Last, so a call that runs out of time has its timings already.
-if want parity; then
-  repro cuda "$BIN"
-  repro cuda-kernels "$BIN" ARTGUIDE_CUDA_KERNELS=1
-  repro cuda-graphs "$BIN" ARTGUIDE_CUDA_GRAPHS=1
-  [ -n "${BIN_CUDNN:-}" ] && repro cudnn "$BIN_CUDNN"
-fi

@@ -446,22 +446,27 @@ mod own_kernels {
             assert!(e < tol, "gelu_erf {dtype:?}: {e}");
             // Attention through the head-strided GEMMs against the composition on the CPU in
             // f32: (b, n, m, heads, d) batched over heads (UNet self- and cross-attention),
-            // over images (a CLIP batch), and one wide head (the VAE); q is an offset view.
+            // over images (a CLIP batch, and cross-attention), and one wide head (the VAE);
+            // q, k and v are offset views.
             for (i, &(b, n, m, heads, d)) in [
                 (2, 64, 64, 8, 40),
                 (2, 64, 77, 8, 40),
                 (6, 50, 50, 4, 64),
+                (12, 50, 77, 4, 64),
                 (1, 256, 256, 1, 512),
             ]
             .iter()
             .enumerate()
             {
                 let seed = 90 + 3 * i as u64;
-                let q = randn(&[b + 1, n, heads * d], seed, dev, dtype)
-                    .narrow(0, 1, b)
-                    .unwrap();
-                let k = randn(&[b, m, heads * d], seed + 1, dev, dtype);
-                let v = randn(&[b, m, heads * d], seed + 2, dev, dtype);
+                let offset_view = |tokens: usize, seed: u64| {
+                    randn(&[b + 1, tokens, heads * d], seed, dev, dtype)
+                        .narrow(0, 1, b)
+                        .unwrap()
+                };
+                let q = offset_view(n, seed);
+                let k = offset_view(m, seed + 1);
+                let v = offset_view(m, seed + 2);
                 let scale = (d as f64).powf(-0.5);
                 let want = artguide::kernels::attention::composed(
                     &cpu(&q),
