@@ -10,7 +10,9 @@
 # Leaves .gpu/ (git-ignored) ready to carry to the GPU machine, where bench/gpu.sh unpacks it:
 #   .gpu/artguide-cuda.tar.xz  the binary and tests/cuda.rs's test executable, stripped, each
 #                              built twice: `--features cuda` and `--features cudnn` (-cudnn);
-#   .gpu/wheels/               diffusers (and importlib_metadata) wheels for the peer.
+#   .gpu/wheels/               diffusers (and importlib_metadata) wheels for the peer;
+#   .gpu/kernel-resources.md   registers and shared memory of src/kernels/cuda.cu's kernels;
+#   .gpu/BUILD                 the commit built and when.
 # Why 13.0: so nothing in the binary needs a newer driver than the oldest CUDA 13 one (PTX JIT
 # has no minor-version compatibility). CUDA_COMPUTE_CAP=90 is
 # the H100; set it for other GPUs (89 L4/4090, 86 A10/3090, 80 A100).
@@ -74,6 +76,10 @@ mkdir -p .gpu/wheels
 tar -C "$STAGE" -cf - "${STAGED[@]}" \
   | xz -9e -T1 --lzma2=preset=9e,dict=384MiB >.gpu/artguide-cuda.tar.xz.tmp
 mv .gpu/artguide-cuda.tar.xz.tmp .gpu/artguide-cuda.tar.xz
+# The kernels' registers and shared memory as ptxas compiles NVRTC's PTX for this GPU (a spill
+# to local memory fails the build).
+LD_LIBRARY_PATH="$CU/lib" "$VENV/bin/python" bench/kernel_resources.py "$CU" "$CUDA_COMPUTE_CAP" \
+  >.gpu/kernel-resources.md
 # What was built, for gpu.sh's log (a later commit may leave .gpu/ behind the code).
 echo "$(git describe --always --dirty) $(date -u +%FT%TZ)" >.gpu/BUILD
 # The GPU image has torch, transformers and diffusers' other needs but neither diffusers nor
