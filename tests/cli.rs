@@ -1970,7 +1970,13 @@ fn cuda_switch_typo_is_named_and_cpu_builds_say_so() {
             .unwrap();
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         let err = stderr(&o);
-        let want = format!("{var}={value:?}: expected 1/on/true/yes or 0/off/false/no");
+        let expected = if var == "ARTGUIDE_CUDA_KERNELS" {
+            "expected 1/on/true/yes/all, 0/off/false/no/none, or a comma list of conv, norm, \
+             bias, activation, attention, upsample"
+        } else {
+            "expected 1/on/true/yes or 0/off/false/no"
+        };
+        let want = format!("{var}={value:?}: {expected}");
         assert!(err.contains(&want), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(!out.exists());

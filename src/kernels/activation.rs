@@ -18,7 +18,7 @@ pub fn geglu(p: &Tensor, inner: usize) -> Result<Tensor> {
         return Ok(p.contiguous()?.apply_op1_no_bwd(&Geglu { inner })?);
     }
     #[cfg(feature = "cuda")]
-    if super::on_cuda_kernels(p) {
+    if super::on_cuda_kernel(p, super::CudaKernel::Activation) {
         return Ok(super::cuda::geglu(p, inner)?);
     }
     composed(p, inner)
@@ -38,7 +38,7 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op1_no_bwd(&Elementwise::QuickGelu)?);
     }
     #[cfg(feature = "cuda")]
-    if super::on_cuda_kernels(x) {
+    if super::on_cuda_kernel(x, super::CudaKernel::Activation) {
         return Ok(super::cuda::quick_gelu(x)?);
     }
     Ok(x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
@@ -50,7 +50,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op1_no_bwd(&Elementwise::GeluErf)?);
     }
     #[cfg(feature = "cuda")]
-    if super::on_cuda_kernels(x) {
+    if super::on_cuda_kernel(x, super::CudaKernel::Activation) {
         return Ok(super::cuda::gelu_erf(x)?);
     }
     Ok(x.gelu_erf()?)

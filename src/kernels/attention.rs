@@ -31,7 +31,7 @@ const MAX_ROWS: usize = 256;
 /// accumulates in f32, as diffusers' `upcast_softmax` does.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if super::on_cuda_kernels(q) {
+    if super::on_cuda_kernel(q, super::CudaKernel::Attention) {
         return Ok(super::cuda::attention(q, k, v, heads, scale)?);
     }
     if q.device().is_cpu() && q.dtype() == DType::F32 {

@@ -32,7 +32,7 @@ pub fn conv2d(
         );
     }
     #[cfg(feature = "cuda")]
-    if super::on_cuda_kernels(x) {
+    if super::on_cuda_kernel(x, super::CudaKernel::Conv) {
         return Ok(super::cuda::conv2d(x, w, bias, stride, padding)?);
     }
     composed(x, w, bias, stride, padding)

@@ -122,7 +122,7 @@ pub(super) fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
 /// value per channel; else `y` is `(rows, n)` and `bias` has `n` values.
 pub fn add_rows_cuda(y: &Tensor, bias: &Tensor, per_channel: bool) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if super::cuda_kernels() {
+    if super::cuda_kernels().contains(super::CudaKernel::Bias) {
         return super::cuda::bias_add(y, bias, per_channel);
     }
     let y = y.contiguous()?;

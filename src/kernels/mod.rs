@@ -39,24 +39,118 @@ pub fn parse_switch(var: &str, value: Option<&str>, default: bool) -> crate::Res
     }
 }
 
-/// The `ARTGUIDE_CUDA_KERNELS` switch as set in the environment (default off: the kernels
-/// are checked on the CPU by emulation but not yet measured on a GPU).
-pub fn cuda_kernels_switch() -> crate::Result<bool> {
+/// A group of artguide's own CUDA kernels, named in `ARTGUIDE_CUDA_KERNELS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CudaKernel {
+    /// im2col convolution (with its bias).
+    Conv,
+    /// GroupNorm (+SiLU), forward and backward.
+    Norm,
+    /// The bias adds of Linear layers and of candle's convolutions.
+    Bias,
+    /// GEGLU, quick_gelu, exact GELU.
+    Activation,
+    /// Attention without head copies (cuBLAS strided GEMMs).
+    Attention,
+    /// Nearest upsampling and its backward.
+    Upsample,
+}
+
+impl CudaKernel {
+    /// Every group, in the order the names are listed.
+    pub const ALL: [CudaKernel; 6] = [
+        CudaKernel::Conv,
+        CudaKernel::Norm,
+        CudaKernel::Bias,
+        CudaKernel::Activation,
+        CudaKernel::Attention,
+        CudaKernel::Upsample,
+    ];
+
+    /// The group's name in `ARTGUIDE_CUDA_KERNELS`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CudaKernel::Conv => "conv",
+            CudaKernel::Norm => "norm",
+            CudaKernel::Bias => "bias",
+            CudaKernel::Activation => "activation",
+            CudaKernel::Attention => "attention",
+            CudaKernel::Upsample => "upsample",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// A set of kernel groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CudaKernels(u8);
+
+impl CudaKernels {
+    /// No group: candle's compositions everywhere.
+    pub const NONE: CudaKernels = CudaKernels(0);
+    /// Every group.
+    pub const ALL: CudaKernels = CudaKernels((1 << CudaKernel::ALL.len()) - 1);
+
+    /// Whether `k` is in the set.
+    pub fn contains(self, k: CudaKernel) -> bool {
+        self.0 & k.bit() != 0
+    }
+}
+
+/// Reads `ARTGUIDE_CUDA_KERNELS`'s value: an on/off word ([`parse_switch`]; `all`, `none`
+/// too) or a comma list of group names, so a kernel that fails on a GPU can be left out
+/// while the others run. Unset or empty means none (the kernels are checked on the CPU by
+/// emulation but not yet measured on a GPU). Anything else is an error naming the variable.
+pub fn parse_kernels(var: &str, value: Option<&str>) -> crate::Result<CudaKernels> {
+    let v = value.unwrap_or("").trim().to_ascii_lowercase();
+    if let Ok(on) = parse_switch(var, Some(&v), false) {
+        return Ok(if on {
+            CudaKernels::ALL
+        } else {
+            CudaKernels::NONE
+        });
+    }
+    match v.as_str() {
+        "all" => return Ok(CudaKernels::ALL),
+        "none" => return Ok(CudaKernels::NONE),
+        _ => {}
+    }
+    let mut set = CudaKernels::NONE;
+    for name in v.split(',').map(str::trim) {
+        match CudaKernel::ALL.iter().find(|k| k.name() == name) {
+            Some(k) => set.0 |= k.bit(),
+            None => {
+                let names: Vec<_> = CudaKernel::ALL.iter().map(|k| k.name()).collect();
+                return Err(crate::Error::Msg(format!(
+                    "{var}={v:?}: expected 1/on/true/yes/all, 0/off/false/no/none, or a comma list of {}",
+                    names.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// The `ARTGUIDE_CUDA_KERNELS` setting in the environment.
+pub fn cuda_kernels_switch() -> crate::Result<CudaKernels> {
     let value = std::env::var(CUDA_KERNELS_VAR).ok();
-    parse_switch(CUDA_KERNELS_VAR, value.as_deref(), false)
+    parse_kernels(CUDA_KERNELS_VAR, value.as_deref())
 }
 
-/// Whether `t` goes through artguide's own CUDA kernels: it is on CUDA and the switch is on.
+/// Whether `t` goes through artguide's kernel group `k`: it is on CUDA and the group is on.
 #[cfg(feature = "cuda")]
-pub(crate) fn on_cuda_kernels(t: &candle_core::Tensor) -> bool {
-    t.device().is_cuda() && cuda_kernels()
+pub(crate) fn on_cuda_kernel(t: &candle_core::Tensor, k: CudaKernel) -> bool {
+    t.device().is_cuda() && cuda_kernels().contains(k)
 }
 
-/// Whether CUDA tensors go through artguide's own kernels; read once per process (a bad value
-/// reads as off here: `--device cuda` refuses it first, in `commands::device`).
-pub fn cuda_kernels() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| cuda_kernels_switch().unwrap_or(false))
+/// The kernel groups CUDA tensors go through; read once per process (a bad value reads as
+/// none here: `--device cuda` refuses it first, in `commands::device`).
+pub fn cuda_kernels() -> CudaKernels {
+    static ON: std::sync::OnceLock<CudaKernels> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| cuda_kernels_switch().unwrap_or_default())
 }
 
 /// The f32 data of a contiguous CPU tensor; `op` names the kernel in the error.
@@ -172,5 +266,38 @@ mod tests {
         assert!(parse_switch("V", Some(""), true).unwrap());
         let err = parse_switch("V", Some("2"), false).unwrap_err().to_string();
         assert_eq!(err, "V=\"2\": expected 1/on/true/yes or 0/off/false/no");
+    }
+
+    #[test]
+    fn kernel_groups_are_named_one_by_one() {
+        use super::{parse_kernels, CudaKernel, CudaKernels};
+        for (value, want) in [
+            (None, CudaKernels::NONE),
+            (Some(" "), CudaKernels::NONE),
+            (Some("1"), CudaKernels::ALL),
+            (Some("All"), CudaKernels::ALL),
+            (Some("off"), CudaKernels::NONE),
+            (Some("none"), CudaKernels::NONE),
+        ] {
+            assert_eq!(parse_kernels("V", value).unwrap(), want, "{value:?}");
+        }
+        let set = parse_kernels("V", Some(" conv , Attention")).unwrap();
+        for k in CudaKernel::ALL {
+            let on = matches!(k, CudaKernel::Conv | CudaKernel::Attention);
+            assert_eq!(set.contains(k), on, "{k:?}");
+        }
+        let every: Vec<_> = CudaKernel::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(
+            parse_kernels("V", Some(&every.join(","))).unwrap(),
+            CudaKernels::ALL
+        );
+        let err = parse_kernels("V", Some("conv,gemm"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "V=\"conv,gemm\": expected 1/on/true/yes/all, 0/off/false/no/none, or a comma list of \
+             conv, norm, bias, activation, attention, upsample"
+        );
     }
 }

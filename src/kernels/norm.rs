@@ -63,7 +63,7 @@ impl GroupNorm {
     /// elsewhere candle's composition.
     pub fn forward_differentiable(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if super::on_cuda_kernels(x) {
+        if super::on_cuda_kernel(x, super::CudaKernel::Norm) {
             let (w, b) = (self.weight.clone(), self.bias.clone());
             let (groups, eps) = (self.groups, self.eps);
             return super::frozen::input_only(
@@ -117,7 +117,7 @@ impl GroupNorm {
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)?);
         }
         #[cfg(feature = "cuda")]
-        if super::on_cuda_kernels(x) {
+        if super::on_cuda_kernel(x, super::CudaKernel::Norm) {
             let (w, b) = match self.f32_params.get() {
                 Some(p) => p,
                 None => {
