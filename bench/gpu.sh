@@ -116,7 +116,20 @@ elif want parity; then
   say "parity, own CUDA kernels (ARTGUIDE_CUDA_KERNELS=1)"
   if t=$(limit 240); then
     ARTGUIDE_CUDA_KERNELS=1 timeout "$t" "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-kernels.log"
-    echo "parity (own kernels) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
+    rc=${PIPESTATUS[0]}
+    echo "parity (own kernels) rc=$rc" | tee -a "$OUTDIR/gpu.log"
+    # On a failure, the tiny-model pipeline tests once per kernel group (seconds each): the
+    # groups that pass can be switched on alone (ARTGUIDE_CUDA_KERNELS=conv,norm,...).
+    if [ "$rc" != 0 ]; then
+      for g in conv norm bias activation attention upsample; do
+        t=$(limit 60) || break
+        ARTGUIDE_CUDA_KERNELS=$g timeout "$t" "$PARITY" --include-ignored --test-threads 1 \
+          cuda_f16_matches_cpu_f32 cuda_guidance_gradient_matches_cpu cuda_f16_probe_embeddings \
+          >"$WORK/parity-kernels-$g.log" 2>&1
+        echo "parity (kernels $g only) rc=$?" | tee -a "$OUTDIR/gpu.log"
+      done
+      pack
+    fi
   fi
   if [ -n "${PARITY_CUDNN:-}" ]; then
     say "parity, cudnn build"
