@@ -121,7 +121,7 @@ elif want parity; then
     # On a failure, the tiny-model pipeline tests once per kernel group (seconds each): the
     # groups that pass can be switched on alone (ARTGUIDE_CUDA_KERNELS=conv,norm,...).
     if [ "$rc" != 0 ]; then
-      for g in conv norm bias activation attention upsample; do
+      for g in conv norm bias linear activation attention upsample; do
         t=$(limit 60) || break
         ARTGUIDE_CUDA_KERNELS=$g timeout "$t" "$PARITY" --include-ignored --test-threads 1 \
           cuda_f16_matches_cpu_f32 cuda_guidance_gradient_matches_cpu cuda_f16_probe_embeddings \

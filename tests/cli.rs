@@ -1972,7 +1972,7 @@ fn cuda_switch_typo_is_named_and_cpu_builds_say_so() {
         let err = stderr(&o);
         let expected = if var == "ARTGUIDE_CUDA_KERNELS" {
             "expected 1/on/true/yes/all, 0/off/false/no/none, or a comma list of conv, norm, \
-             bias, activation, attention, upsample"
+             bias, linear, activation, attention, upsample"
         } else {
             "expected 1/on/true/yes or 0/off/false/no"
         };

@@ -447,6 +447,46 @@ mod own_kernels {
             let want = rows.broadcast_add(&b.reshape((1, 6)).unwrap()).unwrap();
             let e = max_abs_diff(&cuda::bias_add(&rows, &b, false).unwrap(), &want);
             failed.check(e == 0.0, format!("bias add rows {dtype:?}: {e}"));
+            // Linear layers through cuBLASLt with the bias in the epilogue (f16 and bf16; None
+            // in f32, where candle's matmul keeps its precision), against the CPU in f32;
+            // an odd width, CLIP's, and the input an offset view (composed: not aligned).
+            for (i, &(rows, k, n, offset)) in [
+                (7, 33, 65, 0),
+                (2 * 257, 1024, 4096, 0),
+                (77, 768, 768, 0),
+                (5, 64, 32, 3),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let seed = 120 + 3 * i as u64;
+                let x = randn(&[rows * k + offset], seed, dev, dtype)
+                    .narrow(0, offset, rows * k)
+                    .unwrap()
+                    .reshape((rows, k))
+                    .unwrap();
+                let w = (randn(&[n, k], seed + 1, dev, dtype) * (k as f64).powf(-0.5)).unwrap();
+                let b = randn(&[n], seed + 2, dev, dtype);
+                let got = cuda::linear(&x, &w, &b).unwrap();
+                // cuBLASLt may refuse odd widths (the call then composes): only the others
+                // must be fused, and the misaligned view and f32 never are.
+                let fused = dtype != DType::F32 && offset == 0;
+                let odd = k % 8 != 0 || n % 8 != 0;
+                failed.check(
+                    got.is_some() == fused || (odd && got.is_none()),
+                    format!("linear {dtype:?} case {i}: fused {}", got.is_some()),
+                );
+                if let Some(got) = got {
+                    let want = cpu(&x)
+                        .matmul(&cpu(&w).t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&cpu(&b))
+                        .unwrap();
+                    let e = rel(&cpu(&got), &want);
+                    eprintln!("linear {dtype:?} case {i}: rel err {e:.2e}");
+                    failed.check(e < tol, format!("linear {dtype:?} case {i}: {e}"));
+                }
+            }
             let p = randn(&[2, 7, 2 * 640], 74, dev, dtype);
             let want = artguide::kernels::activation::composed(&p, 640).unwrap();
             let e = rel(&cuda::geglu(&p, 640).unwrap(), &want);

@@ -14,17 +14,18 @@
 //! emulation test (tests/cuda_emulated.rs) checks their index math and reductions, and
 //! tests/cuda.rs compares them with candle's compositions on a GPU.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::cudarc::cublas::sys as cublas_sys;
+use candle_core::cuda_backend::cudarc::cublaslt;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
     PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc;
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::{CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
     Tensor,
@@ -1180,5 +1181,148 @@ impl CustomOp2 for HeadContext {
             out
         });
         Ok((storage(slice, dev), Shape::from((b, n, hd))))
+    }
+}
+
+/// cuBLASLt's heuristics assume operands aligned to 256 bytes (its default minimum alignment
+/// preference); candle's allocations are, views at an offset may not be.
+const LT_ALIGN: usize = 256;
+
+/// The device's cuBLASLt handle (with its 32 MiB workspace on Hopper), made at first use, on
+/// the device's stream.
+fn blas_lt(dev: &CudaDevice) -> candle_core::Result<Arc<cublaslt::CudaBlasLT>> {
+    static HANDLES: Mutex<Vec<(DeviceId, Arc<cublaslt::CudaBlasLT>)>> = Mutex::new(Vec::new());
+    let mut handles = HANDLES
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("cuBLASLt handles: a thread panicked".into()))?;
+    if let Some((_, h)) = handles.iter().find(|(id, _)| *id == dev.id()) {
+        return Ok(h.clone());
+    }
+    let h = Arc::new(cublaslt::CudaBlasLT::new(dev.cuda_stream()).map_err(lt_error)?);
+    handles.push((dev.id(), h.clone()));
+    Ok(h)
+}
+
+/// `x W^T + b` for `x: (rows, k)`, `w: (n, k)`, `b: (n)`, all f16 or all bf16, as one
+/// cuBLASLt GEMM with the bias added in its epilogue (candle: a GEMM, then a pass over the
+/// output for the bias). None when the operands do not suit it (another dtype, a view not
+/// aligned as cuBLASLt's heuristics assume, a shape cuBLASLt refuses): the caller composes.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let dtype = x.dtype();
+    if !matches!(dtype, DType::F16 | DType::BF16) || w.dtype() != dtype || b.dtype() != dtype {
+        return Ok(None);
+    }
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    let aligned = |t: &Tensor| t.layout().start_offset() * dtype.size_in_bytes() % LT_ALIGN == 0;
+    if !(aligned(&x) && aligned(&w) && aligned(&b)) || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    match x.apply_op3_no_bwd(&w, &b, &LtLinear) {
+        Ok(y) => Ok(Some(y)),
+        Err(e) => {
+            // cuBLASLt refuses some shapes (no algorithm from its heuristics) before launching
+            // anything: compose instead, and say so once.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!(
+                    "warning: {} {:?} x {:?}: {e}; using candle's matmul and bias add",
+                    LtLinear.name(),
+                    x.shape(),
+                    w.shape()
+                )
+            });
+            Ok(None)
+        }
+    }
+}
+
+fn lt_error(e: cublaslt::result::CublasError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+}
+
+struct LtLinear;
+
+impl CustomOp3 for LtLinear {
+    fn name(&self) -> &'static str {
+        "artguide-lt-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, k) = xl.shape().dims2()?;
+        let (n, wk) = wl.shape().dims2()?;
+        if wk != k || bl.shape().elem_count() != n {
+            candle_core::bail!(
+                "{}: input {:?}, weight {:?} and bias {:?} do not fit",
+                self.name(),
+                xl.shape(),
+                wl.shape(),
+                bl.shape()
+            );
+        }
+        // Row-major y (rows, n) is column-major y^T (n x rows) = W (column-major k x n,
+        // transposed) times x^T (column-major k x rows); the epilogue adds the bias down the n
+        // rows of y^T, one value per output feature.
+        let cfg = cublaslt::MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: rows as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        let dev = xs.device();
+        let lt = blas_lt(dev)?;
+        let name = self.name();
+        let slice = match (&xs.slice, &ws.slice, &bs.slice) {
+            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(w), CudaStorageSlice::F16(b)) => {
+                let (x, w, b) = (view(x, xl, name)?, view(w, wl, name)?, view(b, bl, name)?);
+                let mut out = output(&x, dev, rows * n)?;
+                // SAFETY: the config describes the three contiguous operands and the output
+                // of rows * n values (beta 0: the output is only written).
+                unsafe { cublaslt::Matmul::matmul(&*lt, cfg, &w, &x, &mut out, Some(&b), None) }
+                    .map_err(lt_error)?;
+                CudaStorageSlice::F16(out)
+            }
+            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w), CudaStorageSlice::BF16(b)) => {
+                let (x, w, b) = (view(x, xl, name)?, view(w, wl, name)?, view(b, bl, name)?);
+                let mut out = output(&x, dev, rows * n)?;
+                // SAFETY: as above.
+                unsafe { cublaslt::Matmul::matmul(&*lt, cfg, &w, &x, &mut out, Some(&b), None) }
+                    .map_err(lt_error)?;
+                CudaStorageSlice::BF16(out)
+            }
+            _ => candle_core::bail!("{name}: f16 or bf16 operands of one dtype expected"),
+        };
+        Ok((storage(slice, dev), Shape::from((rows, n))))
     }
 }

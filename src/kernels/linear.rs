@@ -94,7 +94,16 @@ impl Linear {
         } else if xs.device().is_cuda() {
             let (k, n) = (w.dim(1)?, w.dim(0)?);
             let rows = xs.elem_count() / k.max(1);
-            let y = xs.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?;
+            let x = xs.contiguous()?.reshape((rows, k))?;
+            #[cfg(feature = "cuda")]
+            if let Some(b) = inner.bias() {
+                if super::on_cuda_kernel(xs, super::CudaKernel::Linear) {
+                    if let Some(y) = super::cuda::linear(&x, w, b)? {
+                        return y.reshape(with_last(xs.dims(), n));
+                    }
+                }
+            }
+            let y = x.matmul(&w.t()?)?;
             let y = match inner.bias() {
                 Some(b) => add_rows_cuda(&y, b, false)?,
                 None => y,

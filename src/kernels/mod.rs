@@ -48,6 +48,8 @@ pub enum CudaKernel {
     Norm,
     /// The bias adds of Linear layers and of candle's convolutions.
     Bias,
+    /// Linear layers with a bias as one cuBLASLt GEMM, the bias in its epilogue (f16, bf16).
+    Linear,
     /// GEGLU, quick_gelu, exact GELU.
     Activation,
     /// Attention without head copies (cuBLAS strided GEMMs).
@@ -58,10 +60,11 @@ pub enum CudaKernel {
 
 impl CudaKernel {
     /// Every group, in the order the names are listed.
-    pub const ALL: [CudaKernel; 6] = [
+    pub const ALL: [CudaKernel; 7] = [
         CudaKernel::Conv,
         CudaKernel::Norm,
         CudaKernel::Bias,
+        CudaKernel::Linear,
         CudaKernel::Activation,
         CudaKernel::Attention,
         CudaKernel::Upsample,
@@ -73,6 +76,7 @@ impl CudaKernel {
             CudaKernel::Conv => "conv",
             CudaKernel::Norm => "norm",
             CudaKernel::Bias => "bias",
+            CudaKernel::Linear => "linear",
             CudaKernel::Activation => "activation",
             CudaKernel::Attention => "attention",
             CudaKernel::Upsample => "upsample",
@@ -297,7 +301,7 @@ mod tests {
         assert_eq!(
             err,
             "V=\"conv,gemm\": expected 1/on/true/yes/all, 0/off/false/no/none, or a comma list of \
-             conv, norm, bias, activation, attention, upsample"
+             conv, norm, bias, linear, activation, attention, upsample"
         );
     }
 }
