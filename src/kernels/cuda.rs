@@ -1189,16 +1189,39 @@ impl CustomOp2 for HeadContext {
 const LT_ALIGN: usize = 256;
 
 /// The device's cuBLASLt handle (with its 32 MiB workspace on Hopper), made at first use, on
-/// the device's stream.
+/// the device's stream. One handle per `CudaDevice` made (each `Device::new_cuda` is a new
+/// one): a process that opens the device many times keeps a workspace for each.
 fn blas_lt(dev: &CudaDevice) -> candle_core::Result<Arc<cublaslt::CudaBlasLT>> {
     static HANDLES: Mutex<Vec<(DeviceId, Arc<cublaslt::CudaBlasLT>)>> = Mutex::new(Vec::new());
-    let mut handles = HANDLES
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("cuBLASLt handles: a thread panicked".into()))?;
+    let find = || {
+        let handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+        handles
+            .iter()
+            .find(|(id, _)| *id == dev.id())
+            .map(|(_, h)| h.clone())
+    };
+    if let Some(h) = find() {
+        return Ok(h);
+    }
+    let stream = dev.cuda_stream();
+    // Made during a capture, the workspace would be graph memory that outlives the graph.
+    if !matches!(
+        stream.capture_status(),
+        Ok(cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    ) {
+        candle_core::bail!("cuBLASLt: the handle cannot be made while the stream is captured");
+    }
+    // cudarc unwraps the workspace's allocation: out of memory there is a panic.
+    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cublaslt::CudaBlasLT::new(stream)
+    }))
+    .map_err(|_| candle_core::Error::Msg("cuBLASLt: cannot allocate its workspace".into()))?
+    .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt: {e:?}")))?;
+    let mut handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, h)) = handles.iter().find(|(id, _)| *id == dev.id()) {
         return Ok(h.clone());
     }
-    let h = Arc::new(cublaslt::CudaBlasLT::new(dev.cuda_stream()).map_err(lt_error)?);
+    let h = Arc::new(made);
     handles.push((dev.id(), h.clone()));
     Ok(h)
 }
@@ -1217,8 +1240,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Option<
     if !(aligned(&x) && aligned(&w) && aligned(&b)) || x.elem_count() == 0 {
         return Ok(None);
     }
-    match x.apply_op3_no_bwd(&w, &b, &LtLinear) {
+    let op = LtLinear::default();
+    match x.apply_op3_no_bwd(&w, &b, &op) {
         Ok(y) => Ok(Some(y)),
+        // Any other error (a failed launch, out of memory, an earlier kernel's) is the
+        // caller's.
+        Err(e) if !op.refused.load(std::sync::atomic::Ordering::Relaxed) => Err(e),
         Err(e) => {
             // cuBLASLt refuses some shapes (no algorithm from its heuristics) before launching
             // anything: compose instead, and say so once.
@@ -1226,7 +1253,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Option<
             WARNED.call_once(|| {
                 eprintln!(
                     "warning: {} {:?} x {:?}: {e}; using candle's matmul and bias add",
-                    LtLinear.name(),
+                    op.name(),
                     x.shape(),
                     w.shape()
                 )
@@ -1236,11 +1263,26 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Option<
     }
 }
 
-fn lt_error(e: cublaslt::result::CublasError) -> candle_core::Error {
-    candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+/// The GEMM; `refused` is set when cuBLASLt turned the problem down before launching
+/// anything (no algorithm for it, or a layout it does not take).
+#[derive(Default)]
+struct LtLinear {
+    refused: std::sync::atomic::AtomicBool,
 }
 
-struct LtLinear;
+impl LtLinear {
+    fn error(&self, e: cublaslt::result::CublasError) -> candle_core::Error {
+        use cublaslt::sys::cublasStatus_t as S;
+        if matches!(
+            e.0,
+            S::CUBLAS_STATUS_NOT_SUPPORTED | S::CUBLAS_STATUS_INVALID_VALUE
+        ) {
+            self.refused
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+    }
+}
 
 impl CustomOp3 for LtLinear {
     fn name(&self) -> &'static str {
@@ -1310,7 +1352,7 @@ impl CustomOp3 for LtLinear {
                 // SAFETY: the config describes the three contiguous operands and the output
                 // of rows * n values (beta 0: the output is only written).
                 unsafe { cublaslt::Matmul::matmul(&*lt, cfg, &w, &x, &mut out, Some(&b), None) }
-                    .map_err(lt_error)?;
+                    .map_err(|e| self.error(e))?;
                 CudaStorageSlice::F16(out)
             }
             (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w), CudaStorageSlice::BF16(b)) => {
@@ -1318,7 +1360,7 @@ impl CustomOp3 for LtLinear {
                 let mut out = output(&x, dev, rows * n)?;
                 // SAFETY: as above.
                 unsafe { cublaslt::Matmul::matmul(&*lt, cfg, &w, &x, &mut out, Some(&b), None) }
-                    .map_err(lt_error)?;
+                    .map_err(|e| self.error(e))?;
                 CudaStorageSlice::BF16(out)
             }
             _ => candle_core::bail!("{name}: f16 or bf16 operands of one dtype expected"),

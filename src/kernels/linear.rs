@@ -93,6 +93,12 @@ impl Linear {
             xs.contiguous()?.apply_op3_no_bwd(w, &self.bias, &Gemm)
         } else if xs.device().is_cuda() {
             let (k, n) = (w.dim(1)?, w.dim(0)?);
+            if xs.dims().last() != Some(&k) {
+                candle_core::bail!(
+                    "linear: input {:?} for a weight of {k} input features",
+                    xs.shape()
+                );
+            }
             let rows = xs.elem_count() / k.max(1);
             let x = xs.contiguous()?.reshape((rows, k))?;
             #[cfg(feature = "cuda")]
