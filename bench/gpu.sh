@@ -23,14 +23,15 @@
 # Workloads (issue 6): SD 1.5 at 512x512, f16: a CFG UNet step (batch 2) and a VAE decode;
 # the same step with CLIP guidance (random ViT-B/32 guide, 4 cutouts) through the full VAE,
 # TAESD and the linear decoder; CLIP ViT-B/32 and ViT-L/14 image embedding, batch 64, f16.
-# Variants for diagnosis: artguide in bf16, artguide with its own CUDA kernels
-# (ARTGUIDE_CUDA_KERNELS=1: im2col convolution, GroupNorm, bias add, activations, upsampling,
-# attention without head copies; parity and
-# repro run with them too), artguide with the device's memory pool kept and no per-buffer
-# events (ARTGUIDE_CUDA_TUNING=1, alone and with the kernels), the UNet call as a CUDA graph
-# (ARTGUIDE_CUDA_GRAPHS=1; repro too: a hash equal to `repro cuda`'s means the graph gives the
-# eager bytes), all three together, artguide built with cuDNN convolutions (BIN_CUDNN, PARITY_CUDNN;
-# unpacked from .gpu when there), diffusers with its classic (non-SDPA) attention.
+# Variants for diagnosis (the guidance and clip groups run the own kernels' variant beside
+# each workload, the variants group the UNet and VAE ones): artguide with its own CUDA
+# kernels (ARTGUIDE_CUDA_KERNELS=1: im2col convolution, GroupNorm, bias adds, cuBLASLt
+# Linear, activations, upsampling, attention without head copies; parity and repro run with
+# them too), the UNet call as a CUDA graph (ARTGUIDE_CUDA_GRAPHS=1; repro too: a hash equal
+# to `repro cuda`'s means the graph gives the eager bytes), all three switches together, the
+# device's memory pool kept and no per-buffer events (ARTGUIDE_CUDA_TUNING=1, alone and with
+# the kernels), artguide in bf16, diffusers with its classic (non-SDPA) attention, artguide
+# built with cuDNN convolutions (BIN_CUDNN, PARITY_CUDNN; unpacked from .gpu when there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GROUPS_=${1:-parity,unet,vae,guidance,clip,variants}
@@ -217,6 +218,7 @@ if want guidance; then
   for d in vae taesd linear; do
     run artguide "${AG[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders $d
     run diffusers "${PY[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders $d
+    run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders $d
   done
 fi
 if want clip; then
@@ -224,20 +226,20 @@ if want clip; then
   for arch in vit-b32 vit-l14; do
     run artguide "$BIN" bench --json --device "$DEVICE" --dtype "$DTYPE" --parts clip --clip-arch $arch --clip-batch 64 --reps "$REPS"
     run transformers "$PYTHON" bench/transformers_clip.py --device "$DEVICE" --dtype "$DTYPE" --arch $arch --batch 64 --reps "$REPS"
+    run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "$BIN" bench --json --device "$DEVICE" --dtype "$DTYPE" --parts clip --clip-arch $arch --clip-batch 64 --reps "$REPS"
   done
 fi
 if want variants; then
   say "variants"
   # The baseline in the same call (the machine of another call may differ).
   want unet || run artguide "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
-  run artguide-bf16 "${AG[@]}" --dtype bf16 --parts unet,vae
+  # Most telling first: a call that reaches its deadline skips the last.
   run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
-  run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "${AG[@]}" --dtype "$DTYPE" --parts guidance --guide-clip vit-b32 --cutouts 4 --guidance-decoders vae,taesd
-  run artguide-kernels env ARTGUIDE_CUDA_KERNELS=1 "$BIN" bench --json --device "$DEVICE" --dtype "$DTYPE" --parts clip --clip-arch vit-l14 --clip-batch 64 --reps "$REPS"
-  run artguide-tuned env ARTGUIDE_CUDA_TUNING=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
-  run artguide-kernels-tuned env ARTGUIDE_CUDA_KERNELS=1 ARTGUIDE_CUDA_TUNING=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
   run artguide-graphs env ARTGUIDE_CUDA_GRAPHS=1 "${AG[@]}" --dtype "$DTYPE" --parts unet
   run artguide-all env ARTGUIDE_CUDA_KERNELS=1 ARTGUIDE_CUDA_TUNING=1 ARTGUIDE_CUDA_GRAPHS=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
+  run artguide-tuned env ARTGUIDE_CUDA_TUNING=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
+  run artguide-kernels-tuned env ARTGUIDE_CUDA_KERNELS=1 ARTGUIDE_CUDA_TUNING=1 "${AG[@]}" --dtype "$DTYPE" --parts unet,vae
+  run artguide-bf16 "${AG[@]}" --dtype bf16 --parts unet,vae
   run diffusers-classic-attention "${PY[@]}" --dtype "$DTYPE" --parts unet --attention classic
   if [ -n "${BIN_CUDNN:-}" ]; then
     AGC=("$BIN_CUDNN" "${AG[@]:1}")
