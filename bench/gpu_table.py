@@ -24,11 +24,8 @@ def main():
             continue
         cell = lambda r: "-" if r is None else f'{r["seconds"]:.4f}'
         mem = lambda r: "-" if r is None else f'{r["peak_gpu_smi_mib"] / 1024:.2f} GiB'
-        ratio = "-"
-        if a is not None and p is not None:
-            # Always artguide's cost over PyTorch's: time / time, or for throughput rows
-            # PyTorch's images/s over artguide's; > 1 means artguide is slower.
-            ratio = f'{p["seconds"] / a["seconds"] if "images_per_s" in w else a["seconds"] / p["seconds"]:.2f}'
+        # Always artguide's cost over PyTorch's; > 1 means artguide is slower.
+        ratio = "-" if a is None else cost(w, a, p)
         print(f"| {w} | {s} | {cell(a)} | {cell(p)} | {ratio} | {mem(a)} | {mem(p)} |")
     print()
     print("Seconds are per call (median); `images_per_s` rows are images per second. Ratio: "
@@ -47,14 +44,22 @@ def main():
               if k not in ("artguide",) + PEERS]
     if others:
         print()
-        print("| variant | workload | size | seconds | ratio to PyTorch | GPU peak |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| variant | workload | size | seconds | ratio to PyTorch | ratio to artguide | "
+              "guided / unguided | GPU peak |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for k, w, s, r in sorted(others):
             p = next((by[(w, s)][q] for q in PEERS if q in by[(w, s)]), None)
-            ratio = "-"
-            if p is not None:
-                ratio = f'{p["seconds"] / r["seconds"] if "images_per_s" in w else r["seconds"] / p["seconds"]:.2f}'
-            print(f'| {k} | {w} | {s} | {r["seconds"]:.4f} | {ratio} | {r["peak_gpu_smi_mib"] / 1024:.2f} GiB |')
+            a = by[(w, s)].get("artguide")
+            g = r.get("ratio_to_unguided")
+            print(f'| {k} | {w} | {s} | {r["seconds"]:.4f} | {cost(w, r, p)} | {cost(w, r, a)} | '
+                  f'{"-" if g is None else f"{g:.2f}"} | {r["peak_gpu_smi_mib"] / 1024:.2f} GiB |')
+
+
+def cost(w, r, other):
+    """`r`'s cost over `other`'s (> 1: `r` slower); throughput rows hold images/s."""
+    if other is None:
+        return "-"
+    return f'{other["seconds"] / r["seconds"] if "images_per_s" in w else r["seconds"] / other["seconds"]:.2f}'
 
 if __name__ == "__main__":
     main()
