@@ -20,6 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-/work/venv-cuda}
 TARGET=$(realpath -m "${2:-target-cuda}")
+# Read before building: a commit made while cargo runs is not in the binaries.
+BUILT_FROM="$(git describe --always --dirty) $(date -u +%FT%TZ)"
 if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
 "$VENV/bin/pip" install -q "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" \
   "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.88" "nvidia-cuda-cccl==13.0.85" \
@@ -80,8 +82,9 @@ mv .gpu/artguide-cuda.tar.xz.tmp .gpu/artguide-cuda.tar.xz
 # to local memory fails the build).
 LD_LIBRARY_PATH="$CU/lib" "$VENV/bin/python" bench/kernel_resources.py "$CU" "$CUDA_COMPUTE_CAP" \
   >.gpu/kernel-resources.md
-# What was built, for gpu.sh's log (a later commit may leave .gpu/ behind the code).
-echo "$(git describe --always --dirty) $(date -u +%FT%TZ)" >.gpu/BUILD
+# What was built (the tree when the build began), for gpu.sh's log: a later commit may leave
+# .gpu/ behind the code.
+echo "$BUILT_FROM" >.gpu/BUILD
 # The GPU image has torch, transformers and diffusers' other needs but neither diffusers nor
 # importlib_metadata; pure-Python wheels, pinned as in tests/reference/requirements.txt.
 python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels \
