@@ -253,10 +253,12 @@ __device__ __forceinline__ float gelu_erf(float x) {
     }                                                                                         \
   }                                                                                           \
                                                                                               \
-  /* upsample_nearest's backward: rows are the (n*c) planes, inner = h * w outputs, each the  \
-     float sum of its s x s patch of the (h*s, w*s) gradient plane, row by row. */            \
-  extern "C" __global__ void patch_sum_##SUF(const T* g, T* y, int segs, int inner, int w,   \
-                                             int s) {                                         \
+  /* upsample_nearest's backward (the same arguments): rows are the (n*c) planes, inner =    \
+     h * w outputs, each the float sum of its s x s patch of the (h*s, w*s) gradient plane,    \
+     row by row. */                                                                           \
+  extern "C" __global__ void patch_sum_##SUF(const T* g, T* y, int segs, int inner, int h,   \
+                                             int w, int s) {                                  \
+    (void)h;                                                                                  \
     int row = blockIdx.x / segs, seg = blockIdx.x % segs;                                     \
     const T* src = g + (i64)row * inner * s * s;                                              \
     i64 gw = (i64)w * s;                                                                      \

@@ -845,50 +845,8 @@ pub fn upsample_nearest(x: &Tensor, s: usize) -> candle_core::Result<Tensor> {
     if x.elem_count() == 0 || s == 0 {
         return Tensor::zeros((n, c, h * s, w * s), x.dtype(), x.device());
     }
-    x.contiguous()?.apply_op1_no_bwd(&Upsample { s })
-}
-
-struct Upsample {
-    s: usize,
-}
-
-impl CustomOp1 for Upsample {
-    fn name(&self) -> &'static str {
-        "artguide-upsample-nearest"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
-
-    fn cuda_fwd(&self, st: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (n, c, h, w) = l.shape().dims4()?;
-        let s = self.s;
-        let total = n * c * h * s * w * s;
-        let (segs, cfg) = rows_launch(n * c, h * s * w * s)?;
-        let dev = st.device();
-        let stream = dev.cuda_stream();
-        let slice = by_dtype!(self.name(), st, |x, suf| {
-            let x = view(x, l, self.name())?;
-            let out = output(&x, dev, total)?;
-            let f = kernel(dev, &format!("upsample_nearest_{suf}"))?;
-            let mut k = stream.launch_builder(&f);
-            k.arg(&x);
-            k.arg(&out);
-            candle_core::builder_arg!(
-                k,
-                segs,
-                int(h * s * w * s, "output plane")?,
-                int(h, "height")?,
-                int(w, "width")?,
-                int(s, "scale")?
-            );
-            // SAFETY: the arguments match upsample_nearest's signature in cuda.cu.
-            unsafe { k.launch(cfg) }.w()?;
-            out
-        });
-        Ok((storage(slice, dev), Shape::from((n, c, h * s, w * s))))
-    }
+    x.contiguous()?
+        .apply_op1_no_bwd(&Nearest { s, backward: false })
 }
 
 /// The backward of [`upsample_nearest`] by `s`: each value of `(n, c, h, w)` the sum of its
@@ -902,16 +860,24 @@ pub fn patch_sum(g: &Tensor, s: usize) -> candle_core::Result<Tensor> {
     if g.elem_count() == 0 {
         return Tensor::zeros((n, c, gh / s, gw / s), g.dtype(), g.device());
     }
-    g.contiguous()?.apply_op1_no_bwd(&PatchSum { s })
+    g.contiguous()?
+        .apply_op1_no_bwd(&Nearest { s, backward: true })
 }
 
-struct PatchSum {
+/// Between `(n, c, h, w)` and `(n, c, h*s, w*s)`: the upsampling copy, or (`backward`) the
+/// patch sum back.
+struct Nearest {
     s: usize,
+    backward: bool,
 }
 
-impl CustomOp1 for PatchSum {
+impl CustomOp1 for Nearest {
     fn name(&self) -> &'static str {
-        "artguide-patch-sum"
+        if self.backward {
+            "artguide-patch-sum"
+        } else {
+            "artguide-upsample-nearest"
+        }
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -919,31 +885,38 @@ impl CustomOp1 for PatchSum {
     }
 
     fn cuda_fwd(&self, st: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (n, c, gh, gw) = l.shape().dims4()?;
+        let (n, c, ih, iw) = l.shape().dims4()?;
         let s = self.s;
-        let (h, w) = (gh / s, gw / s);
-        let (segs, cfg) = rows_launch(n * c, h * w)?;
+        // (h, w): the small plane; the kernels' rows are the output planes.
+        let ((h, w), (oh, ow), func) = if self.backward {
+            ((ih / s, iw / s), (ih / s, iw / s), "patch_sum")
+        } else {
+            ((ih, iw), (ih * s, iw * s), "upsample_nearest")
+        };
+        let (segs, cfg) = rows_launch(n * c, oh * ow)?;
         let dev = st.device();
         let stream = dev.cuda_stream();
-        let slice = by_dtype!(self.name(), st, |g, suf| {
-            let g = view(g, l, self.name())?;
-            let out = output(&g, dev, n * c * h * w)?;
-            let f = kernel(dev, &format!("patch_sum_{suf}"))?;
+        let slice = by_dtype!(self.name(), st, |x, suf| {
+            let x = view(x, l, self.name())?;
+            let out = output(&x, dev, n * c * oh * ow)?;
+            let f = kernel(dev, &format!("{func}_{suf}"))?;
             let mut k = stream.launch_builder(&f);
-            k.arg(&g);
+            k.arg(&x);
             k.arg(&out);
             candle_core::builder_arg!(
                 k,
                 segs,
-                int(h * w, "output plane")?,
+                int(oh * ow, "output plane")?,
+                int(h, "height")?,
                 int(w, "width")?,
                 int(s, "scale")?
             );
-            // SAFETY: the arguments match patch_sum's signature in cuda.cu.
+            // SAFETY: the arguments match upsample_nearest's and patch_sum's signature in
+            // cuda.cu.
             unsafe { k.launch(cfg) }.w()?;
             out
         });
-        Ok((storage(slice, dev), Shape::from((n, c, h, w))))
+        Ok((storage(slice, dev), Shape::from((n, c, oh, ow))))
     }
 }
 

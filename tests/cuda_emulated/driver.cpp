@@ -394,7 +394,7 @@ void patch_sum_case(int planes, int h, int w, int s) {
   for (int segs : row_segs(planes, inner)) {
     auto y = unwritten<D>(planes * inner);
     launch(D::patch_sum, (unsigned)(planes * segs), AG_THREADS, g.data(), y.data(), segs,
-           (int)inner, w, s);
+           (int)inner, h, w, s);
     check(describe("%s patch sum %d planes %dx%d by %d, %d blocks per row", D::name, planes, h,
                    w, s, segs),
           widen<D>(y), want, exact);
