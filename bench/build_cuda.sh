@@ -75,13 +75,14 @@ fi
 # each stripped executable is ~65 MB, mostly candle's PTX, which xz packs to ~9 MB; one
 # archive with a dictionary larger than all four shares what they have in common.
 mkdir -p .gpu/wheels
+# The kernels' registers and shared memory as ptxas compiles NVRTC's PTX for this GPU (a spill
+# to local memory fails the build before .gpu/ changes).
+LD_LIBRARY_PATH="$CU/lib" "$VENV/bin/python" bench/kernel_resources.py "$CU" "$CUDA_COMPUTE_CAP" \
+  >"$STAGE/kernel-resources.md"
 tar -C "$STAGE" -cf - "${STAGED[@]}" \
   | xz -9e -T1 --lzma2=preset=9e,dict=384MiB >.gpu/artguide-cuda.tar.xz.tmp
 mv .gpu/artguide-cuda.tar.xz.tmp .gpu/artguide-cuda.tar.xz
-# The kernels' registers and shared memory as ptxas compiles NVRTC's PTX for this GPU (a spill
-# to local memory fails the build).
-LD_LIBRARY_PATH="$CU/lib" "$VENV/bin/python" bench/kernel_resources.py "$CU" "$CUDA_COMPUTE_CAP" \
-  >.gpu/kernel-resources.md
+cp "$STAGE/kernel-resources.md" .gpu/
 # What was built (the tree when the build began), for gpu.sh's log: a later commit may leave
 # .gpu/ behind the code.
 echo "$BUILT_FROM" >.gpu/BUILD

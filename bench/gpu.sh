@@ -47,7 +47,7 @@ LOG=$OUTDIR/gpu.jsonl
 # every other file to WORK, packed into $OUT/logs.tgz after each step (so a call cut short
 # still returns what it had).
 WORK=$(mktemp -d)
-pack() { tar -czf "$OUTDIR/logs.tgz.tmp" -C "$WORK" . && mv "$OUTDIR/logs.tgz.tmp" "$OUTDIR/logs.tgz"; }
+pack() { tar -czf "$WORK.tgz" -C "$WORK" . && mv "$WORK.tgz" "$OUTDIR/logs.tgz"; }
 want() { [[ ",$GROUPS_," == *",$1,"* ]]; }
 # One deadline for the whole call (the device tool stops a command at 600 s): each step's
 # timeout is cut to what is left, and a step that would get less than 30 s is skipped.
@@ -106,38 +106,37 @@ if [ -n "${BIN_CUDNN:-}" ] && ! "$BIN_CUDNN" --version | tee -a "$OUTDIR/gpu.log
   PARITY_CUDNN=
 fi
 
+# parity LABEL LOG BIN [ENV=VALUE...]: tests/cuda.rs's executable BIN with ENV, its output to
+# LOG; logs and returns its exit status (1 when the deadline skips it).
+parity() {
+  local label=$1 log=$2 bin=$3 t rc
+  shift 3
+  say "parity, $label"
+  t=$(limit 240) || return 1
+  env "$@" timeout "$t" "$bin" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  echo "parity ($label) rc=$rc" | tee -a "$OUTDIR/gpu.log"
+  return "$rc"
+}
+
 if want parity && [ -z "${PARITY:-}" ]; then
   say "parity: skipped, no PARITY executable given"
 elif want parity; then
-  say "parity: tests/cuda.rs (CPU f32 vs CUDA f16)"
-  if t=$(limit 240); then
-    timeout "$t" "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity.log"
-    echo "parity rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
-  fi
-  say "parity, own CUDA kernels (ARTGUIDE_CUDA_KERNELS=1)"
-  if t=$(limit 240); then
-    ARTGUIDE_CUDA_KERNELS=1 timeout "$t" "$PARITY" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$OUTDIR/parity-kernels.log"
-    rc=${PIPESTATUS[0]}
-    echo "parity (own kernels) rc=$rc" | tee -a "$OUTDIR/gpu.log"
-    # On a failure, the tiny-model pipeline tests once per kernel group (seconds each): the
-    # groups that pass can be switched on alone (ARTGUIDE_CUDA_KERNELS=conv,norm,...).
-    if [ "$rc" != 0 ]; then
-      for g in conv norm bias linear activation attention upsample; do
-        t=$(limit 60) || break
-        ARTGUIDE_CUDA_KERNELS=$g timeout "$t" "$PARITY" --include-ignored --test-threads 1 \
-          cuda_f16_matches_cpu_f32 cuda_guidance_gradient_matches_cpu cuda_f16_probe_embeddings \
-          >"$WORK/parity-kernels-$g.log" 2>&1
-        echo "parity (kernels $g only) rc=$?" | tee -a "$OUTDIR/gpu.log"
-      done
-      pack
-    fi
+  parity "tests/cuda.rs, CPU f32 vs CUDA f16" "$OUTDIR/parity.log" "$PARITY"
+  if ! parity "own CUDA kernels" "$OUTDIR/parity-kernels.log" "$PARITY" ARTGUIDE_CUDA_KERNELS=1; then
+    # The tiny-model pipeline tests once per kernel group (seconds each): the groups that
+    # pass can be switched on alone. The names are `kernels::CudaKernel::ALL`'s.
+    for g in conv norm bias linear activation attention upsample; do
+      t=$(limit 60) || break
+      ARTGUIDE_CUDA_KERNELS=$g timeout "$t" "$PARITY" --include-ignored --test-threads 1 \
+        cuda_f16_matches_cpu_f32 cuda_guidance_gradient_matches_cpu cuda_f16_probe_embeddings \
+        >"$WORK/parity-kernels-$g.log" 2>&1
+      echo "parity (kernels $g only) rc=$?" | tee -a "$OUTDIR/gpu.log"
+    done
+    pack
   fi
   if [ -n "${PARITY_CUDNN:-}" ]; then
-    say "parity, cudnn build"
-    if t=$(limit 240); then
-      timeout "$t" "$PARITY_CUDNN" --include-ignored --nocapture --test-threads 1 2>&1 | tee "$WORK/parity-cudnn.log"
-      echo "parity (cudnn) rc=${PIPESTATUS[0]}" | tee -a "$OUTDIR/gpu.log"
-    fi
+    parity "cudnn build" "$WORK/parity-cudnn.log" "$PARITY_CUDNN"
   fi
 fi
 
@@ -182,11 +181,11 @@ run() {
   local label=$1; shift
   N=$((N + 1))
   local smi=$WORK/smi.$N.txt raw=$WORK/run.$N.out
-  local base
+  local base t
+  t=$(limit 400) || return
   base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >"$smi" 2>/dev/null &
-  local spid=$! t0=$SECONDS t
-  t=$(limit 400) || { kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null; return; }
+  local spid=$! t0=$SECONDS
   timeout "$t" "$@" >"$raw" 2>"$WORK/run.$N.err"
   local rc=$?
   kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
@@ -258,8 +257,8 @@ if want profile; then
       for w in "unet:--arch sd15 --sizes 256 --parts unet" "vae:--arch sd15 --sizes 256 --parts vae" \
         "clip-l14:--parts clip --clip-arch vit-l14 --clip-batch 64"; do
         name=${w%%:*}-kernels$k
-        # shellcheck disable=SC2086
         t=$(limit 400) || break 2
+        # shellcheck disable=SC2086
         ARTGUIDE_CUDA_KERNELS=$k timeout "$t" "$NCU" --metrics gpu__time_duration.sum --csv \
           --cache-control none --clock-control none \
           --log-file "$WORK/ncu-$name.csv" "$BIN" bench --device "$DEVICE" --dtype "$DTYPE" \

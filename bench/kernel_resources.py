@@ -14,15 +14,16 @@ import sys
 import tempfile
 
 
-def ptx(cu_dir, source, arch):
+def ptx(cu_dir, source):
     # libnvrtc loads libnvrtc-builtins from its own folder through LD_LIBRARY_PATH, which the
     # caller sets (it must be set before the process starts).
     lib = ctypes.CDLL(os.path.join(cu_dir, "lib", "libnvrtc.so.13"))
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source, b"cuda.cu", 0, None, None):
         sys.exit("nvrtcCreateProgram failed")
-    opts = (ctypes.c_char_p * 1)(f"--gpu-architecture=compute_{arch}".encode())
-    rc = lib.nvrtcCompileProgram(prog, 1, opts)
+    # No options, as cudarc's compile_ptx: NVRTC's default virtual architecture, which the
+    # driver (here ptxas) compiles for the GPU at hand.
+    rc = lib.nvrtcCompileProgram(prog, 0, None)
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
@@ -40,7 +41,7 @@ def main():
     arch = sys.argv[2] if len(sys.argv) > 2 else "90"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "src", "kernels", "cuda.cu"), "rb") as f:
-        code = ptx(cu_dir, f.read(), arch)
+        code = ptx(cu_dir, f.read())
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "artguide.ptx")
         with open(path, "wb") as f:

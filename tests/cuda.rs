@@ -282,11 +282,12 @@ fn cuda_kernels_match_candle() {
     own_kernels::match_candle(&gpu());
 }
 
-/// artguide's own CUDA kernels (`kernels::cuda`, used with `ARTGUIDE_CUDA_KERNELS=1`) against
-/// candle's compositions (the convolution's on the CPU; for the group-norm backward, candle's
-/// autograd) in f32, f16 and bf16, on shapes that cover their edge cases: strides and
-/// paddings, 1x1 layers, batches split into groups, offset views, rows of several blocks,
-/// groups larger than one statistics chunk, an offset mean.
+/// artguide's own CUDA ops (`kernels::cuda`, used with `ARTGUIDE_CUDA_KERNELS`) against
+/// candle's compositions (the convolution, attention and Linear ones on the CPU in f32; for
+/// the group-norm backward, candle's autograd) in f32, f16 and bf16, on shapes that cover
+/// their edge cases: strides and paddings, 1x1 layers, batches split into groups, offset
+/// views, rows of several blocks, groups larger than one statistics chunk, an offset mean,
+/// attention batched over heads and over images, cuBLASLt's fallbacks.
 #[cfg(feature = "cuda")]
 mod own_kernels {
     use artguide::kernels::cuda;

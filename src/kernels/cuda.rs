@@ -2,17 +2,20 @@
 //! put first (BENCHMARKS.md, "Where the time goes"): candle's `im2col` (53% of a VAE decode:
 //! it reads its input H*W apart and is followed by a transpose of the GEMM's result), its
 //! GroupNorm (~35%: eight full passes and casts), broadcast adds of biases, activations
-//! that candle composes from several passes, and attention's head-major copies (12% of a CLIP
-//! ViT-L/14 batch; here cuBLAS reads and writes the heads in place, [`super::head_gemm`]).
+//! that candle composes from several passes, nearest upsampling and its backward; and, through
+//! cuBLAS rather than own kernels, attention's head-major copies (12% of a CLIP ViT-L/14
+//! batch; here the GEMMs read and write the heads in place, [`super::head_gemm`]) and the
+//! Linear layers' separate bias pass (cuBLASLt adds the bias in its epilogue).
 //!
 //! The source is compiled by NVRTC at the first use in a process and loaded into each device
 //! (no build step; the driver JITs the PTX for the GPU at hand). The ops take part in no
 //! autograd graph: callers use them on detached values only (inference, or a frozen layer's
-//! value whose backward is computed separately, [`super::frozen`]; [`group_norm_backward`] is
-//! such a backward). They are off unless
-//! `ARTGUIDE_CUDA_KERNELS=1` ([`super::cuda_kernels`]) until measured on a GPU; the CPU
-//! emulation test (tests/cuda_emulated.rs) checks their index math and reductions, and
-//! tests/cuda.rs compares them with candle's compositions on a GPU.
+//! value whose backward is computed separately, [`super::frozen`]; [`group_norm_backward`]
+//! and [`patch_sum`] are such backwards). Each group ([`super::CudaKernel`]) is off unless
+//! `ARTGUIDE_CUDA_KERNELS` names it (or is 1) until measured on a GPU; the CPU emulation test
+//! (tests/cuda_emulated.rs) checks cuda.cu's index math and reductions, `head_gemm`'s test the
+//! attention GEMMs' plans, and tests/cuda.rs compares every op with candle's compositions on
+//! a GPU.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -933,13 +936,13 @@ pub fn attention(
 ) -> candle_core::Result<Tensor> {
     let scores = q.contiguous()?.apply_op2_no_bwd(
         &k.contiguous()?,
-        &HeadScores {
+        &HeadGemm::Scores {
             heads,
             scale: scale as f32,
         },
     )?;
     candle_nn::ops::softmax_last_dim(&scores)?
-        .apply_op2_no_bwd(&v.contiguous()?, &HeadContext { heads })
+        .apply_op2_no_bwd(&v.contiguous()?, &HeadGemm::Context { heads })
 }
 
 /// The attention sizes of `(b, n, heads*d)` queries and `(b, m, heads*d)` keys or values.
@@ -1062,98 +1065,69 @@ fn strided_gemm<T: DeviceRepr>(
     Ok(())
 }
 
-/// `scale Q K^T` per image and head: `(b, n, heads*d) x (b, m, heads*d) -> (b*heads, n, m)`.
-struct HeadScores {
-    heads: usize,
-    scale: f32,
+/// Attention's two products on the head layout ([`head_gemm`]); in both, the second input is
+/// the plan's A and the first its B.
+enum HeadGemm {
+    /// `scale Q K^T` per image and head: `(b, n, heads*d) x (b, m, heads*d) -> (b*heads, n, m)`.
+    Scores { heads: usize, scale: f32 },
+    /// `P V` per image and head: `(b*heads, n, m) x (b, m, heads*d) -> (b, n, heads*d)`.
+    Context { heads: usize },
 }
 
-impl CustomOp2 for HeadScores {
+impl CustomOp2 for HeadGemm {
     fn name(&self) -> &'static str {
-        "artguide-head-scores"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let s = attention_shape(
-            self.name(),
-            ql.shape().dims3()?,
-            kl.shape().dims3()?,
-            self.heads,
-        )?;
-        let plan = head_gemm::scores_plan(&s, self.scale);
-        let dev = qs.device();
-        let slice = by_dtype!(self.name(), qs, ks, |q, k, suf| {
-            let (q, k) = (view(q, ql, self.name())?, view(k, kl, self.name())?);
-            let mut out = output(&q, dev, s.b * s.heads * s.n * s.m)?;
-            strided_gemm(dev, &plan, blas_type(suf), &k, &q, &mut out)?;
-            out
-        });
-        Ok((storage(slice, dev), Shape::from((s.b * s.heads, s.n, s.m))))
-    }
-}
-
-/// `P V` per image and head: `(b*heads, n, m) x (b, m, heads*d) -> (b, n, heads*d)`.
-struct HeadContext {
-    heads: usize,
-}
-
-impl CustomOp2 for HeadContext {
-    fn name(&self) -> &'static str {
-        "artguide-head-context"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        ps: &CudaStorage,
-        pl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (bh, n, m) = pl.shape().dims3()?;
-        let (b, vm, hd) = vl.shape().dims3()?;
-        if self.heads == 0 || bh != b * self.heads || vm != m {
-            candle_core::bail!(
-                "{}: probabilities ({bh}, {n}, {m}) and values ({b}, {vm}, {hd}) with {} heads do not fit",
-                self.name(),
-                self.heads
-            );
+        match self {
+            HeadGemm::Scores { .. } => "artguide-head-scores",
+            HeadGemm::Context { .. } => "artguide-head-context",
         }
-        let s = attention_shape(self.name(), (b, n, hd), (b, m, hd), self.heads)?;
-        let plan = head_gemm::context_plan(&s);
-        let dev = ps.device();
-        let slice = by_dtype!(self.name(), ps, vs, |p, v, suf| {
-            let (p, v) = (view(p, pl, self.name())?, view(v, vl, self.name())?);
-            let mut out = output(&p, dev, b * n * hd)?;
-            strided_gemm(dev, &plan, blas_type(suf), &v, &p, &mut out)?;
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        ls: &CudaStorage,
+        ll: &Layout,
+        rs: &CudaStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let name = self.name();
+        let (plan, shape) = match *self {
+            HeadGemm::Scores { heads, scale } => {
+                let s = attention_shape(name, ll.shape().dims3()?, rl.shape().dims3()?, heads)?;
+                (
+                    head_gemm::scores_plan(&s, scale),
+                    Shape::from((s.b * s.heads, s.n, s.m)),
+                )
+            }
+            HeadGemm::Context { heads } => {
+                let (bh, n, m) = ll.shape().dims3()?;
+                let (b, vm, hd) = rl.shape().dims3()?;
+                if heads == 0 || bh != b * heads || vm != m {
+                    candle_core::bail!(
+                        "{name}: probabilities ({bh}, {n}, {m}) and values ({b}, {vm}, {hd}) with {heads} heads do not fit"
+                    );
+                }
+                let s = attention_shape(name, (b, n, hd), (b, m, hd), heads)?;
+                (head_gemm::context_plan(&s), Shape::from((b, n, hd)))
+            }
+        };
+        let dev = ls.device();
+        let slice = by_dtype!(name, ls, rs, |l, r, suf| {
+            let (l, r) = (view(l, ll, name)?, view(r, rl, name)?);
+            let mut out = output(&l, dev, shape.elem_count())?;
+            strided_gemm(dev, &plan, blas_type(suf), &r, &l, &mut out)?;
             out
         });
-        Ok((storage(slice, dev), Shape::from((b, n, hd))))
+        Ok((storage(slice, dev), shape))
     }
 }
 
@@ -1318,23 +1292,28 @@ impl CustomOp3 for LtLinear {
         let dev = xs.device();
         let lt = blas_lt(dev)?;
         let name = self.name();
-        let slice = match (&xs.slice, &ws.slice, &bs.slice) {
-            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(w), CudaStorageSlice::F16(b)) => {
-                let (x, w, b) = (view(x, xl, name)?, view(w, wl, name)?, view(b, bl, name)?);
+        // The same code for f16 and bf16 (`Matmul<T>` is implemented for each).
+        macro_rules! gemm {
+            ($x:expr, $w:expr, $b:expr) => {{
+                let (x, w, b) = (
+                    view($x, xl, name)?,
+                    view($w, wl, name)?,
+                    view($b, bl, name)?,
+                );
                 let mut out = output(&x, dev, rows * n)?;
                 // SAFETY: the config describes the three contiguous operands and the output
                 // of rows * n values (beta 0: the output is only written).
                 unsafe { cublaslt::Matmul::matmul(&*lt, cfg, &w, &x, &mut out, Some(&b), None) }
                     .map_err(|e| self.error(e))?;
-                CudaStorageSlice::F16(out)
+                out
+            }};
+        }
+        let slice = match (&xs.slice, &ws.slice, &bs.slice) {
+            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(w), CudaStorageSlice::F16(b)) => {
+                CudaStorageSlice::F16(gemm!(x, w, b))
             }
             (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w), CudaStorageSlice::BF16(b)) => {
-                let (x, w, b) = (view(x, xl, name)?, view(w, wl, name)?, view(b, bl, name)?);
-                let mut out = output(&x, dev, rows * n)?;
-                // SAFETY: as above.
-                unsafe { cublaslt::Matmul::matmul(&*lt, cfg, &w, &x, &mut out, Some(&b), None) }
-                    .map_err(|e| self.error(e))?;
-                CudaStorageSlice::BF16(out)
+                CudaStorageSlice::BF16(gemm!(x, w, b))
             }
             _ => candle_core::bail!("{name}: f16 or bf16 operands of one dtype expected"),
         };

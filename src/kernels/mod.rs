@@ -1,6 +1,8 @@
-//! CPU kernels for the operations where candle 0.11's CPU backend is slow: attention without
-//! a materialised score tensor, GEGLU in one pass, and vectorised `exp`/GELU. Each one falls back to candle's
-//! composition on other devices and dtypes, and is tested against that composition.
+//! Kernels for the operations where candle 0.11 is slow. On the CPU: attention without a
+//! materialised score tensor, GEGLU in one pass, vectorised `exp`/GELU, GEMMs, Winograd
+//! convolutions. On CUDA, behind `ARTGUIDE_CUDA_KERNELS` ([`CudaKernel`]): `cuda` and
+//! [`head_gemm`]. Each falls back to candle's composition on other devices and dtypes, and is
+//! tested against that composition.
 
 pub mod activation;
 pub mod attention;

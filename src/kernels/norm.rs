@@ -57,14 +57,14 @@ impl GroupNorm {
         self.run(x, true)
     }
 
-    /// For paths that need gradients: on the CPU in f32 (and on CUDA with
-    /// `ARTGUIDE_CUDA_KERNELS=1`) the fused value with its own backward (one op, instead of
+    /// For paths that need gradients: on the CPU in f32 (and on CUDA with the `norm` kernel
+    /// group, `ARTGUIDE_CUDA_KERNELS`) the fused value with its own backward (one op, instead of
     /// candle's composition keeping a dozen full-size intermediates for its backward);
     /// elsewhere candle's composition.
     pub fn forward_differentiable(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if super::on_cuda_kernel(x, super::CudaKernel::Norm) {
-            let (w, b) = (self.weight.clone(), self.bias.clone());
+            let (w, b) = self.f32_params()?.clone();
             let (groups, eps) = (self.groups, self.eps);
             return super::frozen::input_only(
                 x,
@@ -96,6 +96,17 @@ impl GroupNorm {
         )
     }
 
+    /// `weight` and `bias` in f32, made at the first call.
+    #[cfg(feature = "cuda")]
+    fn f32_params(&self) -> Result<&(Tensor, Tensor)> {
+        if let Some(p) = self.f32_params.get() {
+            return Ok(p);
+        }
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let p = (f32s(&self.weight)?, f32s(&self.bias)?);
+        Ok(self.f32_params.get_or_init(|| p))
+    }
+
     fn composed(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         let y = self.reference.forward(x)?;
         Ok(if silu { candle_nn::ops::silu(&y)? } else { y })
@@ -118,14 +129,7 @@ impl GroupNorm {
         }
         #[cfg(feature = "cuda")]
         if super::on_cuda_kernel(x, super::CudaKernel::Norm) {
-            let (w, b) = match self.f32_params.get() {
-                Some(p) => p,
-                None => {
-                    let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-                    let p = (f32s(&self.weight)?, f32s(&self.bias)?);
-                    self.f32_params.get_or_init(|| p)
-                }
-            };
+            let (w, b) = self.f32_params()?;
             return Ok(super::cuda::group_norm(
                 x,
                 w,
