@@ -20,7 +20,7 @@ pub fn tune_allocator() {
     }
 }
 
-/// The environment variable that turns [`tune_cuda_device`] on.
+/// The environment variable that turns `tune_cuda_device` (CUDA builds) on.
 pub const CUDA_TUNING_VAR: &str = "ARTGUIDE_CUDA_TUNING";
 
 /// The `ARTGUIDE_CUDA_TUNING` switch as set in the environment (default off until measured

@@ -613,7 +613,7 @@ fn holds_labels(m: &Matched) -> bool {
 
 /// Matches the rows of `scores` and the ratings tables (one per rater) on the key column and
 /// correlates the score with the rating, averaged over the raters who gave one; with several
-/// raters, also measures their agreement ([`RaterAgreement`]). Errors as [`match_rows`]'s.
+/// raters, also measures their agreement ([`RaterAgreement`]). Errors as `match_rows`'s.
 pub fn agree_tables(scores: &Table, raters: &[Table], opts: &AgreeOptions) -> Result<Agreement> {
     let m = match_rows(scores, raters, opts, |c| number(c).is_some(), "numeric").map_err(|e| {
         // Columns of labels (CLIP's top label, the style a rater chose) fail here as rows
