@@ -17,7 +17,7 @@ use crate::guidance::{GuidanceConfig, Guide, OnNonFinite, StyleConfig, TextTarge
 use crate::models::hub::HubOptions;
 use crate::models::stable_diffusion::{LoadOptions, RandomArch, SdModel};
 use crate::output::{self, OutputSet};
-use crate::progress::{Progress, ProgressMode};
+use crate::progress::{count, Progress, ProgressMode};
 use crate::schedulers::SchedulerChoice;
 
 /// `println!` for a command's result on stdout that returns the write error instead of
@@ -69,8 +69,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let files = crate::probeset::write(&out, &results)?;
             Progress::new(mode, 0, "").event(
                 &format!(
-                    "probe set of {} images: {}",
-                    results.items.len(),
+                    "probe set of {}: {}",
+                    count(results.items.len(), "image"),
                     files
                         .iter()
                         .map(|f| f.display().to_string())
@@ -146,8 +146,9 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
                 .filter(|i| i.experiment == e.name)
                 .count();
             out!(
-                "  {}: {n} images, arms: {}",
+                "  {}: {}, arms: {}",
                 e.name,
+                count(n, "image"),
                 e.arms
                     .iter()
                     .map(|a| a.name.as_str())
@@ -229,9 +230,9 @@ fn run_recipe(args: &crate::cli::RecipeArgs, mode: ProgressMode) -> Result<Optio
     };
     progress.event(
         &format!(
-            "{}: {} images ({made} made, {skipped} already done{from_others}) -> {}",
+            "{}: {} ({made} made, {skipped} already done{from_others}) -> {}",
             recipe.recipe.name,
-            results.items.len(),
+            count(results.items.len(), "image"),
             out.join(crate::run::results::RESULTS_FILE).display()
         ),
         serde_json::json!({"event": "done", "images": results.items.len(), "made": made, "skipped": skipped,
@@ -330,7 +331,7 @@ fn run_merge(args: &crate::cli::MergeArgs, mode: ProgressMode) -> Result<()> {
     let plan = Plan::new(&recipe, &suite)?;
     let results = crate::run::merge(&recipe, &plan, &suite, &args.shards, &args.out, args.force)?;
     Progress::new(mode, 0, "").event(
-        &format!("merged {} shards: {} images -> {}", args.shards.len(), results.items.len(), args.out.display()),
+        &format!("merged {}: {} -> {}", count(args.shards.len(), "shard"), count(results.items.len(), "image"), args.out.display()),
         serde_json::json!({"event": "merged", "shards": args.shards.len(), "images": results.items.len(), "out": args.out.display().to_string()}),
     );
     Ok(())
@@ -419,10 +420,10 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
         for a in results.agreement.iter().flatten() {
             progress.event(
                 &format!(
-                    "{}: held-out CLIP agrees on the top label for {:.1}% of {} images (mean |dp| {:.3})",
+                    "{}: held-out CLIP agrees on the top label for {:.1}% of {} (mean |dp| {:.3})",
                     a.probe,
                     a.top_agreement * 100.0,
-                    a.images,
+                    count(a.images, "image"),
                     a.mean_abs_prob_diff
                 ),
                 serde_json::json!({"event": "agreement", "probe": a.probe, "images": a.images,
@@ -470,7 +471,7 @@ fn run_probe(args: &ProbeArgs, mode: ProgressMode) -> Result<()> {
         Some(p) => {
             output::write_atomic(p, json.as_bytes(), true)?;
             progress.event(
-                &format!("probed {} images ({} from cache) -> {}", results.images.len(), results.cached, p.display()),
+                &format!("probed {} ({} from cache) -> {}", count(results.images.len(), "image"), results.cached, p.display()),
                 serde_json::json!({"event": "done", "out": p.display().to_string(), "images": results.images.len(), "cached": results.cached}),
             );
         }

@@ -7,6 +7,16 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// `n` and the noun, plural unless `n` is 1 (`count(1, "image")` is "1 image"; nouns
+/// taking "-es" are not used).
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressMode {
@@ -131,5 +141,15 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_singular_only_for_one() {
+        assert_eq!(super::count(1, "image"), "1 image");
+        assert_eq!(super::count(0, "image"), "0 images");
+        assert_eq!(super::count(3, "shard"), "3 shards");
     }
 }

@@ -96,11 +96,11 @@ pub fn html(loaded: &Loaded, summary: &Summary, out: &Path) -> Result<String> {
     );
     let _ = writeln!(
         h,
-        "<p class=\"note\">Held-out probe CLIP: <code>{}</code>; guide CLIP: <code>{}</code> (rows marked <i>guide</i> are scored by the CLIP that guided that arm; an arm may name its own). {} images, {} guided images without a baseline partner. Intervals: {:.0}% percentile bootstrap over pairs ({} resamples, seed {}). Sign test: exact binomial; Wilcoxon: exact signed-rank distribution (normal approximation above 50 pairs).</p>",
+        "<p class=\"note\">Held-out probe CLIP: <code>{}</code>; guide CLIP: <code>{}</code> (rows marked <i>guide</i> are scored by the CLIP that guided that arm; an arm may name its own). {}, {} without a baseline partner. Intervals: {:.0}% percentile bootstrap over pairs ({} resamples, seed {}). Sign test: exact binomial; Wilcoxon: exact signed-rank distribution (normal approximation above 50 pairs).</p>",
         escape(&summary.probe_clip),
         escape(summary.guide_clip.as_deref().unwrap_or("none")),
-        summary.items,
-        summary.unpaired,
+        crate::progress::count(summary.items, "image"),
+        crate::progress::count(summary.unpaired, "guided image"),
         summary.level * 100.0,
         summary.resamples,
         summary.seed
