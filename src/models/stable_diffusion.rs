@@ -14,7 +14,7 @@ use super::sd::{self, UNetJson, UNetSpec, VaeJson, VaeSpec};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedCond, UNet};
 use super::vae::{Mode, VaeDecoder};
-use super::weights::{FileWeights, RandomWeights};
+use super::weights::{with_file, FileWeights, RandomWeights};
 use crate::schedulers::SchedulerConfig;
 use crate::{Error, Result};
 
@@ -678,16 +678,6 @@ fn load_tokenizer(
     };
     let folder = first.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok((ClipTokenizer::from_dir(&folder)?, files))
-}
-
-/// candle's shape errors from our weight backend already name the tensor; add the file.
-fn with_file(e: Error, path: &Path) -> Error {
-    match e {
-        Error::Candle(c) if !c.to_string().contains(&path.display().to_string()) => {
-            Error::file(path, c.to_string())
-        }
-        other => other,
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::hub::{HubOptions, ModelRepo};
 use super::sd::{parse_json, read_json};
-use super::weights::FileWeights;
+use super::weights::{with_file, FileWeights};
 use crate::{Error, Result};
 
 fn d_3() -> usize {
@@ -442,16 +442,6 @@ fn weight_file(repo: &ModelRepo) -> Result<PathBuf> {
         ),
         other => other,
     })
-}
-
-/// candle's shape errors from our weight backend already name the tensor; add the file.
-fn with_file(e: Error, path: &Path) -> Error {
-    match e {
-        Error::Candle(c) if !c.to_string().contains(&path.display().to_string()) => {
-            Error::file(path, c.to_string())
-        }
-        other => other,
-    }
 }
 
 /// madebyollin/taesd's published `config.json` (SD 1.x/2.x latents, 8x decoder), for timing

@@ -161,9 +161,19 @@ impl FileWeights {
                 .map(|(p, _)| p.display().to_string())
                 .collect();
             // Most often a config that describes more layers or blocks than the weights hold
-            // (the names of the layers after it shift).
+            // (the names of the layers after it shift): named when it sits beside the weights,
+            // as in the diffusers and transformers layouts.
+            let config = self
+                .files
+                .first()
+                .and_then(|(p, _)| p.parent())
+                .map(|d| d.join("config.json"))
+                .filter(|c| c.is_file())
+                .map_or("the model's config.json".to_string(), |c| {
+                    c.display().to_string()
+                });
             return Err(candle_core::Error::Msg(format!(
-                "{}: missing tensor `{name}` (does the model's config.json describe these weights? \
+                "{}: missing tensor `{name}` (does {config} describe these weights? \
                  a layer or block count that differs shifts the names)",
                 files.join(", ")
             )));
@@ -317,5 +327,54 @@ impl SimpleBackend for RandomWeights {
 
     fn contains_tensor(&self, _: &str) -> bool {
         true
+    }
+}
+
+/// candle's shape errors from our weight backend already name the tensor; add the file.
+pub(crate) fn with_file(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Candle(c) if !c.to_string().contains(&path.display().to_string()) => {
+            Error::file(path, c.to_string())
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::FileWeights;
+
+    /// A missing tensor names the config.json beside the weights (the usual cause: a config
+    /// describing more layers than the weights hold), or says "the model's" when there is none.
+    #[test]
+    fn a_missing_tensor_names_the_config_beside_the_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("model.safetensors");
+        let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("a".to_string(), t)]), &weights).unwrap();
+        let missing = || {
+            FileWeights::open(std::slice::from_ref(&weights))
+                .unwrap()
+                .into_var_builder(DType::F32, &Device::Cpu)
+                .get_unchecked("b")
+                .unwrap_err()
+                .to_string()
+        };
+        let e = missing();
+        assert!(
+            e.contains("missing tensor `b`") && e.contains("the model's config.json"),
+            "{e}"
+        );
+        let config = dir.path().join("config.json");
+        std::fs::write(&config, "{}").unwrap();
+        let e = missing();
+        assert!(
+            e.contains(&format!("does {} describe", config.display())),
+            "{e}"
+        );
     }
 }
