@@ -83,32 +83,19 @@ impl StridedGemm {
     }
 }
 
-/// Element strides between heads and between images of one operand.
-struct Strides {
+/// How one GEMM per (image, head) pair is issued, given each operand's element strides
+/// between heads and between images: `(batch, stride, calls, call_stride)`, batched over the
+/// larger of the two counts with one call per member of the smaller (cuBLAS's strided batch
+/// takes one stride, and heads and images lie at unrelated strides).
+fn over_heads_and_images(
+    s: &AttentionShape,
     head: [usize; 3],
     image: [usize; 3],
-}
-
-/// One GEMM per (image, head) pair: batched over the larger of the two counts, with one call
-/// per member of the smaller (cuBLAS's strided batch takes one stride, and heads and images
-/// lie at unrelated strides).
-fn over_heads_and_images(s: &AttentionShape, base: StridedGemm, strides: Strides) -> StridedGemm {
+) -> (usize, [usize; 3], usize, [usize; 3]) {
     if s.b <= s.heads {
-        StridedGemm {
-            batch: s.heads,
-            stride: strides.head,
-            calls: s.b,
-            call_stride: strides.image,
-            ..base
-        }
+        (s.heads, head, s.b, image)
     } else {
-        StridedGemm {
-            batch: s.b,
-            stride: strides.image,
-            calls: s.heads,
-            call_stride: strides.head,
-            ..base
-        }
+        (s.b, image, s.heads, head)
     }
 }
 
@@ -119,7 +106,12 @@ fn over_heads_and_images(s: &AttentionShape, base: StridedGemm, strides: Strides
 /// leading dimension `heads*d`, used transposed; B is Q the same way, untransposed.
 pub fn scores_plan(s: &AttentionShape, scale: f32) -> StridedGemm {
     let hd = s.heads * s.d;
-    let base = StridedGemm {
+    let (batch, stride, calls, call_stride) = over_heads_and_images(
+        s,
+        [s.d, s.d, s.n * s.m],
+        [s.m * hd, s.n * hd, s.heads * s.n * s.m],
+    );
+    StridedGemm {
         trans_a: true,
         trans_b: false,
         m: s.m,
@@ -127,19 +119,11 @@ pub fn scores_plan(s: &AttentionShape, scale: f32) -> StridedGemm {
         k: s.d,
         ld: [hd, hd, s.m],
         alpha: scale,
-        batch: 0,
-        stride: [0; 3],
-        calls: 0,
-        call_stride: [0; 3],
-    };
-    over_heads_and_images(
-        s,
-        base,
-        Strides {
-            head: [s.d, s.d, s.n * s.m],
-            image: [s.m * hd, s.n * hd, s.heads * s.n * s.m],
-        },
-    )
+        batch,
+        stride,
+        calls,
+        call_stride,
+    }
 }
 
 /// `P_h V_h` for probabilities `(b*heads, n, m)` into the output `(b, n, heads*d)`, each head
@@ -150,7 +134,12 @@ pub fn scores_plan(s: &AttentionShape, scale: f32) -> StridedGemm {
 /// (column-major `m x n`), both untransposed.
 pub fn context_plan(s: &AttentionShape) -> StridedGemm {
     let hd = s.heads * s.d;
-    let base = StridedGemm {
+    let (batch, stride, calls, call_stride) = over_heads_and_images(
+        s,
+        [s.d, s.n * s.m, s.d],
+        [s.m * hd, s.heads * s.n * s.m, s.n * hd],
+    );
+    StridedGemm {
         trans_a: false,
         trans_b: false,
         m: s.d,
@@ -158,19 +147,11 @@ pub fn context_plan(s: &AttentionShape) -> StridedGemm {
         k: s.m,
         ld: [hd, s.m, hd],
         alpha: 1.0,
-        batch: 0,
-        stride: [0; 3],
-        calls: 0,
-        call_stride: [0; 3],
-    };
-    over_heads_and_images(
-        s,
-        base,
-        Strides {
-            head: [s.d, s.n * s.m, s.d],
-            image: [s.m * hd, s.heads * s.n * s.m, s.n * hd],
-        },
-    )
+        batch,
+        stride,
+        calls,
+        call_stride,
+    }
 }
 
 #[cfg(test)]
