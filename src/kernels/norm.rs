@@ -62,38 +62,40 @@ impl GroupNorm {
     /// candle's composition keeping a dozen full-size intermediates for its backward);
     /// elsewhere candle's composition.
     pub fn forward_differentiable(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if super::on_cuda_kernel(x, super::CudaKernel::Norm) {
-            let (w, b) = self.f32_params()?.clone();
-            let (groups, eps) = (self.groups, self.eps);
-            return super::frozen::input_only(
-                x,
-                |x| self.run(x, silu),
-                || {
-                    Ok(Box::new(move |x: &Tensor, g: &Tensor| {
-                        super::cuda::group_norm_backward(x, g, &w, &b, groups, eps, silu)
-                    }))
-                },
-            );
-        }
-        if !self.fused_applies(x) {
+        if !(self.cuda_kernel_applies(x) || self.fused_applies(x)) {
             return self.composed(x, silu);
         }
+        super::frozen::input_only(x, |x| self.run(x, silu), || self.input_grad(x, silu))
+    }
+
+    /// The backward of [`GroupNorm::forward_differentiable`]'s fused value, `(x, dL/dy) ->
+    /// dL/dx`: the CUDA kernels' or the CPU kernel's.
+    fn input_grad(&self, x: &Tensor, silu: bool) -> Result<super::frozen::InputGrad> {
+        let (groups, eps) = (self.groups, self.eps);
+        #[cfg(feature = "cuda")]
+        if self.cuda_kernel_applies(x) {
+            let (w, b) = self.f32_params()?.clone();
+            return Ok(Box::new(move |x: &Tensor, g: &Tensor| {
+                super::cuda::group_norm_backward(x, g, &w, &b, groups, eps, silu)
+            }));
+        }
+        let _ = x;
         let wb = Tensor::stack(&[&self.weight, &self.bias], 0)?;
-        let op = FusedGrad {
-            groups: self.groups,
-            eps: self.eps,
-            silu,
-        };
-        super::frozen::input_only(
-            x,
-            |x| self.run(x, silu),
-            || {
-                Ok(Box::new(move |x: &Tensor, g: &Tensor| {
-                    x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &wb, &op)
-                }))
-            },
-        )
+        let op = FusedGrad { groups, eps, silu };
+        Ok(Box::new(move |x: &Tensor, g: &Tensor| {
+            x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &wb, &op)
+        }))
+    }
+
+    /// Whether `x` goes through the CUDA kernels (the `norm` group).
+    fn cuda_kernel_applies(&self, x: &Tensor) -> bool {
+        #[cfg(feature = "cuda")]
+        return super::on_cuda_kernel(x, super::CudaKernel::Norm);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = x;
+            false
+        }
     }
 
     /// `weight` and `bias` in f32, made at the first call.
@@ -128,7 +130,7 @@ impl GroupNorm {
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)?);
         }
         #[cfg(feature = "cuda")]
-        if super::on_cuda_kernel(x, super::CudaKernel::Norm) {
+        if self.cuda_kernel_applies(x) {
             let (w, b) = self.f32_params()?;
             return Ok(super::cuda::group_norm(
                 x,
