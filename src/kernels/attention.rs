@@ -5,9 +5,9 @@
 //! with a second GEMM, so the `(heads, n, m)` score tensor (1 GiB in f32 for SD 1.5 at
 //! 512x512, batch 2) is never materialised and each block's scores stay in cache. Heads are
 //! read and written at their column offset, so no head-major copies are made either. On CUDA
-//! with the `attention` kernel group (`ARTGUIDE_CUDA_KERNELS`) the same layout goes through cuBLAS strided batched GEMMs
-//! ([`super::head_gemm`]). Other devices and dtypes take the composed candle path, which is
-//! the reference the kernels are tested against.
+//! with the `attention` kernel group (`ARTGUIDE_CUDA_KERNELS`) the same layout goes through
+//! cuBLAS strided batched GEMMs ([`super::head_gemm`]). Other devices and dtypes take the
+//! composed candle path, which is the reference the kernels are tested against.
 
 use std::cell::RefCell;
 
